@@ -1,0 +1,68 @@
+"""Run DVC from flows: `dvc repro` of given stages, `dvc status`, parsed into small results.
+
+DVC runs as a subprocess of the current interpreter (`python -m dvc`) in the project root,
+exactly as a user would run it, so a flow never holds DVC's repository lock longer than
+the command it runs and stage code never sees Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; the message carries the end of its output."""
+
+
+@dataclass
+class ReproResult:
+    targets: list[str]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+def project_root() -> Path:
+    """The project root: $STUNNING_ROOT, else the folder above flows/."""
+    return Path(os.environ.get("STUNNING_ROOT", Path(__file__).resolve().parent.parent))
+
+
+def _dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # Stage commands say `python`; make that this interpreter's environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def repro(targets: list[str], root: Path | None = None) -> ReproResult:
+    """`dvc repro <targets>` (their upstream stages too, when changed)."""
+    root = root or project_root()
+    proc = _dvc(["repro", *targets], root)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise DvcError(f"dvc repro {' '.join(targets)} failed (exit {proc.returncode}):\n{out[-4000:]}")
+    return ReproResult(targets=targets, ran=_RAN.findall(out), skipped=_SKIPPED.findall(out), output=out)
+
+
+def status(root: Path | None = None) -> dict:
+    """`dvc status --json`: {stage: [changes]} for every stage that is not up to date."""
+    root = root or project_root()
+    proc = _dvc(["status", "--json"], root)
+    if proc.returncode != 0:
+        raise DvcError(f"dvc status failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    text = proc.stdout.strip()
+    return json.loads(text) if text else {}

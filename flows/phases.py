@@ -1,0 +1,104 @@
+"""The ten phase flows. Each runs its DVC stages (and, through DVC, whatever upstream changed)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.dvc_runner import ReproResult, repro
+
+# Phase → DVC stages, in DAG order. The names match dvc.yaml.
+PHASES: dict[str, list[str]] = {
+    "research": ["research"],
+    "environment": ["environment", "base_model"],
+    "data-pipeline": ["sample_data", "ingest"],
+    "dataset-curation": ["curate"],
+    "training": ["train"],
+    "merge-quantize": ["merge"],
+    "validation": ["validate"],
+    "backend-integration": ["register"],
+    "documentation": ["docs"],
+    "user-handoff": ["handoff"],
+}
+
+
+def _run_phase(phase: str) -> dict:
+    logger = get_run_logger()
+    result: ReproResult = repro(PHASES[phase])
+    for line in result.output.splitlines():
+        if line.strip():
+            logger.info(line)
+    summary = {"phase": phase, "stages": PHASES[phase], "ran": result.ran, "skipped": result.skipped}
+    create_markdown_artifact(
+        key=f"phase-{phase}",
+        markdown=(
+            f"### {phase}\n\n| stage | outcome |\n|---|---|\n"
+            + "".join(f"| {s} | {'ran' if s in result.ran else 'up to date'} |\n" for s in PHASES[phase])
+        ),
+        description=f"DVC outcome of phase {phase}",
+    )
+    return summary
+
+
+@flow(name="1-research", log_prints=True)
+def research() -> dict:
+    return _run_phase("research")
+
+
+@flow(name="2-environment", log_prints=True)
+def environment() -> dict:
+    return _run_phase("environment")
+
+
+@flow(name="3-data-pipeline", log_prints=True)
+def data_pipeline() -> dict:
+    return _run_phase("data-pipeline")
+
+
+@flow(name="4-dataset-curation", log_prints=True)
+def dataset_curation() -> dict:
+    return _run_phase("dataset-curation")
+
+
+@flow(name="5-training", log_prints=True)
+def training() -> dict:
+    return _run_phase("training")
+
+
+@flow(name="6-merge-quantize", log_prints=True)
+def merge_quantize() -> dict:
+    return _run_phase("merge-quantize")
+
+
+@flow(name="7-validation", log_prints=True)
+def validation() -> dict:
+    return _run_phase("validation")
+
+
+@flow(name="8-backend-integration", log_prints=True)
+def backend_integration() -> dict:
+    return _run_phase("backend-integration")
+
+
+@flow(name="9-documentation", log_prints=True)
+def documentation() -> dict:
+    return _run_phase("documentation")
+
+
+@flow(name="10-user-handoff", log_prints=True)
+def user_handoff() -> dict:
+    return _run_phase("user-handoff")
+
+
+PHASE_FLOWS = [
+    research,
+    environment,
+    data_pipeline,
+    dataset_curation,
+    training,
+    merge_quantize,
+    validation,
+    backend_integration,
+    documentation,
+    user_handoff,
+]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up the project from scratch: a virtual environment in .venv with the pinned working
+# set (constraints.txt). Safe to re-run: it does nothing when the stamp is newer than the
+# dependency files. Needs Python 3.11 and git; works offline except for the package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python3.11 python3; do
+    if command -v "$c" >/dev/null && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then PY="$c"; break; fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)." >&2
+  exit 2
+fi
+
+stamp=.venv/.setup-stamp
+if [ -f "$stamp" ] && [ "$stamp" -nt constraints.txt ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+# torch first, pinned: a bare `torch` requirement would otherwise pull a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+
+# DVC needs a git repository; a download of the sources without .git gets one here.
+if [ ! -d .git ]; then
+  git init -q && git add -A && git -c user.name=setup -c user.email=setup@localhost commit -qm "initial import"
+fi
+touch "$stamp"
+echo "setup: environment ready in .venv"

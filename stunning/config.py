@@ -1,0 +1,222 @@
+"""Typed, validated configuration: one pydantic model per component.
+
+`params.yaml` is the single source of truth for the pipeline. Every stage reads its own
+section through :func:`load_params`; unknown keys are errors that name the key, and values
+are validated on load so a typo fails before any work starts. Defaults here match the
+shipped `params.yaml`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix: names the file, the key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelConfig(_Section):
+    """Which base model the pipeline adapts.
+
+    `source: embedded` builds the project's tiny model into `path` (a DVC output);
+    `source: local` uses an existing diffusers folder at `path` (never downloaded).
+    """
+
+    source: Literal["embedded", "local"] = "embedded"
+    path: str = "models/embedded"
+    family: str = "sd-unet"
+    seed: int = 0
+
+
+class ResearchCandidate(_Section):
+    """A base model considered by the research phase: an embedded preset or a local folder."""
+
+    name: str
+    preset: str | None = None  # e.g. "embedded-tiny", "sd15-reference"
+    path: str | None = None  # a local diffusers folder (configs are read, weights are not)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ResearchCandidate:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError(f"candidate {self.name!r}: give exactly one of 'preset' or 'path'")
+        return self
+
+
+class ResearchConfig(_Section):
+    candidates: list[ResearchCandidate] = Field(
+        default_factory=lambda: [
+            ResearchCandidate(name="embedded-tiny", preset="embedded-tiny"),
+            ResearchCandidate(name="sd15", preset="sd15-reference"),
+        ]
+    )
+    memory_budget_gb: float | None = None  # None: the machine's total memory
+    lora_rank: int = 4
+
+
+class DataConfig(_Section):
+    """Where photos come from and how they are normalised for training."""
+
+    source: Literal["embedded", "local"] = "embedded"
+    raw_dir: str = "data/sample"
+    styles: list[str] = Field(default_factory=lambda: ["impressionist", "noir"])
+    resolution: int = 32
+    min_size: int = 24
+    extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    sample_images_per_style: int = 24
+    sample_seed: int = 0
+
+    @field_validator("styles")
+    @classmethod
+    def _styles_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one style (a sub-folder of raw_dir)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"styles must be unique, got {v}")
+        return v
+
+
+class CurateConfig(_Section):
+    min_resolution: int = 24
+    blur_threshold: float = 5.0  # variance of the Laplacian below which an image is blurry
+    near_duplicate_distance: int = 2  # max perceptual-hash Hamming distance of a near-duplicate
+    min_caption_words: int = 2
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    min_images_per_style: int = 4
+
+
+class TrainConfig(_Section):
+    rank: int = Field(4, ge=1)
+    alpha: float = 4.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    learning_rate: float = Field(1e-3, gt=0)
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(0, ge=0)  # 0: only at the end
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    sample_prompt: str = "a red dress on a white background"
+
+
+class BlendConfig(_Section):
+    name: str
+    weights: dict[str, float]
+
+
+class MergeConfig(_Section):
+    blends: list[BlendConfig] = Field(
+        default_factory=lambda: [BlendConfig(name="half-half", weights={"impressionist": 0.5, "noir": 0.5})]
+    )
+    fuse: str = "half-half"  # which blend (or single style) is fused into the base
+    quantization: Literal["int8-weight"] = "int8-weight"
+
+
+class ValidateConfig(_Section):
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "a red dress on a white background",
+            "a blue hat on a grey background",
+            "a green bag on a black background",
+            "a yellow shirt on a white background",
+        ]
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    steps: int = 12
+    guidance_scale: float = 4.0
+
+
+class BudgetsConfig(_Section):
+    """Promotion budgets. A candidate that violates any of them is not promoted."""
+
+    max_peak_memory_mb: float = 4096.0
+    max_latency_s: float = 5.0
+    min_style_gain: float = 0.05  # relative drop of style distance vs the base, per adapter
+    max_quantized_size_ratio: float = 0.6  # quantized denoiser bytes / fp32 bytes
+    max_quantization_mse: float = 0.01  # pixel MSE of quantized vs unquantized outputs
+    max_regression_vs_champion: float = 0.10  # allowed relative worsening of style gain
+
+
+class RegistryConfig(_Section):
+    model_name: str = "stunning-style"
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "stunning-engine"
+
+
+class NightlyConfig(_Section):
+    """The nightly retrain deployment (`python -m flows.nightly --serve`)."""
+
+    cron: str = "0 2 * * *"
+
+
+class Params(_Section):
+    base: BaseModelConfig = BaseModelConfig()
+    research: ResearchConfig = ResearchConfig()
+    data: DataConfig = DataConfig()
+    curate: CurateConfig = CurateConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    budgets: BudgetsConfig = BudgetsConfig()
+    registry: RegistryConfig = RegistryConfig()
+    nightly: NightlyConfig = NightlyConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        styles = set(self.data.styles)
+        names = set()
+        for blend in self.merge.blends:
+            unknown = set(blend.weights) - styles
+            if unknown:
+                raise ValueError(
+                    f"merge.blends[{blend.name}] uses styles {sorted(unknown)} not in data.styles {sorted(styles)}"
+                )
+            names.add(blend.name)
+        if self.merge.fuse not in names | styles:
+            raise ValueError(f"merge.fuse={self.merge.fuse!r} is neither a blend name nor a style")
+        return self
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate `params.yaml`; raise :class:`ConfigError` naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found. Run from the project root or pass --params PATH.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections.")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against params.yaml in the project)"
+            problems.append(f"  {key}: {msg}")
+        raise ConfigError(f"{path}: invalid parameters:\n" + "\n".join(problems)) from exc
+
+
+def dump_resolved(params: BaseModel, path: str | Path) -> None:
+    """Save a resolved config (a section or all params) next to an artefact, atomically."""
+    from stunning.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(params.model_dump(by_alias=True), sort_keys=False))

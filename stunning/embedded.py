@@ -1,0 +1,145 @@
+"""The embedded default base model: a tiny Stable-Diffusion-layout model built locally.
+
+It uses the same diffusers/transformers classes as Stable Diffusion 1.5 (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel, CLIPTokenizer, a DDPM-family scheduler) at a few hundred
+thousand parameters, so every code path (LoRA training, blending, fusion, quantization,
+registry, serving) is the one a real model takes, and the whole DAG runs on a laptop CPU in
+minutes. Weights are randomly initialised from `base.seed`; nothing is downloaded. The
+tokenizer is a byte-pair encoding trained here with `tokenizers` on the caption vocabulary
+of the embedded world, then handed to `CLIPTokenizer` as an in-memory vocab and merge list.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RESOLUTION = 32
+MAX_TOKENS = 32
+
+# Words of the embedded world's captions plus common photography words; any other word
+# still tokenizes (down to characters), it is just less compact.
+VOCABULARY = """
+a an the of on in with and at by style photo portrait image picture shot of
+red orange yellow green blue purple pink brown black white grey gray beige navy teal gold silver
+dress shirt trousers hat bag skirt coat jacket scarf shoes hair model woman man person
+background backdrop studio street beach wall left right center centre top bottom middle
+impressionist impressionism noir monochrome editorial fashion candid grain film contrast
+strokes brush painterly soft light dark bright high low sharp blurry short long curly straight
+"""
+
+
+def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
+    """Configs of the embedded model's components (also used by the research phase)."""
+    return {
+        "unet": {
+            "sample_size": RESOLUTION // 4,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "sample_size": RESOLUTION,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [16, 32, 32],
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "norm_num_groups": 8,
+        },
+        "text_encoder": {
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_TOKENS,
+            "projection_dim": 32,
+        },
+    }
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """Train a CLIP-style BPE (end-of-word suffix `</w>`) on the embedded vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    bpe = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()&/")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[bos, eos],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    words = VOCABULARY.split()
+    bpe.train_from_iterator([" ".join(words)] * 4 + words, trainer=trainer)
+    state = bpe.model.__getstate__()
+    import json
+
+    model = json.loads(state)
+    vocab: dict[str, int] = dict(model["vocab"])
+    # CLIP's BPE treats a character both word-internally ("a") and word-finally ("a</w>").
+    for ch in alphabet:
+        for tok in (ch, ch + "</w>"):
+            vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    return tok
+
+
+def build_embedded(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model and `save_pretrained` it as a StableDiffusionPipeline folder."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stunning.io import atomic_dir
+
+    tokenizer = build_tokenizer()
+    cfg = tiny_configs(vocab_size=len(tokenizer))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(**cfg["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    n = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
+    log.info("embedded base model (%d parameters, seed %d) saved to %s", n, seed, out_dir)
+    return out_dir

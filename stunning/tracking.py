@@ -1,0 +1,116 @@
+"""Experiment tracking behind a small interface, so core code is testable without MLflow.
+
+`Tracker` is what training and validation talk to; `MlflowTracker` records to an MLflow
+SQLite backend with artifacts under `mlruns/` (MLflow 3 refuses the plain file store), and
+`NullTracker` records nothing (unit tests, dry runs). `configure_mlflow` is the one place
+that points MLflow at the project's store.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from stunning.config import RegistryConfig
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    def start_run(self, name: str, tags: dict[str, str] | None = None) -> str: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def end_run(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Records nothing; run ids are stable placeholders so callers need no special case."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def start_run(self, name: str, tags: dict[str, str] | None = None) -> str:
+        self._n += 1
+        return f"null-{self._n}"
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
+    """Point MLflow at the SQLite store and artifact root of `cfg`; return the experiment id.
+
+    Relative paths in `cfg` are resolved against `root` (default: the working directory), so
+    a stage run from the project root and a test run in a temporary clone both work.
+    """
+    import mlflow
+
+    root = Path(root or Path.cwd()).resolve()
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = root / uri.removeprefix("sqlite:///")
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
+    artifacts = (root / cfg.artifact_root).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+class MlflowTracker:
+    """A `Tracker` that records to MLflow (call :func:`configure_mlflow` first)."""
+
+    def __init__(self) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+
+    def start_run(self, name: str, tags: dict[str, str] | None = None) -> str:
+        run = self._mlflow.start_run(run_name=name, tags=tags or {})
+        return run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)

@@ -1,0 +1,86 @@
+"""Shared test set-up: offline, deterministic, and the expensive fixtures built once.
+
+- `tiny_base`: the embedded base model, built once per session (a few seconds).
+- `project_clone`: the project copied into a temporary git repository with `dvc repro`
+  run once (the end-to-end fixture shared by the e2e and flow tests).
+- `prefect_harness`: one session-scoped Prefect test harness (its temporary server takes
+  ~10-25 s to start, so it is started once and only by the tests that need it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from stunning.embedded import build_embedded
+
+    return build_embedded(tmp_path_factory.mktemp("base") / "embedded", seed=0)
+
+
+def project_env() -> dict[str, str]:
+    """Environment for subprocesses: `python` is this interpreter, everything offline."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_in(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), cwd=root, env=project_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy what git would commit (tracked + untracked-not-ignored files) into a fresh repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for raw in files:
+        if not raw:
+            continue
+        rel = Path(raw.decode())
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "clone"],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def project_clone(tmp_path_factory) -> Path:
+    """A temporary clone of the project with the whole DAG reproduced once."""
+    root = copy_project(tmp_path_factory.mktemp("clone"))
+    proc = run_in(root, sys.executable, "-m", "dvc", "repro")
+    (root / "repro.log").write_text(proc.stdout + proc.stderr)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,50 @@
+"""params.yaml validation: the shipped file loads; mistakes fail with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stunning.config import ConfigError, load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.styles == ["impressionist", "noir"]
+    assert params.validate_.seeds
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train"]["rnak"] = 8
+    with pytest.raises(ConfigError, match=r"train\.rnak: unknown key"):
+        load_params(_write(tmp_path, data))
+
+
+def test_invalid_value_is_named(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train"]["learning_rate"] = -1
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_params(_write(tmp_path, data))
+
+
+def test_blend_of_unknown_style_is_rejected(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["merge"]["blends"][0]["weights"]["watercolour"] = 0.3
+    with pytest.raises(ConfigError, match="watercolour"):
+        load_params(_write(tmp_path, data))
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")

@@ -1,0 +1,56 @@
+"""The embedded base model: a real diffusers layout that the stock pipeline class loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stunning.embedded import build_tokenizer
+from stunning.families import ModelNotFoundError, get_family
+
+
+def test_tokenizer_keeps_caption_words_whole():
+    tok = build_tokenizer()
+    assert len(tok) > 100  # not the 2-token vocabulary a file-based CLIPTokenizer would build
+    assert tok.tokenize("a red dress, noir style") == ["a</w>", "red</w>", "dress</w>", ",</w>", "noir</w>", "style</w>"]
+    ids = tok("zebra", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(ids) == tok.model_max_length and tok.unk_token_id not in ids[1:3]
+
+
+def test_stock_pipeline_loads_and_generates(tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, local_files_only=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    out = pipe("a red dress", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_family_generation_is_seeded(tiny_base):
+    fam = get_family("sd-unet")
+    pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    a = fam.generate(pipe, ["a blue hat"], [3], steps=3, guidance_scale=4.0)[0]
+    b = fam.generate(pipe, ["a blue hat"], [3], steps=3, guidance_scale=4.0)[0]
+    c = fam.generate(pipe, ["a blue hat"], [4], steps=3, guidance_scale=4.0)[0]
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_missing_model_names_the_folder_and_the_fix(tmp_path):
+    fam = get_family("sd-unet")
+    with pytest.raises(ModelNotFoundError, match="does not exist.*base.path"):
+        fam.load_pipeline(tmp_path / "nowhere", torch.device("cpu"), torch.float32)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_index.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="lacks the component"):
+        fam.load_pipeline(tmp_path / "half", torch.device("cpu"), torch.float32)
+
+
+def test_training_loss_is_finite_and_differentiable(tiny_base):
+    fam = get_family("sd-unet")
+    pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    latents = fam.encode_images(pipe, torch.rand(2, 3, 32, 32) * 2 - 1, gen)
+    cond = fam.encode_prompts(pipe, ["a red dress", "a blue hat"])
+    loss = fam.training_loss(pipe, latents, cond, gen)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in pipe.unet.parameters())
