@@ -65,6 +65,10 @@ def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
             "num_attention_heads": 4,
             "max_position_embeddings": MAX_TOKENS,
             "projection_dim": 32,
+            # Ids of <|startoftext|> and <|endoftext|> in the tokenizer built below.
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
         },
     }
 
@@ -114,10 +118,10 @@ def build_embedded(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae"])
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(**cfg["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    )
+    ids = cfg["text_encoder"]
+    if (ids["bos_token_id"], ids["eos_token_id"]) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        raise RuntimeError("tokenizer special-token ids changed; update tiny_configs()")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -1,0 +1,188 @@
+"""The `stunning` command line: `stunning doctor | research | verify | ...`.
+
+Each command is a thin shell around library code: it parses options, calls one library
+function and renders the result. Heavy modules (torch, diffusers, mlflow) are imported
+inside the command that needs them so `stunning --help` and `stunning verify` start fast.
+
+Adding a command (e.g. `train`, `serve`): define a function decorated with
+`@app.command()` in the "commands" section below, keep its body to option handling plus
+one library call, import the library lazily inside it, and report user errors with
+:func:`fail` (message on stderr, exit code 2) rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="stunning",
+    help="Stunning Engine: turn folders of photos into validated LoRA style models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print a user-facing error and exit (2: bad input/usage, 1: a check that failed)."""
+    # soft_wrap: never break a path across lines, so it can be copied from the terminal.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load_params(path: Path):
+    from stunning.config import ConfigError, load_params
+
+    try:
+        return load_params(path)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _doctor_table(info: dict[str, Any]) -> Table:
+    table = Table(title="stunning doctor", show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("value")
+    plat = info["platform"]
+    mem = info["memory"]
+    table.add_row("device", f"[bold]{info['device']}[/] ({info['dtype']})")
+    table.add_row("platform", f"{plat['platform']} ({plat['machine']})")
+    table.add_row("python", plat["python"])
+    table.add_row("CPUs", f"{plat['cpu_count']} logical, {plat.get('cpu_count_physical')} physical")
+    table.add_row("memory", f"{mem['available_mb'] / 1024:.1f} GB free of {mem['total_mb'] / 1024:.1f} GB")
+    cuda = info["cuda"]
+    if cuda.get("available"):
+        table.add_row(
+            "CUDA",
+            f"{cuda['device_name']} ({cuda['total_memory_mb'] / 1024:.1f} GB, sm {cuda['capability']}, "
+            f"bf16 {'yes' if cuda['bf16_supported'] else 'no'}), CUDA {cuda['version']}",
+        )
+    else:
+        table.add_row("CUDA", "not available")
+    mps = info["mps"]
+    if mps.get("available"):
+        rec = mps.get("recommended_max_memory_mb")
+        table.add_row("MPS", "available" + (f", recommended max {rec / 1024:.1f} GB" if rec else ""))
+        for name, value in info.get("mps_env", {}).items():
+            table.add_row(f"  {name}", value if value is not None else "[dim]unset[/]")
+    else:
+        table.add_row("MPS", "not available" + (" (built)" if mps.get("built") else ""))
+    thermal = info.get("thermal")
+    if thermal:
+        detail = thermal["state"]
+        if thermal.get("max_temp_c") is not None:
+            detail += f", max {thermal['max_temp_c']:.0f} °C"
+        if thermal.get("cpu_speed_limit_pct") is not None:
+            detail += f", CPU speed limit {thermal['cpu_speed_limit_pct']}%"
+        table.add_row("thermal", detail)
+    else:
+        table.add_row("thermal", "[dim]not reported by the OS[/]")
+    for lib, version in info["libraries"].items():
+        table.add_row(f"  {lib}", version or "[red]not installed[/]")
+    return table
+
+
+def _research_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"Fit on {report['device']} (budget {report['budget_gb']:.1f} GB, {report['budget_source']})")
+    for col in ("candidate", "params", "precision", "inference GB", "inference", "training GB", "training"):
+        table.add_column(col, justify="right" if "GB" in col or col == "params" else "left")
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}
+    for cand in report["candidates"]:
+        for precision, est in cand["estimates"].items():
+            table.add_row(
+                cand["name"],
+                f"{cand['total_params'] / 1e6:.1f}M",
+                precision,
+                f"{est['inference_gb']:.2f}",
+                f"[{colour[est['inference']]}]{est['inference']}[/]",
+                f"{est['training_gb']:.2f}",
+                f"[{colour[est['training']]}]{est['training']}[/]",
+            )
+    return table
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="print the probe as JSON instead of a table")] = False,
+) -> None:
+    """Show the device, memory, thermal state and library versions this machine offers."""
+    from stunning.device import probe
+
+    info = probe()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
+    else:
+        console.print(_doctor_table(info))
+
+
+@app.command()
+def research(
+    params: Annotated[Path, typer.Option("--params", help="params file")] = Path("params.yaml"),
+    budget_gb: Annotated[
+        float | None,
+        typer.Option("--budget-gb", help="memory budget in GB (default: research.memory_budget_gb or the device's)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Size the candidate base models against this machine and print the fit table."""
+    from stunning.config import ConfigError
+    from stunning.device import probe
+    from stunning.research import build_report, plan_summary
+
+    p = _load_params(params)
+    try:
+        report = build_report(p.research, p.base, probe(), budget_gb=budget_gb)
+    except ConfigError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+        return
+    console.print(_research_table(report))
+    console.print(f"plan: {plan_summary(report)}")
+
+
+@app.command()
+def verify(
+    bundle_dir: Annotated[Path, typer.Argument(help="a release bundle folder (dist/release)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Check a release bundle against its SHA256SUMS: exit 1 listing what differs."""
+    from stunning.bundle import verify_bundle
+
+    if not bundle_dir.is_dir():
+        fail(f"{bundle_dir} is not a folder; pass the release bundle folder (e.g. dist/release)")
+    result = verify_bundle(bundle_dir)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif result.ok:
+        console.print(f"[green]OK[/] {result.describe()}", highlight=False)
+    else:
+        err_console.print(result.describe(), highlight=False, markup=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+# Further commands (`train`, `serve`) are added here by their owners, following the pattern
+# above: options -> one lazily imported library call -> rendering; user errors via fail().
+
+
+def main() -> None:  # pragma: no cover - console-script entry point alternative
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,288 @@
+"""Research phase: parameter counts from configs, memory estimates, the plan, the stage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from stunning import research as rs  # noqa: E402
+from stunning.config import BaseModelConfig, ConfigError, ResearchCandidate, ResearchConfig  # noqa: E402
+
+SMALL_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+SMALL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+SMALL_CLIP = {
+    "vocab_size": 100,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "projection_dim": 16,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+
+CPU_INFO = {"device": "cpu", "memory": {"total_mb": 16 * 1024.0}, "cuda": {}, "mps": {}}
+
+
+def _real_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_count_parameters_matches_real_models():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    assert rs.count_parameters("UNet2DConditionModel", SMALL_UNET) == _real_count(UNet2DConditionModel(**SMALL_UNET))
+    assert rs.count_parameters("AutoencoderKL", SMALL_VAE) == _real_count(AutoencoderKL(**SMALL_VAE))
+    assert rs.count_parameters("CLIPTextModel", SMALL_CLIP) == _real_count(CLIPTextModel(CLIPTextConfig(**SMALL_CLIP)))
+
+
+def test_meta_instantiation_allocates_no_storage():
+    model = rs.instantiate_meta("UNet2DConditionModel", SMALL_UNET)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_unknown_class_is_a_clear_error():
+    with pytest.raises(ValueError, match="NoSuchModel"):
+        rs.count_parameters("NoSuchModel", {})
+
+
+def test_lora_count_matches_peft():
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    layers = rs.lora_layers(rs.instantiate_meta("UNet2DConditionModel", SMALL_UNET), targets)
+    assert layers and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for name, _, _ in layers)
+    unet = UNet2DConditionModel(**SMALL_UNET)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert rs.lora_parameter_count(layers, rank=4) == trainable
+
+
+def test_sd15_reference_counts():
+    cand = rs.size_candidate(ResearchCandidate(name="sd15", preset="sd15-reference"), lora_rank=4)
+    counts = {name: c["params"] for name, c in cand["components"].items()}
+    assert counts["unet"] == pytest.approx(859.5e6, rel=0.02)
+    assert counts["vae"] == pytest.approx(83.7e6, rel=0.02)
+    assert counts["text_encoder"] == pytest.approx(123.1e6, rel=0.02)
+    assert cand["resolution"] == 512
+    assert cand["lora"]["layers"] == 128  # 16 transformer blocks x 2 attentions x q/k/v/out
+
+
+def test_estimates_monotone_in_precision():
+    shape = rs.DenoiserShape(tokens=4096, width=320, heads=8, attn_tokens=4096, latent_size=64)
+    est = {p: rs.estimate_memory(1_066_000_000, 800_000, shape, 512, 128, p) for p in rs.PRECISION_ORDER}
+    for kind in ("weights_gb", "inference_gb", "training_gb"):
+        values = [est[p][kind] for p in ("fp32", "fp16", "int8", "int4")]
+        assert values == sorted(values, reverse=True) and values[0] > values[-1], kind
+        assert est["bf16"][kind] == est["fp16"][kind]
+    assert all(est[p]["training_gb"] > est[p]["inference_gb"] for p in rs.PRECISION_ORDER)
+    assert est["fp32"]["weights_gb"] == pytest.approx(1_066_000_000 * 4 / rs.GB)
+    # The heuristic puts SD1.5 fp16 inference in the 2.5-5 GB range people observe.
+    assert 2.5 < est["fp16"]["inference_gb"] < 5
+
+
+def test_verdict_thresholds():
+    assert rs.verdict(7.9, 10) == "fits"
+    assert rs.verdict(9.0, 10) == "tight"
+    assert rs.verdict(10.5, 10) == "does not fit"
+
+
+def _write_folder(root, with_vae_config=True, configs=None):
+    """A local diffusers folder holding only configs (model_index.json + config.json files)."""
+    configs = configs or {
+        "unet": {"_class_name": "UNet2DConditionModel", **SMALL_UNET},
+        "vae": {"_class_name": "AutoencoderKL", **SMALL_VAE},
+        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **SMALL_CLIP},
+    }
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "safety_checker": [None, None],
+            }
+        )
+    )
+    for name, cfg in configs.items():
+        (root / name).mkdir()
+        if name != "vae" or with_vae_config:
+            (root / name / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def test_local_folder_candidate(tmp_path):
+    folder = _write_folder(tmp_path / "model")
+    comps = rs.read_diffusers_folder(folder)
+    assert [c.name for c in comps] == ["text_encoder", "unet", "vae"]
+    cand = rs.size_candidate(ResearchCandidate(name="mine", path=str(folder)), lora_rank=2)
+    assert cand["components"]["unet"]["params"] == rs.count_parameters("UNet2DConditionModel", SMALL_UNET)
+    assert cand["resolution"] == 16  # latent 8 x VAE scale 2
+
+
+def test_local_folder_missing_files_are_named(tmp_path):
+    folder = _write_folder(tmp_path / "model", with_vae_config=False)
+    with pytest.raises(ConfigError, match=r"vae/config\.json"):
+        rs.read_diffusers_folder(folder)
+    with pytest.raises(ConfigError, match="model_index.json"):
+        rs.read_diffusers_folder(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        rs.read_diffusers_folder(tmp_path / "nowhere")
+
+
+def test_plan_picks_highest_precision_that_fits(tmp_path):
+    folder = _write_folder(tmp_path / "model")
+    research = ResearchConfig(
+        candidates=[
+            ResearchCandidate(name="mine", path=str(folder)),
+            ResearchCandidate(name="sd15", preset="sd15-reference"),
+        ]
+    )
+    base = BaseModelConfig(source="local", path=str(folder))
+    report = rs.build_report(research, base, CPU_INFO)
+    assert report["plan"]["candidate"] == "mine"
+    assert report["plan"]["precision"] == "fp32" and report["plan"]["train_mixed_precision"] == "no"
+    assert report["budget_gb"] == pytest.approx(16.0)
+
+    # A local SD1.5 folder on a bf16 GPU whose memory rules out fp32 training but not bf16.
+    sd_folder = _write_folder(tmp_path / "sd15", configs=rs.sd15_reference_configs())
+    gpu = {
+        "device": "cuda",
+        "memory": {"total_mb": 64e3},
+        "cuda": {"total_memory_mb": 8 * 1024.0, "bf16_supported": True},
+        "mps": {},
+    }
+    sd = rs.build_report(research, BaseModelConfig(source="local", path=str(sd_folder)), gpu)
+    assert sd["budget_source"] == "CUDA device memory"
+    assert sd["plan"]["candidate"] == "base"
+    est = next(c for c in sd["candidates"] if c["name"] == "base")["estimates"]
+    assert est["fp32"]["training"] == "does not fit"
+    assert sd["plan"]["precision"] == "bf16" and sd["plan"]["train_mixed_precision"] == "bf16"
+    gpu["cuda"]["bf16_supported"] = False  # an older GPU: fp16 instead
+    assert (
+        rs.build_report(research, BaseModelConfig(source="local", path=str(sd_folder)), gpu)["plan"]["precision"]
+        == "fp16"
+    )
+
+    tiny_budget = rs.build_report(research, base, CPU_INFO, budget_gb=0.01)
+    assert tiny_budget["plan"]["precision"] is None and tiny_budget["plan"]["verdict"] == "does not fit"
+    assert "does not fit" in rs.render_markdown(tiny_budget)
+
+
+def test_base_not_among_candidates_is_added(tmp_path):
+    folder = _write_folder(tmp_path / "model")
+    research = ResearchConfig(candidates=[ResearchCandidate(name="sd15", preset="sd15-reference")])
+    report = rs.build_report(research, BaseModelConfig(source="local", path=str(folder)), CPU_INFO)
+    assert [c["name"] for c in report["candidates"]] == ["sd15", "base"]
+    assert report["plan"]["candidate"] == "base"
+
+
+def test_missing_base_folder_names_base_path(tmp_path):
+    research = ResearchConfig(candidates=[])
+    with pytest.raises(ConfigError, match=r"^base\.path: model folder"):
+        rs.build_report(research, BaseModelConfig(source="local", path=str(tmp_path / "nope")), CPU_INFO)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        rs.candidate_components(ResearchCandidate(name="x", preset="sdxl-nope"))
+
+
+def test_embedded_tiny_preset():
+    pytest.importorskip("stunning.embedded")
+    cand = rs.size_candidate(ResearchCandidate(name="tiny", preset="embedded-tiny"), lora_rank=4)
+    assert set(cand["components"]) == {"unet", "vae", "text_encoder"}
+    assert 0 < cand["total_params"] < 10_000_000
+    assert cand["lora"]["params"] > 0
+
+
+def test_research_stage_writes_json_and_markdown(tmp_path, capsys):
+    from stages import research as stage
+
+    folder = _write_folder(tmp_path / "model")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": {"source": "local", "path": str(folder)},
+                "research": {
+                    "candidates": [{"name": "mine", "path": str(folder)}],
+                    "memory_budget_gb": 4,
+                    "lora_rank": 4,
+                },
+            }
+        )
+    )
+    out_json, out_md = tmp_path / "r" / "research.json", tmp_path / "r" / "research.md"
+    stage.main(["--params", str(params_file), "--out-json", str(out_json), "--out-md", str(out_md)])
+    report = json.loads(out_json.read_text())
+    assert report["budget_gb"] == 4 and report["budget_source"] == "params research.memory_budget_gb"
+    assert report["plan"]["candidate"] == "mine"
+    md = out_md.read_text()
+    assert "| mine |" in md and "| Candidate | Params | Precision |" in md
+    assert "plan:" in capsys.readouterr().out
+
+
+def test_research_stage_bad_candidate_exits_2(tmp_path, capsys):
+    from stages import research as stage
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": {"source": "local", "path": str(tmp_path / "missing")},
+                "research": {"candidates": [{"name": "gone", "path": str(tmp_path / "missing")}]},
+            }
+        )
+    )
+    with pytest.raises(SystemExit) as exc:
+        stage.main(
+            ["--params", str(params_file), "--out-json", str(tmp_path / "a.json"), "--out-md", str(tmp_path / "a.md")]
+        )
+    assert exc.value.code == 2
+    assert "research.candidates[gone]" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_environment_stage_writes_probe(tmp_path):
+    from stages import environment as stage
+
+    out = tmp_path / "env" / "environment.json"
+    stage.main(["--out", str(out)])
+    assert json.loads(out.read_text())["device"] in ("cpu", "cuda", "mps")
