@@ -176,8 +176,44 @@ def verify(
         raise typer.Exit(1)
 
 
-# Further commands (`train`, `serve`) are added here by their owners, following the pattern
-# above: options -> one lazily imported library call -> rendering; user errors via fail().
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind (loopback: the server has no authentication)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
+    alias: Annotated[str, typer.Option(help="registry alias to serve")] = "champion",
+) -> None:
+    """Serve the registry's @champion over HTTP: GET /health, POST /generate."""
+    import logging
+
+    from stunning.config import ConfigError
+    from stunning.serve import serve_command
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        serve_command(host, port, params, alias)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def rollback(
+    params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
+    reason: Annotated[str, typer.Option(help="why; recorded as a tag on the version")] = "manual rollback",
+) -> None:
+    """Move @champion back to @previous-champion."""
+    from stunning.registry import RegistryError, rollback as do_rollback
+
+    p = _load_params(params)
+    try:
+        result = do_rollback(p.registry, root=params.resolve().parent, reason=reason)
+    except RegistryError as exc:
+        fail(str(exc))
+    console.print(result)
+
+
+# Further commands follow the pattern above: options -> one lazily imported library call ->
+# rendering; user errors via fail().
 
 
 def main() -> None:  # pragma: no cover - console-script entry point alternative

@@ -1,0 +1,563 @@
+"""The MLflow model registry behind a few functions: register, compare, roll back, resolve.
+
+Every candidate that reaches the register stage becomes a new version of
+`registry.model_name`, promoted or not, so `mlflow ui` shows the whole history with the gate
+verdict on each version. A version is an MLflow pyfunc model (:class:`StunningStyleModel`)
+whose artifacts are the style adapters, the blends, the gate report, the params snapshot, a
+small manifest and, when under :data:`BASE_COPY_LIMIT_MB`, the base model itself (a larger
+base is referred to by path: tag `base_path`).
+
+Aliases carry the promotion state (MLflow stages are deprecated): a version that passed the
+gate becomes `@champion` and the champion it replaces becomes `@previous-champion`, the
+rollback target. A failed version is registered with `gate=failed`, `promoted=false` and
+leaves `@champion` where it was. Gate metrics are tagged on the version (e.g.
+`style_gain/noir`) so the next run's gate can compare against the champion
+(:func:`champion_metrics`).
+
+MLflow stays behind this module and `stunning.tracking`; nothing else imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import mlflow.pyfunc
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from stunning.config import RegistryConfig
+from stunning.serve import LORA_FILE, MANIFEST_NAME, GenerateRequest, StyleModel
+from stunning.tracking import configure_mlflow
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous-champion"
+BASE_COPY_LIMIT_MB = 200.0
+MAX_TAG_CHARS = 4000  # MLflow caps tag values at 5000 characters
+RUN_STAGE_TAG = "register"
+# Version tags the registry itself writes; a gate metric of the same name is not tagged.
+RESERVED_TAGS = frozenset(
+    {
+        "gate",
+        "gate_reasons",
+        "base_family",
+        "base",
+        "base_path",
+        "styles",
+        "blends",
+        "metric_keys",
+        "promoted",
+        "previous_champion_version",
+        "superseded_by",
+        "rolled_back",
+        "rollback_reason",
+        "restored_by_rollback_from",
+    }
+)
+
+# Requirements recorded with the model; listing them skips MLflow's inference, which would
+# load the model in a subprocess at registration time.
+REQUIREMENTS = ("torch", "diffusers", "transformers", "peft", "safetensors", "pillow", "pydantic", "mlflow")
+
+PYFUNC_ENTRY = '''"""MLflow models-from-code entry point of a Stunning Engine style model."""
+import mlflow
+
+from stunning.registry import StunningStyleModel
+
+mlflow.models.set_model(StunningStyleModel())
+'''
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot proceed as asked; the message says what to do."""
+
+
+class NoChampionError(RegistryError, LookupError):
+    """No registry, no registered model, or no version under the requested alias."""
+
+
+class StunningStyleModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of a registered style model.
+
+    `predict` takes a list of requests (dicts with `prompt` and optional `style`/`blend`,
+    `seed`, `steps`, `guidance_scale`) or a pandas DataFrame with those columns, and returns
+    one base64-encoded PNG per request. Pass `model_config={"device": "cpu"}` to
+    `mlflow.pyfunc.load_model` to choose the device (default: the best available).
+    """
+
+    def load_context(self, context) -> None:
+        device = (context.model_config or {}).get("device")
+        self.model = StyleModel.load(context.artifacts, device=device)
+
+    def predict(self, context, model_input: list[GenerateRequest], params: dict[str, Any] | None = None) -> list[str]:
+        return [self.model.generate_base64(req) for req in model_input]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sqlite_file(cfg: RegistryConfig, root: str | Path | None) -> Path | None:
+    """The SQLite file of `cfg.tracking_uri` (relative to `root`), or None for other stores."""
+    uri = cfg.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        return None
+    if uri.startswith("sqlite:////"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return Path(root or Path.cwd()).resolve() / uri.removeprefix("sqlite:///")
+
+
+def _store_exists(cfg: RegistryConfig, root: str | Path | None) -> bool:
+    db = _sqlite_file(cfg, root)
+    return db is None or db.is_file()
+
+
+def _client(cfg: RegistryConfig, root: str | Path | None) -> MlflowClient:
+    configure_mlflow(cfg, Path(root) if root else None)
+    return MlflowClient()
+
+
+def _existing_client(cfg: RegistryConfig, root: str | Path | None) -> MlflowClient:
+    """A client for a store that already exists; never creates an empty database."""
+    if not _store_exists(cfg, root):
+        raise NoChampionError(f"no MLflow registry at {_sqlite_file(cfg, root)} yet.")
+    return _client(cfg, root)
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, int]:
+    # `search_model_versions` leaves `aliases` empty in MLflow 3; the registered model has them.
+    try:
+        return {a: int(v) for a, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
+
+def _versions(client: MlflowClient, name: str) -> list[int]:
+    return sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+
+
+def _tag_key(name: str) -> str:
+    """MLflow tag/metric keys allow letters, digits, `_ - . / :` and spaces."""
+    return re.sub(r"[^\w\-./: ]", "_", str(name)).strip() or "_"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _truncate(text: str, limit: int = MAX_TAG_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + " …(truncated)"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _flatten_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+    if _is_number(obj):
+        return {prefix: float(obj)} if prefix else {}
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_flatten_numbers(value, f"{prefix}/{key}" if prefix else str(key)))
+    return out
+
+
+def gate_metrics(gate: dict[str, Any]) -> dict[str, float]:
+    """The numbers a later gate compares against: the gate report's `candidate.metrics`
+    (and top-level `metrics`), nested dicts flattened with `/` (e.g. `style_gain/noir`).
+    Only a report without metrics falls back to its numeric check values, by check name
+    (the checks are tagged as `check.<name>` in any case)."""
+    metrics: dict[str, float] = {}
+    candidate = gate.get("candidate") if isinstance(gate.get("candidate"), dict) else {}
+    for source in (candidate.get("metrics"), gate.get("metrics")):
+        if isinstance(source, dict):
+            metrics.update(_flatten_numbers(source))
+    if not metrics:
+        for check in gate.get("checks") or []:
+            if isinstance(check, dict) and _is_number(check.get("value")) and check.get("name"):
+                metrics.setdefault(str(check["name"]), float(check["value"]))
+    return {_tag_key(k): v for k, v in metrics.items()}
+
+
+def _dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / (1024 * 1024)
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for name in REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def _flat_params(snapshot: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for section, values in snapshot.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                out[_tag_key(f"{section}.{key}")] = json.dumps(value)[:6000] if not isinstance(value, str) else value
+        else:
+            out[_tag_key(section)] = str(values)
+    return out
+
+
+def describe_result(result: dict[str, Any]) -> str:
+    """The one-line verdict a person reads: promoted or blocked, and where @champion is."""
+    version = result["version"]
+    if result["promoted"]:
+        prev = result.get("previous_champion_version")
+        kept = f"previous v{prev} kept as @{PREVIOUS}" if prev else "first champion"
+        return f"PROMOTED v{version} to @{CHAMPION} ({kept})"
+    reasons = "; ".join(result.get("reasons") or []) or "the gate did not pass"
+    champ = result.get("champion_version")
+    stays = f"@{CHAMPION} stays v{champ}" if champ else f"there is no @{CHAMPION} yet"
+    return f"BLOCKED v{version}: {reasons}; {stays}"
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _stage_artifacts(
+    staging: Path,
+    gate: dict[str, Any],
+    candidate_dir_map: dict[str, Path],
+    base_path: Path,
+    base_family: str,
+    params_snapshot: dict[str, Any],
+    model_name: str,
+    base_copy_limit_mb: float,
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Copy everything a version carries into `staging`; return (pyfunc artifacts, manifest)."""
+    from stunning.io import write_json
+
+    artifacts: dict[str, str] = {}
+    contents: dict[str, list[str]] = {}
+    for key, src in candidate_dir_map.items():
+        dest = staging / _tag_key(key)
+        if src is not None and Path(src).is_dir():
+            shutil.copytree(src, dest)
+        else:
+            dest.mkdir()  # an empty folder keeps the artifact layout the same for every version
+        artifacts[key] = str(dest)
+        contents[key] = sorted(p.parent.name for p in dest.glob(f"*/{LORA_FILE}"))
+
+    base_size = _dir_size_mb(base_path)
+    bundle_base = base_size <= base_copy_limit_mb
+    if bundle_base:
+        shutil.copytree(base_path, staging / "base")
+        artifacts["base"] = str(staging / "base")
+    manifest = {
+        "format": 1,
+        "model_name": model_name,
+        "family": base_family,
+        "base": "artifact" if bundle_base else "external",
+        "base_path": str(Path(base_path).resolve()),
+        "base_size_mb": round(base_size, 2),
+        "styles": contents.get("adapters", []),
+        "blends": contents.get("blends", []),
+        "gate_passed": bool(gate.get("passed")),
+    }
+    write_json(staging / MANIFEST_NAME, manifest)
+    write_json(staging / "gate.json", gate)
+    write_json(staging / "params.json", params_snapshot)
+    artifacts.update(
+        manifest=str(staging / MANIFEST_NAME),
+        gate=str(staging / "gate.json"),
+        params=str(staging / "params.json"),
+    )
+    return artifacts, manifest
+
+
+def _version_tags(gate: dict[str, Any], metrics: dict[str, float], manifest: dict[str, Any]) -> dict[str, str]:
+    passed = bool(gate.get("passed"))
+    tags = {
+        "gate": "passed" if passed else "failed",
+        "gate_reasons": _truncate("; ".join(str(r) for r in gate.get("reasons") or []) or "none"),
+        "base_family": manifest["family"],
+        "base": manifest["base"],
+        "styles": ",".join(manifest["styles"]),
+        "blends": ",".join(manifest["blends"]),
+    }
+    if manifest["base"] == "external":
+        tags["base_path"] = manifest["base_path"]
+    for check in gate.get("checks") or []:
+        if not isinstance(check, dict) or not check.get("name"):
+            continue
+        verdict = "pass" if check.get("passed") else "fail"
+        tags[f"check.{_tag_key(check['name'])}"] = (
+            f"{_fmt(check.get('value'))}/{_fmt(check.get('threshold'))}/{verdict}"
+        )
+    tagged = []
+    for key, value in sorted(metrics.items()):
+        if key in tags or key in RESERVED_TAGS or key.startswith("check."):
+            log.warning("gate metric %r clashes with a registry tag of the same name; not tagged", key)
+            continue
+        tags[key] = repr(value)
+        tagged.append(key)
+    # Lists which tags are metrics, so `champion_metrics` never mistakes another numeric tag.
+    tags["metric_keys"] = _truncate(",".join(tagged))
+    return tags
+
+
+def register_candidate(
+    cfg: RegistryConfig,
+    gate: dict[str, Any],
+    candidate_dir_map: dict[str, Path],
+    base_path: Path,
+    base_family: str,
+    params_snapshot: dict[str, Any],
+    root: str | Path | None = None,
+    base_copy_limit_mb: float = BASE_COPY_LIMIT_MB,
+) -> dict[str, Any]:
+    """Register the candidate as a new version; move `@champion` only if the gate passed.
+
+    `candidate_dir_map` maps artifact names to folders: `adapters` (required, one
+    `<style>/pytorch_lora_weights.safetensors` each) and `blends` (may be missing or empty);
+    other names are logged as extra artifacts. Returns `{"model_name", "version",
+    "promoted", "champion_version", "previous_champion_version", "reasons", ...}`.
+    """
+    from stunning.families import ModelNotFoundError
+
+    if "passed" not in gate or not isinstance(gate["passed"], bool):
+        raise RegistryError("the gate report has no boolean 'passed' verdict; rerun the validate stage")
+    adapters = candidate_dir_map.get("adapters")
+    if adapters is None or not _adapter_names(Path(adapters)):
+        raise RegistryError(
+            f"no adapters to register in {adapters}: expected <style>/{LORA_FILE} folders; run the train stage first"
+        )
+    base_path = Path(base_path)
+    if not (base_path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"base model folder {base_path} is missing or not a diffusers folder (no model_index.json); "
+            "pass the base.path the candidate was trained on (build the embedded one with `dvc repro base_model`)"
+        )
+
+    name = cfg.model_name
+    client = _client(cfg, root)
+    versions = _versions(client, name) if _registered(client, name) else []
+    n = (versions[-1] + 1) if versions else 1
+    passed = gate["passed"]
+    reasons = [str(r) for r in gate.get("reasons") or []]
+    metrics = gate_metrics(gate)
+
+    with tempfile.TemporaryDirectory(prefix="stunning-register-") as tmp:
+        staging = Path(tmp)
+        artifacts, manifest = _stage_artifacts(
+            staging, gate, dict(candidate_dir_map), base_path, base_family, params_snapshot, name, base_copy_limit_mb
+        )
+        entry = staging / "stunning_pyfunc.py"
+        entry.write_text(PYFUNC_ENTRY)
+        with mlflow.start_run(
+            run_name=f"register-{n}",
+            tags={"stage": RUN_STAGE_TAG, "gate": "passed" if passed else "failed"},
+            nested=mlflow.active_run() is not None,
+        ) as run:
+            if params_snapshot:
+                mlflow.log_params(_flat_params(params_snapshot))
+            if metrics:
+                mlflow.log_metrics(metrics)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(entry),
+                artifacts=artifacts,
+                registered_model_name=name,
+                pip_requirements=_requirements(),
+                metadata={"stunning_manifest": manifest},
+            )
+    version = int(info.registered_model_version)
+    for key, value in _version_tags(gate, metrics, manifest).items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+    current = _aliases(client, name)
+    champion = current.get(CHAMPION)
+    previous = current.get(PREVIOUS)
+    if passed:
+        if champion is not None and champion != version:
+            client.set_registered_model_alias(name, PREVIOUS, str(champion))
+            client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
+            previous = champion
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_model_version_tag(name, str(version), "promoted", "true")
+        if previous is not None:
+            client.set_model_version_tag(name, str(version), "previous_champion_version", str(previous))
+        champion = version
+    else:
+        client.set_model_version_tag(name, str(version), "promoted", "false")
+
+    result = {
+        "model_name": name,
+        "version": version,
+        "promoted": passed,
+        "champion_version": champion,
+        "previous_champion_version": previous,
+        "reasons": reasons,
+        "gate_passed": passed,
+        "run_id": run.info.run_id,
+        "model_uri": f"models:/{name}/{version}",
+        "base_bundled": manifest["base"] == "artifact",
+        "styles": manifest["styles"],
+        "blends": manifest["blends"],
+        "metrics": metrics,
+    }
+    result["verdict"] = describe_result(result)
+    client.update_model_version(name, str(version), description=result["verdict"])
+    log.info("%s", result["verdict"])
+    return result
+
+
+def _adapter_names(folder: Path) -> list[str]:
+    return sorted(p.parent.name for p in Path(folder).glob(f"*/{LORA_FILE}")) if Path(folder).is_dir() else []
+
+
+def _registered(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def champion_metrics(cfg: RegistryConfig, root: str | Path | None = None) -> dict[str, float] | None:
+    """The `@champion` version's gate metrics (from its tags), or None when there is no
+    registry database, no registered model or no champion. Never creates a database."""
+    if not _store_exists(cfg, root):
+        return None
+    client = _client(cfg, root)
+    champion = _aliases(client, cfg.model_name).get(CHAMPION)
+    if champion is None:
+        return None
+    tags = client.get_model_version(cfg.model_name, str(champion)).tags
+    keys = [k for k in tags.get("metric_keys", "").split(",") if k]
+    out: dict[str, float] = {}
+    for key in keys:
+        try:
+            out[key] = float(tags[key])
+        except (KeyError, ValueError):
+            log.warning("champion v%s: metric tag %r missing or not a number", champion, key)
+    return out
+
+
+def aliases(cfg: RegistryConfig, root: str | Path | None = None) -> dict[str, int]:
+    """Alias → version of the registered model (empty without a registry or model)."""
+    if not _store_exists(cfg, root):
+        return {}
+    return _aliases(_client(cfg, root), cfg.model_name)
+
+
+def version_tags(cfg: RegistryConfig, version: int, root: str | Path | None = None) -> dict[str, str]:
+    client = _existing_client(cfg, root)
+    return dict(client.get_model_version(cfg.model_name, str(version)).tags)
+
+
+def rollback(cfg: RegistryConfig, root: str | Path | None = None, reason: str = "manual rollback") -> dict[str, Any]:
+    """Point `@champion` back at `@previous-champion`; the rolled-back version is tagged.
+
+    `@previous-champion` then moves one step further back (to the champion the restored
+    version had replaced, if any), so repeated rollbacks walk the promotion history.
+    """
+    name = cfg.model_name
+    client = _existing_client(cfg, root)
+    current = _aliases(client, name)
+    champion, previous = current.get(CHAMPION), current.get(PREVIOUS)
+    if previous is None:
+        raise NoChampionError(f"model {name!r} has no @{PREVIOUS} to roll back to (aliases: {current or 'none'}).")
+    client.set_registered_model_alias(name, CHAMPION, str(previous))
+    if champion is not None:
+        client.set_model_version_tag(name, str(champion), "rolled_back", "true")
+        client.set_model_version_tag(name, str(champion), "rollback_reason", _truncate(reason))
+    client.set_model_version_tag(name, str(previous), "restored_by_rollback_from", str(champion))
+    older = client.get_model_version(name, str(previous)).tags.get("previous_champion_version")
+    if older and older.isdigit() and int(older) != previous:
+        client.set_registered_model_alias(name, PREVIOUS, older)
+        new_previous: int | None = int(older)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+        new_previous = None
+    log.info("rolled back %s: @champion v%s -> v%s (%s)", name, champion, previous, reason)
+    return {
+        "model_name": name,
+        "rolled_back_from": champion,
+        "champion_version": previous,
+        "previous_champion_version": new_previous,
+        "reason": reason,
+    }
+
+
+def resolve(
+    cfg: RegistryConfig,
+    alias: str | None = CHAMPION,
+    root: str | Path | None = None,
+    *,
+    model_name: str | None = None,
+    version: int | None = None,
+) -> tuple[int, Path]:
+    """(version, local model folder) of `<model_name>@<alias>` (or of `version`).
+
+    The folder holds `MLmodel` and the artifacts (see :func:`model_artifacts`). With a
+    local artifact store it is the store's own folder, nothing is copied; otherwise the
+    artifacts are downloaded to a temporary folder. Raises :class:`NoChampionError`.
+    """
+    name = model_name or cfg.model_name
+    client = _existing_client(cfg, root)
+    if not _registered(client, name):
+        raise NoChampionError(f"no model named {name!r} in the MLflow registry yet.")
+    try:
+        if version is None:
+            mv = client.get_model_version_by_alias(name, alias or CHAMPION)
+        else:
+            mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            what = f"@{alias}" if version is None else f"version {version}"
+            raise NoChampionError(f"model {name!r} has no {what} in the MLflow registry.") from None
+        raise
+    uri = client.get_model_version_download_uri(name, mv.version)
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" or (parsed.scheme == "" and Path(uri).is_dir()):
+        local = Path(unquote(parsed.path) if parsed.scheme else uri)
+    else:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{mv.version}", dst_path=tempfile.mkdtemp(prefix="stunning-model-")
+            )
+        )
+    return int(mv.version), local
+
+
+def model_artifacts(model_dir: str | Path) -> dict[str, Path]:
+    """Artifact name → local path of a pyfunc model folder, read from its `MLmodel` file."""
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise RegistryError(f"{model_dir} is not an MLflow model folder (no MLmodel file)")
+    spec = yaml.safe_load(mlmodel.read_text())
+    entries = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {}) or {}
+    return {key: model_dir / value["path"] for key, value in entries.items()}
