@@ -202,7 +202,8 @@ def rollback(
     reason: Annotated[str, typer.Option(help="why; recorded as a tag on the version")] = "manual rollback",
 ) -> None:
     """Move @champion back to @previous-champion."""
-    from stunning.registry import RegistryError, rollback as do_rollback
+    from stunning.registry import RegistryError
+    from stunning.registry import rollback as do_rollback
 
     p = _load_params(params)
     try:
