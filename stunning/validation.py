@@ -1,0 +1,362 @@
+"""Validation: every model variant on fixed prompts and seeds, measured the same way.
+
+Variants, in order: the ``base``; each style adapter on the base (``adapter-<style>``,
+loaded with stock ``load_lora_weights`` and unloaded after); each blend
+(``blend-<name>``); the ``fused`` pipeline; and its int8 denoiser (``quantized``). Each
+generates one image per (prompt, seed) pair, one request at a time, so ``latency_s`` is
+what a user waits per image (after one untimed warm-up call that pays one-off costs), and
+``peak_memory_mb`` is :class:`stunning.device.PeakMemory` around the generation (device
+memory on CUDA/MPS, the process RSS on CPU — which includes the loaded weights).
+
+Per variant: the style distance (:mod:`stunning.metrics`) to each style's reference set —
+the curated train + val images of that style — and to the base's outputs, plus the paired
+pixel MSE to the base. Per adapter: ``style_gain = 1 − d(adapter, own)/d(base, own)`` and
+``style_margin`` = mean distance to the other styles minus distance to its own (positive:
+closer to its own style than to the others). ``reference_floor`` is the distance between
+a style's train and val images: the distance a perfect model of the style would still have.
+
+Images go to ``<out>/<variant>/`` and a labelled contact sheet to ``<out>/grid.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import logging
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from stunning import metrics
+from stunning.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+REFERENCE_SPLITS = ("train", "val")
+
+
+class ValidationInputError(ValueError):
+    """An input the validation needs is missing or malformed; the message says what to do."""
+
+
+@dataclass
+class VariantResult:
+    name: str
+    kind: str  # base | adapter | blend | fused | quantized
+    source: str
+    images: list[Image.Image]
+    latencies_s: list[float]
+    peak_memory_mb: float
+    memory_delta_mb: float
+    style_distance: dict[str, float] = field(default_factory=dict)
+    distance_to_base: float = 0.0
+    pixel_mse_to_base: float = 0.0
+    blank_images: int = 0
+
+    @property
+    def latency_s(self) -> float:
+        return float(np.mean(self.latencies_s)) if self.latencies_s else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "style_distance": {k: round(v, 6) for k, v in self.style_distance.items()},
+            "distance_to_base": round(self.distance_to_base, 6),
+            "pixel_mse_to_base": round(self.pixel_mse_to_base, 6),
+            "latency_s": round(self.latency_s, 4),
+            "latency_max_s": round(max(self.latencies_s), 4) if self.latencies_s else None,
+            "peak_memory_mb": round(self.peak_memory_mb, 2),
+            "memory_delta_mb": round(self.memory_delta_mb, 2),
+            "images": len(self.images),
+            "blank_images": self.blank_images,
+        }
+
+
+@dataclass
+class ValidationResult:
+    prompts: list[str]
+    seeds: list[int]
+    variants: dict[str, VariantResult]
+    style_gain: dict[str, float]
+    style_margin: dict[str, float]
+    adapters: dict[str, dict[str, float]]
+    reference_images: dict[str, int]
+    reference_floor: dict[str, float]
+    device: str
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``reports/validation.json`` body (numbers only, so `dvc metrics` can diff it)."""
+        return {
+            "variants": {n: v.to_dict() for n, v in self.variants.items()},
+            "style_gain": {k: round(v, 6) for k, v in self.style_gain.items()},
+            "style_margin": {k: round(v, 6) for k, v in self.style_margin.items()},
+            "adapters": {s: {k: round(x, 6) for k, x in d.items()} for s, d in self.adapters.items()},
+            "reference_images": dict(self.reference_images),
+            "reference_floor": {k: round(v, 6) for k, v in self.reference_floor.items()},
+            "images_per_variant": len(self.prompts) * len(self.seeds),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+# --------------------------------------------------------------------------- references
+
+
+def load_references(data_dir: str | Path, styles: list[str], splits: tuple[str, ...] = REFERENCE_SPLITS) -> dict[str, dict[str, list[Path]]]:
+    """Reference image paths per style and split, from ``<data_dir>/manifest.csv``."""
+    data_dir = Path(data_dir)
+    manifest = data_dir / MANIFEST
+    if not manifest.is_file():
+        raise ValidationInputError(f"{manifest} not found: run the curate stage (`dvc repro curate`) first.")
+    refs: dict[str, dict[str, list[Path]]] = {s: {} for s in styles}
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing_cols = {"style", "split", "path"} - set(reader.fieldnames or [])
+        if missing_cols:
+            raise ValidationInputError(f"{manifest}: missing column(s) {sorted(missing_cols)}; re-run the curate stage.")
+        for line, row in enumerate(reader, start=2):
+            if row["style"] not in refs or row["split"] not in splits:
+                continue
+            path = data_dir / row["path"]
+            if not path.is_file():
+                raise ValidationInputError(f"{manifest}:{line}: image {path} does not exist; re-run the curate stage.")
+            refs[row["style"]].setdefault(row["split"], []).append(path)
+    empty = [s for s, by_split in refs.items() if not any(by_split.values())]
+    if empty:
+        raise ValidationInputError(
+            f"{manifest}: no {'/'.join(splits)} images for style(s) {empty}; every style in data.styles needs curated images."
+        )
+    return refs
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _generate_variant(
+    family: Any,
+    pipe: Any,
+    name: str,
+    kind: str,
+    source: str,
+    pairs: list[tuple[str, int]],
+    steps: int,
+    guidance_scale: float,
+    device: Any,
+) -> VariantResult:
+    from stunning.device import PeakMemory
+
+    # One untimed single-step call: lazy initialisation (kernels, caches) is not latency.
+    family.generate(pipe, [pairs[0][0]], [pairs[0][1]], 1, guidance_scale)
+    images: list[Image.Image] = []
+    latencies: list[float] = []
+    with PeakMemory(device) as pm:
+        for prompt, seed in pairs:
+            t0 = time.perf_counter()
+            images.extend(family.generate(pipe, [prompt], [seed], steps, guidance_scale))
+            latencies.append(time.perf_counter() - t0)
+    log.info("%s: %d images, %.3f s/image, peak %.0f MB", name, len(images), float(np.mean(latencies)), pm.peak_mb)
+    return VariantResult(name, kind, source, images, latencies, pm.peak_mb, pm.delta_mb)
+
+
+def _release_memory() -> None:
+    """Return freed pipeline memory before the next variant loads (its peak must not include it)."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _to_array(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 for im in images])
+
+
+def validate(
+    params: Any,
+    base_path: str | Path,
+    adapters_dir: str | Path,
+    merged_dir: str | Path | None,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    device: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> ValidationResult:
+    """Generate every variant, measure it, and publish images + grid to ``out_dir`` atomically."""
+    import torch
+
+    from stunning.blend import LORA_FILE
+    from stunning.device import default_dtype, select_device
+    from stunning.families import get_family
+
+    t_start = time.perf_counter()
+    cfg = params.validate_
+    styles = list(params.data.styles)
+    family = get_family(params.base.family)
+    device = select_device(device) if not isinstance(device, torch.device) else device
+    dtype = default_dtype(device)
+    pairs = [(p, int(s)) for p in cfg.prompts for s in cfg.seeds]
+    if not pairs:
+        raise ValidationInputError("validate.prompts and validate.seeds must both be non-empty.")
+
+    adapters_dir = Path(adapters_dir)
+    adapter_dirs = {s: adapters_dir / s for s in styles}
+    missing = [str(d / LORA_FILE) for d in adapter_dirs.values() if not (d / LORA_FILE).is_file()]
+    if missing:
+        raise ValidationInputError(f"adapter weights not found: {missing}. Run the train stage (`dvc repro train`).")
+    merged = Path(merged_dir) if merged_dir is not None else None
+    blend_dirs: dict[str, Path] = {}
+    if merged is not None:
+        for b in params.merge.blends:
+            d = merged / "blends" / b.name
+            if not (d / LORA_FILE).is_file():
+                raise ValidationInputError(f"blend {b.name!r} not found at {d / LORA_FILE}: run the merge stage.")
+            blend_dirs[b.name] = d
+        for d in (merged / "fused" / "model_index.json", merged / "quantized" / "quantized.json"):
+            if not d.is_file():
+                raise ValidationInputError(f"{d} not found: run the merge stage (`dvc repro merge`).")
+
+    refs = load_references(data_dir, styles)
+    ref_feats = {s: metrics.features([p for ps in by.values() for p in ps]) for s, by in refs.items()}
+    floor = {}
+    for s, by in refs.items():
+        if by.get("train") and by.get("val"):
+            floor[s] = metrics.set_distance(metrics.features(by["train"]), metrics.features(by["val"]))
+
+    say = progress or (lambda msg: None)
+    variants: dict[str, VariantResult] = {}
+
+    def run(pipe, name, kind, source):
+        say(name)
+        variants[name] = _generate_variant(
+            family, pipe, name, kind, source, pairs, cfg.steps, cfg.guidance_scale, device
+        )
+
+    pipe = family.load_pipeline(Path(base_path), device, dtype)
+    run(pipe, "base", "base", str(base_path))
+    for style, d in adapter_dirs.items():
+        pipe.load_lora_weights(str(d), adapter_name=f"val_{style}")
+        run(pipe, f"adapter-{style}", "adapter", str(d))
+        pipe.unload_lora_weights()
+    for name, d in blend_dirs.items():
+        pipe.load_lora_weights(str(d), adapter_name=f"val_blend_{name}")
+        run(pipe, f"blend-{name}", "blend", str(d))
+        pipe.unload_lora_weights()
+    pipe = None
+    _release_memory()
+    if merged is not None:
+        from stunning.quantize import load_quantized
+
+        pipe = family.load_pipeline(merged / "fused", device, dtype)
+        run(pipe, "fused", "fused", str(merged / "fused"))
+        pipe = None
+        _release_memory()
+        pipe = load_quantized(merged / "fused", merged / "quantized", device)
+        run(pipe, "quantized", "quantized", str(merged / "quantized"))
+        pipe = None
+        _release_memory()
+
+    base_feats = metrics.features(variants["base"].images)
+    base_px = _to_array(variants["base"].images)
+    for v in variants.values():
+        feats = metrics.features(v.images)
+        v.style_distance = {s: metrics.set_distance(feats, f) for s, f in ref_feats.items()}
+        v.distance_to_base = metrics.set_distance(feats, base_feats)
+        v.pixel_mse_to_base = float(((_to_array(v.images) - base_px) ** 2).mean())
+        v.blank_images = sum(metrics.is_blank(im) for im in v.images)
+
+    gains: dict[str, float] = {}
+    margins: dict[str, float] = {}
+    adapters: dict[str, dict[str, float]] = {}
+    base_v = variants["base"]
+    for style in styles:
+        v = variants[f"adapter-{style}"]
+        own, base_own = v.style_distance[style], base_v.style_distance[style]
+        gains[style] = metrics.style_gain(own, base_own)
+        others = [v.style_distance[o] for o in styles if o != style]
+        info = {"own_distance": own, "base_distance": base_own}
+        if others:
+            margins[style] = float(np.mean(others)) - own
+            info["other_distance"] = float(np.mean(others))
+        adapters[style] = info
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for v in variants.values():
+            folder = tmp / v.name
+            folder.mkdir()
+            for i, ((_, seed), im) in enumerate(zip(pairs, v.images, strict=True)):
+                im.save(folder / f"{i:02d}_p{i // len(cfg.seeds)}_s{seed}.png")
+        make_grid(variants, pairs).save(tmp / "grid.png")
+
+    return ValidationResult(
+        prompts=list(cfg.prompts),
+        seeds=[int(s) for s in cfg.seeds],
+        variants=variants,
+        style_gain=gains,
+        style_margin=margins,
+        adapters=adapters,
+        reference_images={s: sum(len(p) for p in by.values()) for s, by in refs.items()},
+        reference_floor=floor,
+        device=str(device),
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow built without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to a pixel width (the last line is cut with an ellipsis)."""
+    for chars in range(max(4, len(text)), 3, -1):
+        lines = textwrap.wrap(text, chars)
+        if all(draw.textlength(line, font=font) <= width for line in lines):
+            break
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(1, len(lines[-1]) - 1)] + "…"
+    return lines
+
+
+def make_grid(variants: dict[str, VariantResult], pairs: list[tuple[str, int]], cell: int = 96) -> Image.Image:
+    """Rows = variants, columns = (prompt, seed); labelled, images upscaled without smoothing."""
+    font, small = _font(12), _font(10)
+    header_h, pad = 58, 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 12 + int(max([measure.textlength(n, font=font) for n in variants] + [100]))
+    cols, rows = len(pairs), len(variants)
+    grid = Image.new("RGB", (label_w + cols * (cell + pad) + pad, header_h + rows * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (prompt, seed) in enumerate(pairs):
+        x = label_w + pad + c * (cell + pad)
+        lines = _wrap(draw, prompt, small, cell, 3) + [f"seed {seed}"]
+        for i, line in enumerate(lines):
+            draw.text((x, 4 + i * 13), line, fill="black", font=small)
+    for r, v in enumerate(variants.values()):
+        y = header_h + pad + r * (cell + pad)
+        draw.text((6, y + 4), v.name, fill="black", font=font)
+        draw.text((6, y + 22), f"{v.latency_s:.2f} s/img", fill="dimgray", font=small)
+        if v.style_distance:
+            nearest = min(v.style_distance, key=v.style_distance.get)
+            draw.text((6, y + 36), f"nearest: {nearest}", fill="dimgray", font=small)
+        for c, im in enumerate(v.images):
+            x = label_w + pad + c * (cell + pad)
+            resample = Image.Resampling.NEAREST if im.width <= cell else Image.Resampling.LANCZOS
+            grid.paste(im.convert("RGB").resize((cell, cell), resample), (x, y))
+    return grid

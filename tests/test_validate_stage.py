@@ -1,0 +1,163 @@
+"""Stages `merge` and `validate` end to end on tiny inputs: files, formats, gate verdicts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from stunning.families import get_family
+
+FAMILY = get_family("sd-unet")
+STYLES = ("impressionist", "noir")
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> None:
+    import peft
+
+    pipe = FAMILY.load_pipeline(base, torch.device("cpu"), torch.float32)
+    pipe.unet.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+    )
+    g = torch.Generator().manual_seed(seed)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    FAMILY.save_lora(pipe, out)
+
+
+def style_image(style: str, rng: np.random.Generator) -> Image.Image:
+    if style == "noir":
+        g = np.clip(rng.normal(0.5, 0.35, (32, 32)), 0, 1)
+        return Image.fromarray((np.stack([g] * 3, -1) * 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB")
+
+
+def make_curated(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for style in STYLES:
+        for i in range(6):
+            split = "val" if i < 2 else "train"
+            rel = Path(split) / style / f"{style}-{i}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            style_image(style, rng).save(root / rel)
+            rows.append({"id": f"{style}-{i}", "style": style, "split": split, "path": rel.as_posix(),
+                         "caption": f"a red dress, {style} style", "width": 32, "height": 32, "phash": "0" * 16,
+                         "blur": 100.0, "caption_words": 4})
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tiny_base, tmp_path_factory) -> Path:
+    """A tiny project: params, two adapters, a curated set, and the merge stage run once."""
+    from stages import merge
+
+    root = tmp_path_factory.mktemp("project")
+    params = {
+        "base": {"path": str(tiny_base)},
+        "data": {"styles": list(STYLES)},
+        "merge": {"blends": [{"name": "half-half", "weights": {"impressionist": 0.5, "noir": 0.5}}], "fuse": "half-half"},
+        "validate": {"prompts": ["a red dress on a white background", "a blue hat on a grey background"],
+                     "seeds": [0], "steps": 2, "guidance_scale": 4.0},
+        "budgets": {"max_latency_s": 60.0, "min_style_gain": -10.0},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for i, style in enumerate(STYLES):
+        make_adapter(tiny_base, root / "adapters" / style, seed=i + 1)
+    make_curated(root / "curated")
+    merge.main([
+        "--params", str(root / "params.yaml"), "--base", str(tiny_base), "--adapters", str(root / "adapters"),
+        "--out", str(root / "merged"), "--report", str(root / "reports" / "merge.json"), "--device", "cpu",
+    ])
+    return root
+
+
+def validate_args(root: Path, tiny_base: Path, tag: str, *extra: str) -> list[str]:
+    return [
+        "--params", str(root / "params.yaml"), "--base", str(tiny_base), "--adapters", str(root / "adapters"),
+        "--merged", str(root / "merged"), "--data", str(root / "curated"), "--out", str(root / tag / "validation"),
+        "--metrics", str(root / tag / "validation.json"), "--gate", str(root / tag / "gate.json"),
+        "--merge-report", str(root / "reports" / "merge.json"), "--device", "cpu", *extra,
+    ]
+
+
+def test_merge_stage_outputs(project):
+    merged = project / "merged"
+    assert (merged / "blends" / "half-half" / "pytorch_lora_weights.safetensors").is_file()
+    assert (merged / "blends" / "half-half" / "blend.yaml").is_file()
+    assert (merged / "fused" / "model_index.json").is_file()
+    assert (merged / "quantized" / "quantization_map.json").is_file()
+    rep = json.loads((project / "reports" / "merge.json").read_text())
+    for key in ("fp32_unet_bytes", "int8_unet_bytes", "size_ratio", "peak_memory_mb_fp32", "peak_memory_mb_int8",
+                "quantization_mse", "quantization_max_abs", "seconds"):
+        assert isinstance(rep[key], int | float), key
+    assert rep["size_ratio"] < 1 and rep["blends"]["half-half"]["rank"] == 8
+    assert not list(project.glob(".merged*"))  # no temporary folders left behind
+
+
+def test_validate_stage_writes_reports_grid_and_a_passing_gate(project, tiny_base, monkeypatch, capsys):
+    from stages import validate
+
+    monkeypatch.chdir(project)  # no registry database here: no champion
+    validate.main(validate_args(project, tiny_base, "run1"))
+    out = project / "run1"
+    gate = json.loads((out / "gate.json").read_text())
+    body = json.loads((out / "validation.json").read_text())
+    expected = {"base", "adapter-impressionist", "adapter-noir", "blend-half-half", "fused", "quantized"}
+    assert set(body["variants"]) == expected
+    for v in body["variants"].values():
+        assert set(v["style_distance"]) == set(STYLES)
+        assert v["latency_s"] > 0 and v["peak_memory_mb"] > 0 and v["images"] == 2
+    assert body["variants"]["base"]["distance_to_base"] == 0
+    assert body["variants"]["adapter-noir"]["pixel_mse_to_base"] > 0  # the adapter changes the output
+    assert set(body["style_gain"]) == set(STYLES) and body["gate_passed"] is gate["passed"]
+    assert gate["passed"] is True, gate["reasons"]
+    assert {c["name"] for c in gate["checks"]} >= {"style_gain/noir", "latency_s", "quantization_mse", "vs_champion"}
+    assert gate["candidate"]["metrics"]["style_gain/noir"] == pytest.approx(body["style_gain"]["noir"], abs=1e-6)
+    with Image.open(out / "validation" / "grid.png") as grid:
+        assert grid.width > 2 * 96 and grid.height > 6 * 96
+    assert len(list((out / "validation" / "fused").glob("*.png"))) == 2
+    assert "GATE PASSED" in capsys.readouterr().out
+
+
+def test_validate_gate_fails_on_champion_regression_but_exits_zero(project, tiny_base, capsys):
+    from stages import validate
+
+    champion = project / "champion.json"
+    champion.write_text(json.dumps({"style_gain/noir": 100.0, "style_gain/impressionist": 100.0}))
+    # a cheaper run: one prompt, one step (the verdict, not the images, is under test here)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"].update(prompts=["a red dress on a white background"], steps=1)
+    (project / "params-quick.yaml").write_text(yaml.safe_dump(params))
+    args = validate_args(project, tiny_base, "run2", "--champion-metrics", str(champion))
+    args[args.index("--params") + 1] = str(project / "params-quick.yaml")
+    validate.main(args)  # no SystemExit: a failed gate is a result
+    gate = json.loads((project / "run2" / "gate.json").read_text())
+    assert gate["passed"] is False
+    assert any(r.startswith("vs_champion/style_gain/noir") for r in gate["reasons"])
+    assert gate["champion"]["style_gain/noir"] == 100.0
+    assert json.loads((project / "run2" / "validation.json").read_text())["gate_passed"] is False
+    assert "GATE FAILED" in capsys.readouterr().out
+
+
+def test_validate_missing_curated_manifest_exits_2(project, tiny_base, tmp_path, capsys):
+    from stages import validate
+
+    args = validate_args(project, tiny_base, "run3")
+    args[args.index("--data") + 1] = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exc:
+        validate.main(args)
+    assert exc.value.code == 2
+    assert "manifest.csv" in capsys.readouterr().err
+    assert not (project / "run3" / "gate.json").exists()
