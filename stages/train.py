@@ -1,0 +1,234 @@
+"""Stage `train` (phase 5, training): one LoRA adapter per style, one MLflow run each.
+
+Trains every style in `data.styles` in sequence on the curated data (`--data`), from the
+base model folder (`--base`, `${base.path}`), with the `train` section of params.yaml.
+Writes the adapters (`--out`/<style>/, diffusers LoRA layout + `train_config.yaml`,
+published together in one rename), the metrics JSON (`--metrics`), the loss curves as a
+wide CSV (`--plots`: `step,<style>,...`, for `dvc plots`) and as a PNG (`--plot-image`,
+readable without DVC's HTML viewer), and the final sample images (`--samples`). Checkpoints
+go to `--checkpoints` and are reused: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from stunning.config import ConfigError, Params, load_params
+from stunning.families import ModelNotFoundError
+from stunning.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
+from stunning.training.dataset import DatasetError
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = (
+    "final_loss",
+    "val_loss",
+    "base_val_loss",
+    "steps",
+    "steps_per_s",
+    "images_per_s",
+    "peak_memory_mb",
+    "mlflow_run_id",
+    "seconds",
+    "resumed_from_step",
+)
+
+
+def preflight(params: Params, base: Path, data: Path, device: str | None) -> None:
+    """Fail on bad input before any model is loaded or any run is recorded."""
+    from stunning.device import select_device
+    from stunning.families import get_family
+    from stunning.training.dataset import CuratedDataset
+    from stunning.training.lora import resolve_mixed_precision
+
+    try:
+        family = get_family(params.base.family)
+    except KeyError as exc:
+        raise ConfigError(f"base.family: {exc.args[0]}") from None
+    if family.name == "sd-unet":
+        from stunning.families.sd_unet import check_model_dir
+
+        check_model_dir(base)
+    elif not (base / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{base}/model_index.json is missing: {base} is not a diffusers model folder.")
+    for style in params.data.styles:
+        CuratedDataset(data, style, "train")
+    try:
+        dev = select_device(device)
+        resolve_mixed_precision(params.train.mixed_precision, dev)
+    except ValueError as exc:
+        raise ConfigError(f"train.mixed_precision / --device: {exc}") from None
+
+
+def loss_table(histories: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Wide rows `{"step", <style>: loss, ...}`; a style with fewer steps leaves blanks."""
+    n = max((len(h) for h in histories.values()), default=0)
+    return [
+        {"step": i + 1, **{s: (round(h[i], 6) if i < len(h) else "") for s, h in histories.items()}} for i in range(n)
+    ]
+
+
+def write_loss_csv(path: Path, histories: dict[str, list[float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", *histories], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(loss_table(histories))
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_loss_png(path: Path, histories: dict[str, list[float]]) -> None:
+    """Raw per-step losses (faint) and their moving average (bold), one colour per style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, (style, hist) in enumerate(histories.items()):
+        colour = f"C{i}"
+        steps = np.arange(1, len(hist) + 1)
+        ax.plot(steps, hist, color=colour, alpha=0.25, linewidth=0.8)
+        window = max(1, min(10, len(hist) // 5))
+        smooth = np.convolve(hist, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color=colour, linewidth=2, label=f"{style} (avg of {window})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (MSE)")
+    ax.set_title("LoRA training loss per style")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(
+    params: Params,
+    base: Path,
+    data: Path,
+    out: Path,
+    metrics: Path,
+    plots: Path,
+    checkpoints: Path,
+    *,
+    plot_image: Path | None = None,
+    samples: Path | None = None,
+    device: str | None = None,
+    tracker=None,
+) -> dict[str, Any]:
+    """Train all styles; write adapters, metrics, plots; return `{"styles": {...}}`."""
+    from stunning.families import get_family
+    from stunning.training.lora import train_style
+
+    preflight(params, base, data, device)
+    if tracker is None:
+        from stunning.tracking import MlflowTracker, configure_mlflow
+
+        configure_mlflow(params.registry)
+        tracker = MlflowTracker()
+    family = get_family(params.base.family)
+
+    results: dict[str, dict[str, Any]] = {}
+    histories: dict[str, list[float]] = {}
+    samples_ctx = atomic_dir(samples) if samples is not None else contextlib.nullcontext(None)
+    with atomic_dir(out) as tmp_out, samples_ctx as tmp_samples:
+        for style in params.data.styles:
+            log.info("training style %r (%d steps)", style, params.train.steps)
+            summary = train_style(
+                base,
+                family,
+                data,
+                style,
+                params.train,
+                tmp_out,
+                tracker,
+                checkpoints,
+                device,
+                samples_dir=tmp_samples,
+            )
+            histories[style] = summary["loss_history"]
+            results[style] = {k: summary[k] for k in METRIC_KEYS}
+
+    report = {
+        "styles": {
+            s: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for s, r in results.items()
+        }
+    }
+    write_json(metrics, report)
+    write_loss_csv(plots, histories)
+    write_loss_png(plot_image or plots.with_suffix(".png"), histories)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--base", type=Path, default=None, help="base model folder (default: base.path)")
+    ap.add_argument("--data", type=Path, default=Path("data/curated"))
+    ap.add_argument("--out", type=Path, default=Path("models/adapters"))
+    ap.add_argument("--metrics", type=Path, default=Path("reports/train.json"))
+    ap.add_argument("--plots", type=Path, default=Path("reports/train_loss.csv"))
+    ap.add_argument("--plot-image", type=Path, default=None, help="loss PNG (default: --plots with .png)")
+    ap.add_argument("--samples", type=Path, default=Path("reports/train_samples"))
+    ap.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        report = run(
+            params,
+            args.base or Path(params.base.path),
+            args.data,
+            args.out,
+            args.metrics,
+            args.plots,
+            args.checkpoints,
+            plot_image=args.plot_image,
+            samples=args.samples,
+            device=args.device,
+        )
+    except (ConfigError, ModelNotFoundError, DatasetError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: Any, spec: str = ".4f") -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    table = Table(title="LoRA training", caption="val: fixed-noise loss on the val split; base: without the adapter")
+    table.add_column("style", no_wrap=True, min_width=max(len(s) for s in report["styles"]))
+    for col in ("steps", "loss", "val", "base val", "steps/s", "peak MB", "time s"):
+        table.add_column(col, justify="right")
+    for style, r in report["styles"].items():
+        table.add_row(
+            style,
+            str(r["steps"]),
+            fmt(r["final_loss"]),
+            fmt(r["val_loss"]),
+            fmt(r["base_val_loss"]),
+            fmt(r["steps_per_s"], ".1f"),
+            fmt(r["peak_memory_mb"], ".0f"),
+            fmt(r["seconds"], ".1f"),
+        )
+    console = Console()
+    console.print(table)
+    resumed = [f"{s} at step {r['resumed_from_step']}" for s, r in report["styles"].items() if r["resumed_from_step"]]
+    if resumed:
+        console.print(f"resumed from checkpoints in {args.checkpoints}: " + ", ".join(resumed))
+    console.print(f"adapters: {args.out}  metrics: {args.metrics}  loss curves: {args.plots}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The curated training set of one style: manifest rows → normalised pixel tensors + captions.
+
+`data/curated/manifest.csv` (written by the curation stage) lists every kept image with its
+style, split, path (relative to the curated folder) and caption. :class:`CuratedDataset`
+serves the rows of one style and split as ``{"id", "caption", "pixels"}`` with pixels as a
+float32 CHW tensor in [-1, 1], the range Stable Diffusion's VAE was trained on. Problems a
+user can fix (no manifest, missing columns, a listed image that is gone, no rows for the
+style) raise :class:`DatasetError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+REQUIRED_COLUMNS = ("id", "style", "split", "path", "caption", "width", "height")
+
+
+class DatasetError(ValueError):
+    """The curated data cannot be used for training; the message names the file and the fix."""
+
+
+def read_manifest(curated_dir: Path) -> list[dict[str, str]]:
+    """All rows of `curated_dir/manifest.csv` as dicts (strings, as written)."""
+    path = Path(curated_dir) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(
+            f"{path}: the curated manifest does not exist. Run the curation stage first "
+            "(`dvc repro curate`) or pass --data pointing at a curated folder."
+        )
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(
+                f"{path}: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}. "
+                "Re-run the curation stage to rewrite it."
+            )
+        return list(reader)
+
+
+def style_rows(curated_dir: Path, style: str, split: str | None = None) -> list[dict[str, str]]:
+    """Rows of one style (and split, if given), sorted by id so the order never depends on the file."""
+    rows = [r for r in read_manifest(curated_dir) if r["style"] == style and (split is None or r["split"] == split)]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def load_pixels(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as a float32 CHW tensor in [-1, 1]."""
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{path}: listed in the curated manifest but missing on disk. Re-run the curation stage "
+            "(`dvc repro curate`) so the manifest and the images agree."
+        ) from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{path}: cannot be read as an image ({exc}). Re-run the curation stage.") from None
+    if size is not None and rgb.size != size:
+        raise DatasetError(
+            f"{path}: is {rgb.size[0]}x{rgb.size[1]} but the manifest says {size[0]}x{size[1]}. "
+            "Re-run the curation stage so images and manifest agree."
+        )
+    arr = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class CuratedDataset(Dataset):
+    """Manifest rows of one style and split; items are ``{"id", "caption", "pixels"}``.
+
+    Images are read lazily; the manifest is validated eagerly so a bad path or mixed image
+    sizes (which could not be batched) fail before any model is loaded.
+    """
+
+    def __init__(self, curated_dir: str | Path, style: str, split: str = "train", *, allow_empty: bool = False):
+        self.root = Path(curated_dir)
+        self.style = style
+        self.split = split
+        all_rows = read_manifest(self.root)
+        self.rows = sorted((r for r in all_rows if r["style"] == style and r["split"] == split), key=lambda r: r["id"])
+        manifest = self.root / MANIFEST
+        if not self.rows and not allow_empty:
+            styles = sorted({r["style"] for r in all_rows})
+            raise DatasetError(
+                f"{manifest}: no rows with style={style!r} and split={split!r} (styles present: {styles}). "
+                "Check data.styles in params.yaml and that the curation stage kept images of this style."
+            )
+        sizes = {(int(r["width"]), int(r["height"])) for r in self.rows}
+        if len(sizes) > 1:
+            raise DatasetError(
+                f"{manifest}: images of style {style!r} ({split}) have different sizes {sorted(sizes)}; "
+                "training needs one size. Re-run the curation stage with a single data.resolution."
+            )
+        for r in self.rows:
+            if not (self.root / r["path"]).is_file():
+                raise DatasetError(
+                    f"{self.root / r['path']}: listed in {manifest} (id {r['id']}) but missing on disk. "
+                    "Re-run the curation stage (`dvc repro curate`)."
+                )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rows[i]
+        pixels = load_pixels(self.root / r["path"], (int(r["width"]), int(r["height"])))
+        return {"id": r["id"], "caption": r["caption"], "pixels": pixels}
+
+    @property
+    def captions(self) -> list[str]:
+        return [r["caption"] for r in self.rows]
+
+    def image_files(self) -> list[Path]:
+        return [self.root / r["path"] for r in self.rows]

@@ -1,0 +1,130 @@
+"""A trained adapter is a plain diffusers LoRA: stock `load_lora_weights` loads it, it changes
+the images, and it reproduces exactly what the trainer's own pipeline generated."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from stunning.config import TrainConfig
+from stunning.training.lora import SAMPLE_GUIDANCE, SAMPLE_STEPS, sample_prompt, train_style
+
+SEEDS = [0, 1]
+
+
+def make_curated(root: Path, n: int = 6, res: int = 32) -> Path:
+    """Six train + two val 32x32 noisy grey images of one style, with a manifest.csv."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n + 2):
+        split = "train" if i < n else "val"
+        rel = f"{split}/noir/noir-{i}.png"
+        (root / split / "noir").mkdir(parents=True, exist_ok=True)
+        grey = np.clip(rng.integers(20, 235) + rng.normal(0, 12, (res, res, 1)), 0, 255).repeat(3, -1)
+        Image.fromarray(grey.astype(np.uint8)).save(root / rel)
+        caption = f"a {['red', 'blue', 'green'][i % 3]} hat on a grey background, noir style"
+        rows.append(
+            {
+                "id": f"noir-{i}",
+                "style": "noir",
+                "split": split,
+                "path": rel,
+                "caption": caption,
+                "width": res,
+                "height": res,
+                "phash": "0" * 16,
+                "blur": 50.0,
+                "caption_words": 9,
+            }
+        )
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: the tiny model's ops are too small to gain from more, and on a
+    loaded CI machine (or beside other test processes) OpenMP threads waiting on each other
+    make a run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base):
+    root = tmp_path_factory.mktemp("roundtrip")
+    cfg = TrainConfig(steps=10, batch_size=4, learning_rate=1e-2, checkpoint_every=10)
+    summary = train_style(
+        tiny_base,
+        "sd-unet",
+        make_curated(root / "curated"),
+        "noir",
+        cfg,
+        root / "adapters",
+        None,
+        None,
+        "cpu",
+        samples_dir=root / "samples",
+        sample_seeds=SEEDS,
+    )
+    return {"cfg": cfg, "summary": summary, "adapter": root / "adapters" / "noir", "samples": root / "samples" / "noir"}
+
+
+def _stock_images(base: Path, adapter: Path | None, prompt: str) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(base), safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        pipe.load_lora_weights(str(adapter))
+    out = pipe(
+        [prompt] * len(SEEDS),
+        generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS],
+        num_inference_steps=SAMPLE_STEPS,
+        guidance_scale=SAMPLE_GUIDANCE,
+        height=32,
+        width=32,
+        output_type="np",
+    )
+    return out.images
+
+
+def test_adapter_file_is_in_the_diffusers_layout(trained):
+    path = trained["adapter"] / "pytorch_lora_weights.safetensors"
+    assert trained["summary"]["adapter"] == str(path)
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        assert keys and all(k.startswith("unet.") for k in keys)
+        # Only the configured attention projections are adapted, each with a down/up pair.
+        targets = {k.split(".lora")[0].rsplit(".", 1)[-1] for k in keys if "to_out" not in k}
+        assert targets == {"to_q", "to_k", "to_v"} and any("to_out.0" in k for k in keys)
+        ranks = {f.get_tensor(k).shape[0] for k in keys if "lora_A" in k or "lora.down" in k}
+        assert ranks == {trained["cfg"].rank}
+    assert (trained["adapter"] / "train_config.yaml").is_file()
+
+
+def test_stock_diffusers_loads_the_adapter_and_it_changes_the_images(trained, tiny_base):
+    prompt = sample_prompt(trained["cfg"], "noir")
+    base_imgs = _stock_images(tiny_base, None, prompt)
+    lora_imgs = _stock_images(tiny_base, trained["adapter"], prompt)
+    assert lora_imgs.shape == (len(SEEDS), 32, 32, 3) and np.isfinite(lora_imgs).all()
+    assert np.abs(lora_imgs - base_imgs).mean() > 2 / 255
+
+    # The stock pipeline with the saved file gives what the trainer's pipeline generated
+    # (same prompt, seeds, steps): nothing was lost in saving (ranks, alpha scaling, keys).
+    for seed, img in zip(SEEDS, lora_imgs, strict=True):
+        trainer_img = np.asarray(Image.open(trained["samples"] / f"seed-{seed}.png"), dtype=np.float32) / 255
+        assert np.abs(trainer_img - img).max() <= 2 / 255, seed

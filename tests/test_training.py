@@ -1,0 +1,449 @@
+"""LoRA training: dataset, loss goes down, checkpoints and exact resume, tracker, the `train` stage.
+
+Everything runs on the tiny embedded model (session fixture `tiny_base`) on the CPU with a
+handful of 32x32 images and a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from stunning.config import TrainConfig
+from stunning.training.checkpoint import CheckpointStore, fingerprint
+from stunning.training.dataset import CuratedDataset, DatasetError, style_rows
+from stunning.training.lora import evaluate_loss, resolve_mixed_precision, train_style
+
+REPO = Path(__file__).resolve().parent.parent
+STYLES = ("impressionist", "noir")
+
+
+def make_curated(root: Path, n_train: int = 6, n_val: int = 2, res: int = 32, seed: int = 0) -> Path:
+    """A curated folder like the curation stage writes: PNGs + manifest.csv, two styles."""
+    rng = np.random.default_rng(seed)
+    colours = ["red", "blue", "green", "yellow", "white", "black", "pink", "orange"]
+    rows = []
+    for style in STYLES:
+        for i in range(n_train + n_val):
+            split = "train" if i < n_train else "val"
+            base = rng.integers(0, 255, 3)
+            arr = np.clip(base + rng.normal(0, 40 if style == "impressionist" else 8, (res, res, 3)), 0, 255)
+            if style == "noir":
+                arr = arr.mean(-1, keepdims=True).repeat(3, -1)
+            iid = f"{style}-{i:03d}"
+            rel = f"{split}/{style}/{iid}.png"
+            (root / split / style).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr.astype(np.uint8)).save(root / rel)
+            caption = f"a {colours[i % len(colours)]} dress on a white background, {style} style"
+            rows.append(
+                {
+                    "id": iid,
+                    "style": style,
+                    "split": split,
+                    "path": rel,
+                    "caption": caption,
+                    "width": res,
+                    "height": res,
+                    "phash": "0" * 16,
+                    "blur": 100.0,
+                    "caption_words": len(caption.split()),
+                }
+            )
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory) -> Path:
+    return make_curated(tmp_path_factory.mktemp("curated"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: the tiny model's ops are too small to gain from more, and on a
+    loaded CI machine (or beside other test processes) OpenMP threads waiting on each other
+    make a run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    defaults = {"steps": 8, "batch_size": 2, "checkpoint_every": 4, "learning_rate": 5e-3}
+    return TrainConfig(**{**defaults, **kw})
+
+
+class RecordingTracker:
+    """A Tracker that keeps what it was told (the tracking interface, not maths, is faked)."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.metrics: list[tuple[dict, int | None]] = []
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.runs: list[tuple[str, dict]] = []
+        self.ended: list[str] = []
+
+    def start_run(self, name, tags=None):
+        self.runs.append((name, dict(tags or {})))
+        return f"run-{len(self.runs)}"
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((Path(path), artifact_path))
+
+    def set_tags(self, tags):
+        pass
+
+    def end_run(self, status="FINISHED"):
+        self.ended.append(status)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def test_dataset_serves_normalised_pixels_and_captions(curated):
+    ds = CuratedDataset(curated, "noir", "train")
+    assert len(ds) == 6
+    item = ds[0]
+    assert item["pixels"].shape == (3, 32, 32) and item["pixels"].dtype == torch.float32
+    assert -1.0 <= float(item["pixels"].min()) and float(item["pixels"].max()) <= 1.0
+    # The PNG round-trips: pixel value v maps to v / 127.5 - 1.
+    png = np.asarray(Image.open(curated / ds.rows[0]["path"]).convert("RGB"), dtype=np.float32)
+    assert torch.allclose(item["pixels"].permute(1, 2, 0), torch.from_numpy(png / 127.5 - 1.0))
+    assert item["caption"].endswith("noir style")
+    assert len(CuratedDataset(curated, "noir", "val")) == 2
+
+
+def test_dataset_errors_name_the_file(tmp_path, curated):
+    with pytest.raises(DatasetError, match=r"manifest\.csv.*does not exist"):
+        CuratedDataset(tmp_path, "noir")
+    broken = shutil.copytree(curated, tmp_path / "broken")
+    victim = CuratedDataset(broken, "noir").rows[1]["path"]
+    (broken / victim).unlink()
+    with pytest.raises(DatasetError, match=victim.replace("/", ".")):
+        CuratedDataset(broken, "noir")
+    with pytest.raises(DatasetError, match="style='cubist'"):
+        CuratedDataset(curated, "cubist")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_base, curated):
+    from stunning.families import get_family
+    from stunning.training.lora import encode_dataset
+
+    cfg = tiny_cfg(steps=12, learning_rate=1e-2, batch_size=4)
+    summary = train_style(
+        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "out", None, None, "cpu", sample_seeds=()
+    )
+    assert summary["steps"] == 12 and len(summary["loss_history"]) == 12
+    assert summary["val_loss"] < summary["base_val_loss"]
+
+    # The same objective, the same noise, on the train images: base vs base + saved adapter.
+    fam = get_family("sd-unet")
+    pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    latents, cond = encode_dataset(fam, pipe, CuratedDataset(curated, "noir"), cfg.seed)
+    sched = fam.noise_scheduler(pipe)
+    before = evaluate_loss(fam, pipe, sched, latents, cond, seed=123, batch_size=6)
+    pipe.load_lora_weights(str(tmp_path / "out" / "noir"))
+    after = evaluate_loss(fam, pipe, sched, latents, cond, seed=123, batch_size=6)
+    assert after < 0.9 * before, (before, after)
+
+
+def _adapter(out: Path, style: str = "noir") -> dict[str, torch.Tensor]:
+    return load_file(out / style / "pytorch_lora_weights.safetensors")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curated):
+    # Gradient accumulation and LoRA dropout included: every source of randomness and
+    # every piece of optimizer state must come back from the checkpoint.
+    cfg = tiny_cfg(gradient_accumulation=2, dropout=0.1)
+    straight = train_style(
+        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu", sample_seeds=()
+    )
+
+    def crash_after_6(step, loss):
+        if step == 6:  # two steps past the checkpoint at 4: they are lost and redone
+            raise Crash("power cut")
+
+    tracker = RecordingTracker()
+    with pytest.raises(Crash):
+        train_style(
+            tiny_base,
+            "sd-unet",
+            curated,
+            "noir",
+            cfg,
+            tmp_path / "b",
+            tracker,
+            tmp_path / "ck-b",
+            "cpu",
+            on_step=crash_after_6,
+            sample_seeds=(),
+        )
+    assert tracker.ended == ["FAILED"]
+    assert not (tmp_path / "b" / "noir").exists()
+    [fp_dir] = (tmp_path / "ck-b" / "noir").iterdir()
+    assert [p.name for _, p in CheckpointStore(fp_dir, 2).steps()] == ["step-4"]
+
+    resumed = train_style(
+        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu", sample_seeds=()
+    )
+    assert resumed["resumed_from_step"] == 4
+    assert resumed["fingerprint"] == straight["fingerprint"]
+    np.testing.assert_allclose(resumed["loss_history"], straight["loss_history"], rtol=1e-5, atol=1e-6)
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # A different run would differ: the comparison above is not vacuous.
+    assert any(a[k].abs().max() > 1e-4 for k in a if "lora_B" in k or "lora.up" in k)
+
+
+def test_checkpoints_are_pruned_and_a_finished_run_is_reused(tmp_path, tiny_base, curated):
+    cfg = tiny_cfg(steps=6, checkpoint_every=2, keep_checkpoints=2)
+    first = train_style(
+        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck", "cpu", sample_seeds=()
+    )
+    store = CheckpointStore.for_run(tmp_path / "ck", "noir", first["fingerprint"], 2)
+    assert [s for s, _ in store.steps()] == [4, 6]
+    state = json.loads((store.root / "step-6" / "state.json").read_text())
+    assert state["step"] == 6 and len(state["loss_history"]) == 6
+    assert {p.name for p in (store.root / "step-6").iterdir()} == {
+        "lora.safetensors",
+        "optimizer.pt",
+        "rng.safetensors",
+        "state.json",
+    }
+
+    # Bookkeeping keys do not change the weights, so changing them still resumes.
+    bookkeeping = cfg.model_copy(update={"keep_checkpoints": 3, "sample_prompt": "a blue hat"})
+    again = train_style(
+        tiny_base,
+        "sd-unet",
+        curated,
+        "noir",
+        bookkeeping,
+        tmp_path / "b",
+        None,
+        tmp_path / "ck",
+        "cpu",
+        sample_seeds=(),
+    )
+    assert again["resumed_from_step"] == 6 and again["steps_per_s"] is None
+    assert again["loss_history"] == first["loss_history"]
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # A broken newest checkpoint is skipped, not trusted.
+    (store.root / "step-6" / "state.json").write_text("{not json")
+    assert store.latest().step == 4
+
+    # A changed config has another fingerprint: a fresh run, not a resume.
+    changed = train_style(
+        tiny_base,
+        "sd-unet",
+        curated,
+        "noir",
+        cfg.model_copy(update={"learning_rate": 1e-3}),
+        tmp_path / "c",
+        None,
+        tmp_path / "ck",
+        "cpu",
+        sample_seeds=(),
+    )
+    assert changed["resumed_from_step"] == 0 and changed["fingerprint"] != first["fingerprint"]
+
+
+def test_fingerprint_tracks_config_base_and_data(tmp_path, tiny_base, curated):
+    data = shutil.copytree(curated, tmp_path / "data")
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    cfg = tiny_cfg().model_dump()
+
+    def fp(cfg=cfg):
+        return fingerprint(cfg, base, style_rows(data, "noir"), data, extra={"style": "noir"})
+
+    ref = fp()
+    assert fp() == ref
+    assert fp({**cfg, "rank": 8}) != ref
+    # Another style's images do not matter; this style's do, byte for byte.
+    other = data / style_rows(data, "impressionist")[0]["path"]
+    other.write_bytes(other.read_bytes() + b"\0")
+    assert fp() == ref
+    mine = data / style_rows(data, "noir")[0]["path"]
+    mine.write_bytes(mine.read_bytes() + b"\0")
+    changed_data = fp()
+    assert changed_data != ref
+    cfg_file = base / "unet" / "config.json"
+    unet_cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**unet_cfg, "sample_size": 16}))
+    assert fp() != changed_data
+
+
+def test_tracker_gets_params_losses_throughput_memory_and_artifacts(tmp_path, monkeypatch, tiny_base, curated):
+    tracker = RecordingTracker()
+    cfg = tiny_cfg(steps=4, sample_every=2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)  # the trainer lowers it for the tiny model, then restores it
+    summary = train_style(
+        tiny_base,
+        "sd-unet",
+        curated,
+        "impressionist",
+        cfg,
+        tmp_path / "out",
+        tracker,
+        None,
+        "cpu",
+        samples_dir=tmp_path / "samples",
+    )
+    assert tracker.runs == [
+        ("train-impressionist", {"style": "impressionist", "stage": "train", "fingerprint": summary["fingerprint"]})
+    ]
+    assert summary["mlflow_run_id"] == "run-1" and tracker.ended == ["FINISHED"]
+    assert tracker.params["n_images"] == 6 and tracker.params["train.rank"] == 4
+    assert tracker.params["device"] == "cpu" and tracker.params["style"] == "impressionist"
+    assert tracker.params["cpu_threads"] == 1 and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    losses = {step: m["loss"] for m, step in tracker.metrics if "loss" in m}
+    assert sorted(losses) == [1, 2, 3, 4] and list(losses.values()) == summary["loss_history"]
+    final = {k: v for m, step in tracker.metrics if step is None for k, v in m.items()}
+    assert final["steps_per_s"] > 0 and final["images_per_s"] == pytest.approx(final["steps_per_s"] * 2)
+    assert final["peak_memory_mb"] > 0 and final["val_loss"] == summary["val_loss"]
+    kinds = [artifact_path for _, artifact_path in tracker.artifacts]
+    assert kinds == ["samples/step-2", "adapter", "samples"]
+    pngs = sorted(p.name for p in (tmp_path / "samples" / "impressionist").glob("*.png"))
+    assert pngs == ["seed-0.png", "seed-1.png", "seed-2.png", "seed-3.png"]
+    assert Image.open(tmp_path / "samples" / "impressionist" / "seed-0.png").size == (32, 32)
+    saved = yaml.safe_load((tmp_path / "out" / "impressionist" / "train_config.yaml").read_text())
+    assert TrainConfig.model_validate(saved) == cfg
+
+    # Sampling during training does not disturb it: the same losses without it.
+    quiet = train_style(
+        tiny_base,
+        "sd-unet",
+        curated,
+        "impressionist",
+        cfg.model_copy(update={"sample_every": 0}),
+        tmp_path / "quiet",
+        None,
+        None,
+        "cpu",
+        sample_seeds=(),
+    )
+    assert quiet["loss_history"] == summary["loss_history"]
+
+
+def test_small_models_train_single_threaded_on_cpu(monkeypatch, tiny_base):
+    from stunning.families import get_family
+    from stunning.training.lora import cpu_threads_for
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    unet = get_family("sd-unet").load_pipeline(tiny_base, torch.device("cpu"), torch.float32).unet
+    assert cpu_threads_for(unet, torch.device("cpu")) == 1
+    assert cpu_threads_for(unet, torch.device("cuda")) is None
+    big = torch.nn.Linear(5000, 5000)  # 25M parameters
+    assert cpu_threads_for(big, torch.device("cpu")) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's explicit choice wins
+    assert cpu_threads_for(unet, torch.device("cpu")) is None
+
+
+def test_mixed_precision_choice():
+    cpu = torch.device("cpu")
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert resolve_mixed_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_mixed_precision("fp16", cpu)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _params_file(tmp_path: Path, **train) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(train)
+    params["registry"]["tracking_uri"] = "sqlite:///mlruns/mlflow.db"
+    params["registry"]["artifact_root"] = "mlruns/artifacts"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.slow  # ~7 s, half of it creating the MLflow database
+def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny_base, curated, capsys):
+    import mlflow
+
+    from stages import train as stage
+
+    monkeypatch.chdir(tmp_path)
+    _params_file(tmp_path, steps=3, batch_size=2, checkpoint_every=2)
+    stage.main(["--params", "params.yaml", "--base", str(tiny_base), "--data", str(curated)])
+
+    report = json.loads(Path("reports/train.json").read_text())
+    assert set(report["styles"]) == set(STYLES)
+    for style, r in report["styles"].items():
+        assert {"final_loss", "val_loss", "steps", "steps_per_s", "peak_memory_mb", "mlflow_run_id", "seconds"} <= set(
+            r
+        )
+        assert r["steps"] == 3 and r["final_loss"] > 0 and r["peak_memory_mb"] > 0
+        assert Path(f"models/adapters/{style}/pytorch_lora_weights.safetensors").is_file()
+        assert Path(f"models/adapters/{style}/train_config.yaml").is_file()
+        assert len(list(Path(f"reports/train_samples/{style}").glob("*.png"))) == 4
+    with open("reports/train_loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["step", *STYLES] and [r["step"] for r in rows] == ["1", "2", "3"]
+    # With fewer steps than the smoothing window, the final loss is the mean of the curve.
+    noir = [float(r["noir"]) for r in rows]
+    assert sum(noir) / 3 == pytest.approx(report["styles"]["noir"]["final_loss"], abs=1e-5)
+    assert Image.open("reports/train_loss.png").size[0] > 100
+    assert {p.name for p in Path("checkpoints").iterdir()} == set(STYLES)
+    assert "LoRA training" in capsys.readouterr().out
+
+    runs = mlflow.search_runs(experiment_names=["stunning-engine"], output_format="list")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {f"train-{s}" for s in STYLES}
+    for style in STYLES:
+        run = by_name[f"train-{style}"]
+        assert run.info.run_id == report["styles"][style]["mlflow_run_id"]
+        assert run.data.tags["stage"] == "train" and run.data.tags["style"] == style
+        assert run.info.status == "FINISHED" and "val_loss" in run.data.metrics
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+
+
+def test_stage_bad_input_exits_2_with_the_file_named(tmp_path, monkeypatch, tiny_base, capsys):
+    from stages import train as stage
+
+    monkeypatch.chdir(tmp_path)
+    _params_file(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        stage.main(["--base", str(tiny_base), "--data", "nowhere"])
+    assert exc.value.code == 2
+    assert "nowhere/manifest.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stage.main(["--base", "no-such-model", "--data", "nowhere"])
+    assert "no-such-model" in capsys.readouterr().err
+    assert not Path("mlruns").exists()  # nothing recorded for a run that never started
