@@ -24,7 +24,13 @@ def run(params, out: Path) -> dict:
     from stunning.embedded import build_embedded
     from stunning.families.sd_unet import check_model_dir
 
-    build_embedded(out, seed=params.base.seed)
+    build_embedded(
+        out,
+        seed=params.base.seed,
+        vae_steps=params.base.pretrain_vae_steps,
+        unet_steps=params.base.pretrain_unet_steps,
+        n_images=params.base.pretrain_images,
+    )
     if params.base.source == "local":
         check_model_dir(Path(params.base.path))
     return {"source": params.base.source, "path": params.base.path}

@@ -34,6 +34,10 @@ class BaseModelConfig(_Section):
     path: str = "models/embedded"
     family: str = "sd-unet"
     seed: int = 0
+    # Brief pretraining of the embedded model on the unstyled world (0 = random weights).
+    pretrain_vae_steps: int = Field(400, ge=0)
+    pretrain_unet_steps: int = Field(800, ge=0)
+    pretrain_images: int = Field(512, ge=16)
 
 
 class ResearchCandidate(_Section):

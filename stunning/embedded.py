@@ -4,7 +4,8 @@ It uses the same diffusers/transformers classes as Stable Diffusion 1.5 (UNet2DC
 AutoencoderKL, CLIPTextModel, CLIPTokenizer, a DDPM-family scheduler) at a few hundred
 thousand parameters, so every code path (LoRA training, blending, fusion, quantization,
 registry, serving) is the one a real model takes, and the whole DAG runs on a laptop CPU in
-minutes. Weights are randomly initialised from `base.seed`; nothing is downloaded. The
+minutes. Weights are initialised from `base.seed` and, unless the step counts are 0, briefly
+pretrained on the unstyled procedural world (`stunning.pretrain`); nothing is downloaded. The
 tokenizer is a byte-pair encoding trained here with `tokenizers` on the caption vocabulary
 of the embedded world, then handed to `CLIPTokenizer` as an in-memory vocab and merge list.
 """
@@ -105,8 +106,18 @@ def build_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def build_embedded(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model and `save_pretrained` it as a StableDiffusionPipeline folder."""
+def build_embedded(
+    out_dir: str | Path,
+    seed: int = 0,
+    vae_steps: int = 0,
+    unet_steps: int = 0,
+    n_images: int = 512,
+) -> Path:
+    """Build the tiny model and `save_pretrained` it as a StableDiffusionPipeline folder.
+
+    With `vae_steps`/`unet_steps` > 0 the model is first pretrained on `n_images` unstyled
+    world scenes (see `stunning.pretrain`); with 0 (tests) it stays randomly initialised.
+    """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -141,9 +152,39 @@ def build_embedded(out_dir: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if vae_steps or unet_steps:
+        _pretrain(pipe, seed, vae_steps, unet_steps, n_images)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     n = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
     log.info("embedded base model (%d parameters, seed %d) saved to %s", n, seed, out_dir)
     return out_dir
+
+
+def _pretrain(pipe, seed: int, vae_steps: int, unet_steps: int, n_images: int) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from stunning import pretrain
+    from stunning.families import get_family
+
+    # A model this small runs fastest single-threaded on a CPU (thread hand-offs dominate).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        pixels, captions = pretrain.world_images(n_images, seed, RESOLUTION)
+        with tqdm(total=vae_steps, desc="pretrain VAE", unit="step") as bar:
+            mse = pretrain.pretrain_vae(pipe.vae, pixels, vae_steps, gen, progress=lambda s, l: bar.update(1))
+        scale = pretrain.latent_scale(pipe.vae, pixels)
+        pipe.vae.register_to_config(scaling_factor=scale)
+        log.info("VAE pretrained: %d steps, reconstruction MSE %.4f, latent scaling factor %.3f", vae_steps, mse, scale)
+        with tqdm(total=unet_steps, desc="pretrain UNet", unit="step") as bar:
+            loss = pretrain.pretrain_denoiser(
+                get_family("sd-unet"), pipe, pixels, captions, unet_steps, gen,
+                progress=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")),
+            )
+        log.info("UNet + text encoder pretrained: %d steps, final loss %.4f", unet_steps, loss)
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny test models run fastest single-threaded; also keeps 2-core CI machines responsive.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -49,6 +51,8 @@ def run_in(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedPro
 
 def copy_project(dest: Path) -> Path:
     """Copy what git would commit (tracked + untracked-not-ignored files) into a fresh repo."""
+    # Outputs of a local `dvc repro` (dvc.lock, reports/) are not part of a fresh clone.
+    skip = ("dvc.lock", "reports/")
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
     ).stdout.split(b"\0")
@@ -56,6 +60,8 @@ def copy_project(dest: Path) -> Path:
         if not raw:
             continue
         rel = Path(raw.decode())
+        if rel.as_posix().startswith(skip):
+            continue
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
