@@ -176,14 +176,14 @@ def _pretrain(pipe, seed: int, vae_steps: int, unet_steps: int, n_images: int) -
         gen = torch.Generator().manual_seed(seed)
         pixels, captions = pretrain.world_images(n_images, seed, RESOLUTION)
         with tqdm(total=vae_steps, desc="pretrain VAE", unit="step") as bar:
-            mse = pretrain.pretrain_vae(pipe.vae, pixels, vae_steps, gen, progress=lambda s, l: bar.update(1))
+            mse = pretrain.pretrain_vae(pipe.vae, pixels, vae_steps, gen, progress=lambda _step, _loss: bar.update(1))
         scale = pretrain.latent_scale(pipe.vae, pixels)
         pipe.vae.register_to_config(scaling_factor=scale)
         log.info("VAE pretrained: %d steps, reconstruction MSE %.4f, latent scaling factor %.3f", vae_steps, mse, scale)
         with tqdm(total=unet_steps, desc="pretrain UNet", unit="step") as bar:
             loss = pretrain.pretrain_denoiser(
                 get_family("sd-unet"), pipe, pixels, captions, unet_steps, gen,
-                progress=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")),
+                progress=lambda _step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
             )
         log.info("UNet + text encoder pretrained: %d steps, final loss %.4f", unet_steps, loss)
     finally:
