@@ -74,10 +74,34 @@ def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
     }
 
 
-def build_tokenizer(vocab_size: int = 512):
+TOKENIZER_ASSET = Path(__file__).parent / "assets" / "embedded_bpe.json"
+
+
+def load_tokenizer():
+    """The embedded CLIP tokenizer from the shipped BPE (vocab + merges) asset.
+
+    The BPE is trained once by :func:`train_bpe` and shipped, because the `tokenizers`
+    trainer breaks ties between equally frequent pairs in no fixed order: retraining on
+    every build would give a different vocabulary, and so a different model, each time.
+    Regenerate it with `python -m stunning.embedded --write-tokenizer`.
+    """
+    import json
+
+    from transformers import CLIPTokenizer
+
+    data = json.loads(TOKENIZER_ASSET.read_text())
+    merges = [tuple(m) for m in data["merges"]]
+    return CLIPTokenizer(vocab=data["vocab"], merges=merges, model_max_length=MAX_TOKENS)
+
+
+def build_tokenizer():
+    """Alias kept for readers of older notes: the tokenizer every build uses."""
+    return load_tokenizer()
+
+
+def train_bpe(vocab_size: int = 512) -> dict:
     """Train a CLIP-style BPE (end-of-word suffix `</w>`) on the embedded vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     bpe = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))
@@ -101,9 +125,8 @@ def build_tokenizer(vocab_size: int = 512):
     for ch in alphabet:
         for tok in (ch, ch + "</w>"):
             vocab.setdefault(tok, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-    return tok
+    merges = [list(m) if isinstance(m, list) else m.split(" ") for m in model["merges"]]
+    return {"vocab": vocab, "merges": merges}
 
 
 def build_embedded(
@@ -124,7 +147,7 @@ def build_embedded(
 
     from stunning.io import atomic_dir
 
-    tokenizer = build_tokenizer()
+    tokenizer = load_tokenizer()
     cfg = tiny_configs(vocab_size=len(tokenizer))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
@@ -188,3 +211,16 @@ def _pretrain(pipe, seed: int, vae_steps: int, unet_steps: int, n_images: int) -
         log.info("UNet + text encoder pretrained: %d steps, final loss %.4f", unet_steps, loss)
     finally:
         torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Maintenance of the embedded model's assets")
+    ap.add_argument("--write-tokenizer", action="store_true", help="retrain and overwrite the shipped BPE")
+    if ap.parse_args().write_tokenizer:
+        from stunning.io import atomic_write_text
+
+        atomic_write_text(TOKENIZER_ASSET, json.dumps(train_bpe(), indent=0, sort_keys=True) + "\n")
+        print(f"wrote {TOKENIZER_ASSET}")

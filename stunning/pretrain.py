@@ -69,7 +69,7 @@ def pretrain_vae(vae, pixels: torch.Tensor, steps: int, gen: torch.Generator, ba
         loss.backward()
         opt.step()
         if progress:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
     vae.eval()
     with torch.no_grad():
         x = pixels[:64]
@@ -114,7 +114,7 @@ def pretrain_denoiser(family, pipe, pixels: torch.Tensor, captions: list[str], s
         opt.step()
         recent = (recent + [float(loss)])[-50:]
         if progress:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return float(np.mean(recent)) if recent else float("nan")

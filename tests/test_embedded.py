@@ -73,3 +73,21 @@ def test_pretraining_makes_a_working_autoencoder(tmp_path):
     mse = float(((recon - pixels) / 2).pow(2).mean())
     assert mse < 0.05, mse
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the pretrained latents
+
+
+def test_builds_are_reproducible(tmp_path):
+    """Same seed, same weights: the DAG's base_model stage must not change between runs."""
+    from stunning.embedded import build_embedded
+
+    def digest(path):
+        import hashlib
+
+        return {
+            p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+        }
+
+    a = build_embedded(tmp_path / "a", seed=0, vae_steps=10, unet_steps=10, n_images=16)
+    b = build_embedded(tmp_path / "b", seed=0, vae_steps=10, unet_steps=10, n_images=16)
+    assert digest(a) == digest(b)
