@@ -146,7 +146,7 @@ class BudgetsConfig(_Section):
 
     max_peak_memory_mb: float = 4096.0
     max_latency_s: float = 5.0
-    min_style_gain: float = 0.03  # relative drop of style distance vs the base, per adapter
+    min_style_gain: float = 0.05  # relative drop of style distance vs the base, per adapter
     max_quantized_size_ratio: float = 0.6  # quantized denoiser bytes / fp32 bytes
     max_quantization_mse: float = 0.01  # pixel MSE of quantized vs unquantized outputs
     max_regression_vs_champion: float = 0.10  # allowed relative worsening of style gain
