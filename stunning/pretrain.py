@@ -112,7 +112,7 @@ def pretrain_denoiser(family, pipe, pixels: torch.Tensor, captions: list[str], s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        recent = (recent + [float(loss)])[-50:]
+        recent = (recent + [float(loss.detach())])[-50:]
         if progress:
             progress(step, float(loss.detach()))
     pipe.unet.eval()
