@@ -44,23 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
     from rich.console import Console
-    from rich.table import Table
 
+    from stunning.cli import research_table
     from stunning.research import plan_summary
 
-    table = Table(title=f"Fit on {report['device']} (budget {report['budget_gb']:.1f} GB)")
-    for col in ("candidate", "params", "precision", "inference GB", "training GB", "training"):
-        table.add_column(col)
-    for cand in report["candidates"]:
-        for precision, est in cand["estimates"].items():
-            table.add_row(
-                cand["name"],
-                f"{cand['total_params'] / 1e6:.1f}M",
-                precision,
-                f"{est['inference_gb']:.2f}",
-                f"{est['training_gb']:.2f}",
-                est["training"],
-            )
+    table = research_table(report)
     console = Console()
     console.print(table)
     console.print(f"plan: {plan_summary(report)} -> {args.out_json}, {args.out_md}")

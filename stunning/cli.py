@@ -93,7 +93,7 @@ def _doctor_table(info: dict[str, Any]) -> Table:
     return table
 
 
-def _research_table(report: dict[str, Any]) -> Table:
+def research_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"Fit on {report['device']} (budget {report['budget_gb']:.1f} GB, {report['budget_source']})")
     for col in ("candidate", "params", "precision", "inference GB", "inference", "training GB", "training"):
         table.add_column(col, justify="right" if "GB" in col or col == "params" else "left")
@@ -151,7 +151,7 @@ def research(
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
         return
-    console.print(_research_table(report))
+    console.print(research_table(report))
     console.print(f"plan: {plan_summary(report)}")
 
 

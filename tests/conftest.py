@@ -90,3 +90,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: the tiny model's ops are too small to gain from more, and on a
+    loaded CI machine OpenMP threads waiting on each other make a run 10-50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

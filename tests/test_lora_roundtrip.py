@@ -50,15 +50,7 @@ def make_curated(root: Path, n: int = 6, res: int = 32) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the tiny model's ops are too small to gain from more, and on a
-    loaded CI machine (or beside other test processes) OpenMP threads waiting on each other
-    make a run 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

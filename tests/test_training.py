@@ -70,15 +70,7 @@ def curated(tmp_path_factory) -> Path:
     return make_curated(tmp_path_factory.mktemp("curated"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the tiny model's ops are too small to gain from more, and on a
-    loaded CI machine (or beside other test processes) OpenMP threads waiting on each other
-    make a run 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(**kw) -> TrainConfig:
