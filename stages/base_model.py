@@ -1,8 +1,11 @@
 """Stage `base_model` (phase 2, environment): make the base model available locally.
 
-Builds the project's tiny embedded model into the output folder (`models/embedded`), the
-default `base.path`. With `base.source: local`, `base.path` names the user's own diffusers
-folder, which is checked here (never downloaded) so a missing model fails early.
+With `base.source: embedded` (the default) it installs the project's shipped micro model
+(`stunning/assets/micro`, trained from scratch by `python -m stunning.pretrain`) into the
+output folder (`models/embedded`), the default `base.path`. With `base.source: local`,
+`base.path` names the user's own diffusers folder, which is checked here (never
+downloaded) so a missing model fails early; the embedded model is still installed, as the
+declared output and the reference the tests use.
 """
 
 from __future__ import annotations
@@ -19,20 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def run(params, out: Path) -> dict:
-    """Always build the embedded model (a few MB, seconds): it is the default base and the
-    reference the tests use. With `base.source: local`, also check the user's folder."""
-    from stunning.embedded import build_embedded
-    from stunning.families.sd_unet import check_model_dir
+    from stunning.embedded import install_embedded
+    from stunning.families import check_model_dir, get_family
 
-    build_embedded(
-        out,
-        seed=params.base.seed,
-        vae_steps=params.base.pretrain_vae_steps,
-        unet_steps=params.base.pretrain_unet_steps,
-        n_images=params.base.pretrain_images,
-    )
+    install_embedded(out)
     if params.base.source == "local":
-        check_model_dir(Path(params.base.path))
+        try:
+            family = get_family(params.base.family)
+        except KeyError as exc:
+            raise ConfigError(f"base.family: {exc.args[0]}") from None
+        check_model_dir(Path(params.base.path), family.required_components)
     return {"source": params.base.source, "path": params.base.path}
 
 
@@ -42,10 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("models/embedded"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from stunning.embedded import EmbeddedModelMissing
+
     try:
         params = load_params(args.params)
         summary = run(params, args.out)
-    except (ConfigError, ModelNotFoundError) as exc:
+    except (ConfigError, ModelNotFoundError, EmbeddedModelMissing) as exc:
         print(f"base_model: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"base model ready: {summary['path']} ({summary['source']})")

@@ -36,11 +36,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def preflight(params: Params, base: Path, adapters: Path) -> dict[str, Path]:
     """Check names and inputs before loading any model; return the adapter folder per style."""
     from stunning.blend import LORA_FILE, BlendError
-    from stunning.families import get_family
-    from stunning.families.sd_unet import check_model_dir
+    from stunning.families import check_model_dir, get_family
 
     try:
-        get_family(params.base.family)
+        family = get_family(params.base.family)
     except KeyError as exc:
         raise ConfigError(f"base.family: {exc.args[0]}") from None
     for i, b in enumerate(params.merge.blends):
@@ -48,7 +47,7 @@ def preflight(params: Params, base: Path, adapters: Path) -> dict[str, Path]:
             raise ConfigError(
                 f"merge.blends[{i}].name={b.name!r}: use letters, digits, '.', '_' or '-' (it names a folder)."
             )
-    check_model_dir(base)
+    check_model_dir(base, family.required_components)
     needed = {s for b in params.merge.blends for s in b.weights}
     if params.merge.fuse in params.data.styles:
         needed.add(params.merge.fuse)
@@ -80,7 +79,7 @@ def run(params: Params, base: Path, adapters: Path, out: Path, report: Path, dev
     with atomic_dir(out) as tmp:
         for b in cfg.blends:
             res = blend_adapters(adapter_dirs, b.weights, tmp / "blends" / b.name, name=b.name)
-            blends[b.name] = {"rank": res.rank.get("unet", 0), "layers": res.layers}
+            blends[b.name] = {"rank": max(res.rank.values(), default=0), "layers": res.layers}
         source = tmp / "blends" / cfg.fuse if cfg.fuse in blends else adapter_dirs[cfg.fuse]
         fuse(base, family, source, tmp / "fused")
         qres = quantize_denoiser(tmp / "fused", family, tmp / "quantized", cfg.quantization)
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     table.add_column("")
     table.add_column("float32", justify="right")
     table.add_column("int8", justify="right")
-    table.add_row("denoiser on disk", f"{s['fp32_unet_bytes'] / 1e6:.2f} MB", f"{s['int8_unet_bytes'] / 1e6:.2f} MB")
-    table.add_row("denoiser in memory", f"{s['unet_memory_mb_fp32']:.2f} MB", f"{s['unet_memory_mb_int8']:.2f} MB")
+    table.add_row("denoiser on disk", f"{s['fp32_denoiser_bytes'] / 1e6:.2f} MB", f"{s['int8_denoiser_bytes'] / 1e6:.2f} MB")
+    table.add_row("denoiser in memory", f"{s['denoiser_memory_mb_fp32']:.2f} MB", f"{s['denoiser_memory_mb_int8']:.2f} MB")
     table.add_row("peak memory", f"{s['peak_memory_mb_fp32']:.0f} MB", f"{s['peak_memory_mb_int8']:.0f} MB")
     table.add_row("seconds / image", f"{s['latency_s_fp32']:.3f}", f"{s['latency_s_int8']:.3f}")
     console = Console()

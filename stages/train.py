@@ -52,12 +52,9 @@ def preflight(params: Params, base: Path, data: Path, device: str | None) -> Non
         family = get_family(params.base.family)
     except KeyError as exc:
         raise ConfigError(f"base.family: {exc.args[0]}") from None
-    if family.name == "sd-unet":
-        from stunning.families.sd_unet import check_model_dir
+    from stunning.families import check_model_dir
 
-        check_model_dir(base)
-    elif not (base / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{base}/model_index.json is missing: {base} is not a diffusers model folder.")
+    check_model_dir(base, family.required_components)
     for style in params.data.styles:
         CuratedDataset(data, style, "train")
     try:

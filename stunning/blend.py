@@ -229,19 +229,16 @@ def blend_adapters(
     ``out_dir`` receives ``pytorch_lora_weights.safetensors`` (loadable with stock
     ``pipe.load_lora_weights``) and ``blend.yaml`` (the blend: name, weights, sources, ranks).
     """
-    from diffusers import StableDiffusionPipeline
-
     adapter_dirs = {k: Path(v) for k, v in adapter_dirs.items()}
     weights = {k: float(v) for k, v in weights.items()}
     _check_weights(adapter_dirs, weights)
     loras = {style: read_lora(adapter_dirs[style]) for style in weights}
     blended, templates = blend_loras(loras, weights)
-    unknown = sorted(set(blended) - {"unet", "text_encoder"})
-    if unknown:
-        raise BlendError(f"adapters hold LoRA weights for components {unknown}; only unet and text_encoder are supported.")
+    family = _family_of(blended)
     naming = next(iter(loras.values())).naming
 
-    kwargs: dict[str, Any] = {}
+    layers_by_comp: dict[str, dict[str, torch.Tensor]] = {}
+    configs: dict[str, dict[str, Any]] = {}
     ranks: dict[str, int] = {}
     for comp, mods in blended.items():
         cfg = _blend_config(templates[comp], mods)
@@ -250,8 +247,8 @@ def blend_adapters(
         for module, (a, b) in sorted(mods.items()):
             layers[f"{module}.{naming[0]}.weight"] = a.contiguous()
             layers[f"{module}.{naming[1]}.weight"] = b.contiguous()
-        kwargs[f"{comp}_lora_layers"] = layers
-        kwargs[f"{comp}_lora_adapter_metadata"] = cfg
+        layers_by_comp[comp] = layers
+        configs[comp] = cfg
 
     out_dir = Path(out_dir)
     sources = {s: str(loras[s].path) for s in weights}
@@ -263,11 +260,28 @@ def blend_adapters(
         "combination": "cat (exact weighted sum of LoRA deltas, scale folded into B, alpha = r)",
     }
     with atomic_dir(out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        family.save_lora_layers(tmp, layers_by_comp, configs)
         atomic_write_text(tmp / "blend.yaml", yaml.safe_dump(spec, sort_keys=False))
     n_layers = sum(len(m) for m in blended.values())
     log.info("blend %s (%s) -> %s: %d layers, rank %s", spec["name"], weights, out_dir, n_layers, ranks)
     return BlendResult(path=out_dir / LORA_FILE, rank=ranks, layers=n_layers, weights=weights, sources=sources)
+
+
+def _family_of(blended: Mapping[str, Any]):
+    """The model family whose LoRA layout holds these components (`transformer`: sd3, `unet`: sd-unet)."""
+    from stunning.families import get_family
+
+    if "transformer" in blended:
+        family = get_family("sd3")
+    elif "unet" in blended:
+        family = get_family("sd-unet")
+    else:
+        raise BlendError(f"adapters hold LoRA weights for components {sorted(blended)}; expected unet or transformer.")
+    allowed = {family.lora_component, "text_encoder", "text_encoder_2"}
+    unknown = sorted(set(blended) - allowed)
+    if unknown:
+        raise BlendError(f"adapters hold LoRA weights for components {unknown}; {family.name} blends {sorted(allowed)}.")
+    return family
 
 
 def lora_deltas(lora: LoraFile, weight: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
@@ -292,6 +306,8 @@ def fuse(
     """
     import torch
 
+    from stunning.families import complete_model_index
+
     lora_file = adapter_file(lora_dir)
     pipe = family.load_pipeline(Path(base_path), torch.device("cpu"), torch.float32)
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="fused")
@@ -302,6 +318,10 @@ def fuse(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        complete_model_index(tmp, type(pipe))
+        settings = Path(base_path) / "stunning.json"  # the project's per-model settings travel along
+        if settings.is_file():
+            atomic_write_text(tmp / settings.name, settings.read_text())
         atomic_write_text(
             tmp / "fused.yaml",
             yaml.safe_dump({"base": str(base_path), "lora": str(lora_file), "lora_scale": lora_scale}, sort_keys=False),

@@ -116,6 +116,7 @@ on ({base_model}). Nothing is downloaded.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -150,7 +151,9 @@ def main():
     args = ap.parse_args()
 
     device, dtype = pick_device()
-    pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, local_files_only=True)
+    index = json.loads((Path(args.base) / "model_index.json").read_text())
+    absent = {{k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}}  # e.g. SD3 without T5
+    pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=dtype, local_files_only=True, **absent)
     pipe = pipe.to(device)
     if args.blend:
         pipe.load_lora_weights(str(HERE / "blends" / args.blend), adapter_name=args.blend)
@@ -166,9 +169,15 @@ def main():
         style = args.style or STYLES[0]
         pipe.load_lora_weights(str(HERE / "adapters" / style), adapter_name=style)
 
+    # An SD3 model trained without T5 (like the project's micro model) records how many
+    # T5 tokens it expects in stunning.json; the stock default is 256.
+    settings = Path(args.base) / "stunning.json"
+    extra = {{}}
+    if settings.is_file() and "t5_tokens" in json.loads(settings.read_text()):
+        extra["max_sequence_length"] = json.loads(settings.read_text())["t5_tokens"]
     generator = torch.Generator("cpu").manual_seed(args.seed)
     image = pipe(
-        args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator
+        args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generator, **extra
     ).images[0]
     image.save(args.out)
     print(f"saved {{args.out}}")

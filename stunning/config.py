@@ -26,25 +26,22 @@ class _Section(BaseModel):
 class BaseModelConfig(_Section):
     """Which base model the pipeline adapts.
 
-    `source: embedded` builds the project's tiny model into `path` (a DVC output);
-    `source: local` uses an existing diffusers folder at `path` (never downloaded).
+    `source: embedded` installs the project's shipped micro model (`stunning/assets/micro`,
+    an `sd3`-family model trained by `python -m stunning.pretrain`) into `path` (a DVC
+    output); `source: local` uses an existing diffusers folder at `path` (never downloaded).
     """
 
     source: Literal["embedded", "local"] = "embedded"
     path: str = "models/embedded"
-    family: str = "sd-unet"
+    family: str = "sd3"
     seed: int = 0
-    # Brief pretraining of the embedded model on the unstyled world (0 = random weights).
-    pretrain_vae_steps: int = Field(400, ge=0)
-    pretrain_unet_steps: int = Field(800, ge=0)
-    pretrain_images: int = Field(512, ge=16)
 
 
 class ResearchCandidate(_Section):
     """A base model considered by the research phase: an embedded preset or a local folder."""
 
     name: str
-    preset: str | None = None  # e.g. "embedded-tiny", "sd15-reference"
+    preset: str | None = None  # e.g. "embedded-micro", "sd15-reference"
     path: str | None = None  # a local diffusers folder (configs are read, weights are not)
 
     @model_validator(mode="after")
@@ -57,7 +54,7 @@ class ResearchCandidate(_Section):
 class ResearchConfig(_Section):
     candidates: list[ResearchCandidate] = Field(
         default_factory=lambda: [
-            ResearchCandidate(name="embedded-tiny", preset="embedded-tiny"),
+            ResearchCandidate(name="embedded-micro", preset="embedded-micro"),
             ResearchCandidate(name="sd15", preset="sd15-reference"),
         ]
     )
@@ -146,7 +143,8 @@ class BudgetsConfig(_Section):
 
     max_peak_memory_mb: float = 4096.0
     max_latency_s: float = 5.0
-    min_style_gain: float = 0.05  # relative drop of style distance vs the base, per adapter
+    min_style_gain: float = 0.5  # relative drop of style distance vs the base, per adapter
+    max_adherence_drop: float = 0.10  # prompt adherence (oracle) may fall at most this much below the base
     max_quantized_size_ratio: float = 0.6  # quantized denoiser bytes / fp32 bytes
     max_quantization_mse: float = 0.01  # pixel MSE of quantized vs unquantized outputs
     max_regression_vs_champion: float = 0.10  # allowed relative worsening of style gain

@@ -1,29 +1,48 @@
-"""The embedded default base model: a tiny Stable-Diffusion-layout model built locally.
+"""The embedded default base model: a micro text-to-image model trained by the project.
 
-It uses the same diffusers/transformers classes as Stable Diffusion 1.5 (UNet2DConditionModel,
-AutoencoderKL, CLIPTextModel, CLIPTokenizer, a DDPM-family scheduler) at a few hundred
-thousand parameters, so every code path (LoRA training, blending, fusion, quantization,
-registry, serving) is the one a real model takes, and the whole DAG runs on a laptop CPU in
-minutes. Weights are initialised from `base.seed` and, unless the step counts are 0, briefly
-pretrained on the unstyled procedural world (`stunning.pretrain`); nothing is downloaded. The
-tokenizer is a byte-pair encoding trained here with `tokenizers` on the caption vocabulary
-of the embedded world, then handed to `CLIPTokenizer` as an in-memory vocab and merge list.
+The micro model is a Stable Diffusion 3 layout (the `sd3` family): an MMDiT
+`SD3Transformer2DModel` trained with flow matching, an `AutoencoderKL`, and two
+`CLIPTextModelWithProjection` text encoders over a CLIP tokenizer whose byte-pair encoding
+was trained here on the caption vocabulary (no T5: SD3 allows dropping it). It is small
+enough to ship (``stunning/assets/micro``, < 20 MB) and fast enough for a CPU, and because it
+is made of the same diffusers classes as a real SD3 model, LoRA training, blending,
+quantization, export and registry code run exactly as they would on a real one.
+
+`stunning.pretrain` trains it from scratch on the unstyled procedural world
+(`stunning.data.sample.render_clean`), never showing it the colour/garment pairs in
+:data:`HELD_OUT_PAIRS`, so prompt adherence can be measured on combinations it never saw.
+The pipeline's `base_model` stage installs the shipped weights into ``models/embedded``.
+
+This module also builds *randomly initialised* tiny models of both families
+(:func:`build_tiny`), which the tests use as fast stand-ins.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 RESOLUTION = 32
-MAX_TOKENS = 32
+MAX_TOKENS = 24
+T5_TOKENS = 0  # no T5 encoder, and no zero-padding tokens in its place (see families/sd3.py)
+SHIPPED = Path(__file__).parent / "assets" / "micro"
+
+# (garment, colour) pairs the micro model never sees during pretraining.
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dress", "green"),
+    ("shirt", "orange"),
+    ("trousers", "yellow"),
+    ("hat", "purple"),
+    ("bag", "pink"),
+)
 
 # Words of the embedded world's captions plus common photography words; any other word
 # still tokenizes (down to characters), it is just less compact.
 VOCABULARY = """
-a an the of on in with and at by style photo portrait image picture shot of
+a an the of on in with and at by style photo portrait image picture shot of pair
 red orange yellow green blue purple pink brown black white grey gray beige navy teal gold silver
 dress shirt trousers hat bag skirt coat jacket scarf shoes hair model woman man person
 background backdrop studio street beach wall left right center centre top bottom middle
@@ -32,8 +51,61 @@ strokes brush painterly soft light dark bright high low sharp blurry short long 
 """
 
 
+def micro_configs(vocab_size: int = 512) -> dict[str, dict]:
+    """Configs of the micro model's components (also sized by the research phase)."""
+    return {
+        "transformer": {
+            "sample_size": RESOLUTION // 4,
+            "patch_size": 1,
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_layers": 6,
+            "attention_head_dim": 32,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 96,  # 64 (text_encoder) + 32 (text_encoder_2)
+            "caption_projection_dim": 128,
+            "pooled_projection_dim": 96,
+            "pos_embed_max_size": RESOLUTION // 4,
+        },
+        "vae": {
+            "sample_size": RESOLUTION,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [24, 48, 48],
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "norm_num_groups": 8,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+            # SD3 normalises latents as (z - shift) * scale; measured after VAE training.
+            "shift_factor": 0.0,
+            "scaling_factor": 1.0,
+        },
+        "text_encoder": _clip(vocab_size, hidden=64, layers=3, heads=4),
+        "text_encoder_2": _clip(vocab_size, hidden=32, layers=2, heads=2),
+    }
+
+
+def _clip(vocab_size: int, hidden: int, layers: int, heads: int) -> dict:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": MAX_TOKENS,
+        "projection_dim": hidden,
+        # Ids of <|startoftext|> and <|endoftext|> in the shipped tokenizer.
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+
+
 def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
-    """Configs of the embedded model's components (also used by the research phase)."""
+    """A randomly initialised SD-1.5-layout model (UNet) of about the micro model's size; tests use it."""
     return {
         "unet": {
             "sample_size": RESOLUTION // 4,
@@ -47,30 +119,8 @@ def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
             "attention_head_dim": 8,
             "norm_num_groups": 8,
         },
-        "vae": {
-            "sample_size": RESOLUTION,
-            "in_channels": 3,
-            "out_channels": 3,
-            "latent_channels": 4,
-            "layers_per_block": 1,
-            "block_out_channels": [16, 32, 32],
-            "down_block_types": ["DownEncoderBlock2D"] * 3,
-            "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "norm_num_groups": 8,
-        },
-        "text_encoder": {
-            "vocab_size": vocab_size,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": MAX_TOKENS,
-            "projection_dim": 32,
-            # Ids of <|startoftext|> and <|endoftext|> in the tokenizer built below.
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
+        "vae": {k: v for k, v in micro_configs(vocab_size)["vae"].items() if "quant_conv" not in k and "_factor" not in k},
+        "text_encoder": _clip(vocab_size, hidden=32, layers=2, heads=4),
     }
 
 
@@ -129,88 +179,99 @@ def train_bpe(vocab_size: int = 512) -> dict:
     return {"vocab": vocab, "merges": merges}
 
 
-def build_embedded(
-    out_dir: str | Path,
-    seed: int = 0,
-    vae_steps: int = 0,
-    unet_steps: int = 0,
-    n_images: int = 512,
-) -> Path:
-    """Build the tiny model and `save_pretrained` it as a StableDiffusionPipeline folder.
+def _tokenizer_ids_ok(cfg: dict, tokenizer) -> None:
+    if (cfg["bos_token_id"], cfg["eos_token_id"]) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        raise RuntimeError("tokenizer special-token ids changed; update micro_configs()")
 
-    With `vae_steps`/`unet_steps` > 0 the model is first pretrained on `n_images` unstyled
-    world scenes (see `stunning.pretrain`); with 0 (tests) it stays randomly initialised.
-    """
+
+def build_micro(seed: int = 0):
+    """A randomly initialised micro model as a `StableDiffusion3Pipeline` (weights from `seed`)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = load_tokenizer()
+    cfg = micro_configs(vocab_size=len(tokenizer))
+    _tokenizer_ids_ok(cfg["text_encoder"], tokenizer)
+    torch.manual_seed(seed)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**cfg["transformer"]),
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"])),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+        tokenizer_2=load_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+    )
+
+
+def build_tiny_sd_unet(seed: int = 0):
+    """A randomly initialised SD-1.5-layout `StableDiffusionPipeline` (tests, the sd-unet family)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stunning.io import atomic_dir
-
     tokenizer = load_tokenizer()
     cfg = tiny_configs(vocab_size=len(tokenizer))
+    _tokenizer_ids_ok(cfg["text_encoder"], tokenizer)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    vae = AutoencoderKL(**cfg["vae"])
-    ids = cfg["text_encoder"]
-    if (ids["bos_token_id"], ids["eos_token_id"]) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        raise RuntimeError("tokenizer special-token ids changed; update tiny_configs()")
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="trailing",
-        steps_offset=1,
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**cfg["unet"]), vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), tokenizer=tokenizer,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    if vae_steps or unet_steps:
-        _pretrain(pipe, seed, vae_steps, unet_steps, n_images)
+
+
+def save_model(pipe, out_dir: str | Path, settings: dict | None = None) -> Path:
+    """`save_pretrained` into `out_dir` atomically, plus the project's `stunning.json` settings."""
+    import json
+
+    from stunning.families import complete_model_index
+    from stunning.io import atomic_dir
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-    n = sum(p.numel() for m in (unet, vae, text_encoder) for p in m.parameters())
-    log.info("embedded base model (%d parameters, seed %d) saved to %s", n, seed, out_dir)
+        complete_model_index(tmp, type(pipe))
+        if settings is not None:
+            (tmp / "stunning.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
-def _pretrain(pipe, seed: int, vae_steps: int, unet_steps: int, n_images: int) -> None:
-    import torch
-    from tqdm.auto import tqdm
+def build_tiny(out_dir: str | Path, family: str = "sd3", seed: int = 0) -> Path:
+    """Save a randomly initialised tiny model of `family` (``sd3`` or ``sd-unet``) to `out_dir`."""
+    if family == "sd3":
+        return save_model(build_micro(seed), out_dir, {"t5_tokens": T5_TOKENS, "trained": False})
+    if family == "sd-unet":
+        return save_model(build_tiny_sd_unet(seed), out_dir)
+    raise ValueError(f"no tiny build for family {family!r}; choose sd3 or sd-unet")
 
-    from stunning import pretrain
-    from stunning.families import get_family
 
-    # A model this small runs fastest single-threaded on a CPU (thread hand-offs dominate).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        pixels, captions = pretrain.world_images(n_images, seed, RESOLUTION)
-        with tqdm(total=vae_steps, desc="pretrain VAE", unit="step") as bar:
-            mse = pretrain.pretrain_vae(pipe.vae, pixels, vae_steps, gen, progress=lambda _step, _loss: bar.update(1))
-        scale = pretrain.latent_scale(pipe.vae, pixels)
-        pipe.vae.register_to_config(scaling_factor=scale)
-        log.info("VAE pretrained: %d steps, reconstruction MSE %.4f, latent scaling factor %.3f", vae_steps, mse, scale)
-        with tqdm(total=unet_steps, desc="pretrain UNet", unit="step") as bar:
-            loss = pretrain.pretrain_denoiser(
-                get_family("sd-unet"), pipe, pixels, captions, unet_steps, gen,
-                progress=lambda _step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
-            )
-        log.info("UNet + text encoder pretrained: %d steps, final loss %.4f", unet_steps, loss)
-    finally:
-        torch.set_num_threads(threads)
+class EmbeddedModelMissing(FileNotFoundError):
+    """The shipped micro-model weights are not in the installed package."""
+
+
+def install_embedded(out_dir: str | Path, source: Path = SHIPPED) -> Path:
+    """Copy the shipped, trained micro model to `out_dir` (atomically)."""
+    from stunning.io import atomic_dir
+
+    if not (source / "model_index.json").is_file():
+        raise EmbeddedModelMissing(
+            f"the micro model's weights are missing from {source}. They ship with the project; restore them "
+            "with `git checkout -- stunning/assets/micro`, or retrain them (about 40 minutes on a laptop CPU) "
+            "with `python -m stunning.pretrain --out stunning/assets/micro`."
+        )
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    log.info("embedded micro model installed from %s to %s", source, out_dir)
+    return out_dir
 
 
 if __name__ == "__main__":  # pragma: no cover - maintenance entry point

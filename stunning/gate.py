@@ -94,6 +94,11 @@ def candidate_metrics(validation: Any, merge_report: Mapping[str, Any] | None) -
         out[f"style_gain/{style}"] = float(g)
     for style, m in sorted(v.get("style_margin", {}).items()):
         out[f"style_margin/{style}"] = float(m)
+    for style, d in sorted(v.get("adherence_drop", {}).items()):
+        out[f"adherence_drop/{style}"] = float(d)
+    base_adherence = variants.get("base", {}).get("adherence", {}) if variants else {}
+    for attribute, acc in sorted(base_adherence.items()):
+        out[f"base_adherence/{attribute}"] = float(acc)
     if variants:
         out["peak_memory_mb"] = max(float(x.get("peak_memory_mb", math.nan)) for x in variants.values())
         out["latency_s"] = max(float(x.get("latency_s", math.nan)) for x in variants.values())
@@ -136,6 +141,24 @@ def evaluate(
         )
         checks.append(_at_least(f"style_gain/{style}", gain, budgets.min_style_gain, "budgets.min_style_gain", detail))
 
+    # 1b. ... without losing the prompt (oracle adherence on the attributes the style keeps).
+    readable: Mapping[str, list[str]] = v.get("readable_attributes", {})
+    drops: Mapping[str, float] = v.get("adherence_drop", {})
+    if not readable:
+        checks.append(Check("adherence_drop", None, budgets.max_adherence_drop, True,
+                            "not measurable: the validation prompts are not in the embedded world's grammar"))
+    for style in sorted(gains):
+        if style not in readable:
+            continue
+        if style not in drops:
+            checks.append(Check(f"adherence_drop/{style}", None, budgets.max_adherence_drop, True,
+                                f"the oracle cannot read any attribute in {style!r} images; nothing to compare"))
+            continue
+        checks.append(_at_most(
+            f"adherence_drop/{style}", drops[style], budgets.max_adherence_drop, "budgets.max_adherence_drop",
+            f"base minus adapter adherence on {', '.join(readable[style])}",
+        ))
+
     # 2. Resource budgets: the worst variant counts (any of them may be served).
     if variants:
         mem, mem_at = _worst(variants, "peak_memory_mb")
@@ -171,7 +194,7 @@ def evaluate(
             _at_most(
                 "quantized_size_ratio", merge_report.get("size_ratio"), budgets.max_quantized_size_ratio,
                 "budgets.max_quantized_size_ratio",
-                f"int8 {merge_report.get('int8_unet_bytes', '?')} B / fp32 {merge_report.get('fp32_unet_bytes', '?')} B",
+                f"int8 {merge_report.get('int8_denoiser_bytes', '?')} B / fp32 {merge_report.get('fp32_denoiser_bytes', '?')} B",
             )
         )
         checks.append(

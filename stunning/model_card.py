@@ -55,7 +55,7 @@ def base_model_id(params: Params) -> str:
     """A readable id of the base model: a Hub id when the path is a Hugging Face cache
     snapshot (`models--org--name/snapshots/<rev>`), else the embedded model's name or the path."""
     if params.base.source == "embedded":
-        return "stunning-engine/embedded-tiny"
+        return "stunning-engine/embedded-micro"
     for part in Path(params.base.path).parts:
         m = re.fullmatch(r"models--([^/]+?)--(.+)", part)
         if m:
@@ -243,6 +243,15 @@ def _validation_section(
     return lines + [""]
 
 
+def _extra_call_args(params: Params) -> str:
+    """Call arguments the base model needs beyond the stock defaults (the micro model has no T5)."""
+    if params.base.source == "embedded":
+        from stunning.embedded import T5_TOKENS
+
+        return f", max_sequence_length={T5_TOKENS}"
+    return ""
+
+
 def _usage_section(params: Params) -> list[str]:
     styles = list(params.data.styles)
     prompt = params.train.sample_prompt
@@ -254,7 +263,7 @@ def _usage_section(params: Params) -> list[str]:
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{params.base.path}", torch_dtype=torch.float32)',
         f'pipe.load_lora_weights("adapters/{styles[0]}", adapter_name="{styles[0]}")',
-        f'image = pipe("{prompt}", num_inference_steps={v.steps}, guidance_scale={v.guidance_scale:g}).images[0]',
+        f'image = pipe("{prompt}", num_inference_steps={v.steps}, guidance_scale={v.guidance_scale:g}{_extra_call_args(params)}).images[0]',
         'image.save("out.png")',
         "```",
     ]

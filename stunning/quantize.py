@@ -172,8 +172,11 @@ def load_quantized(fused_pipeline_dir: str | Path, quantized_dir: str | Path, de
     from diffusers import DiffusionPipeline
 
     model, component = load_quantized_denoiser(quantized_dir, device)
+    from stunning.families import absent_components
+
     pipe = DiffusionPipeline.from_pretrained(
-        str(fused_pipeline_dir), local_files_only=True, dtype=torch.float32, **{component: model}
+        str(fused_pipeline_dir), local_files_only=True, dtype=torch.float32,
+        **{**absent_components(Path(fused_pipeline_dir)), component: model},
     )
     pipe.set_progress_bar_config(disable=True)
     for name, comp in pipe.components.items():
@@ -245,12 +248,12 @@ def measure(
     )
     fid = image_fidelity(fp32.images, int8.images)
     report = {
-        "fp32_unet_bytes": quantize_result.fp32_bytes,
-        "int8_unet_bytes": quantize_result.quantized_bytes,
+        "fp32_denoiser_bytes": quantize_result.fp32_bytes,
+        "int8_denoiser_bytes": quantize_result.quantized_bytes,
         "size_ratio": round(quantize_result.size_ratio, 6),
         "quantized_modules": quantize_result.quantized_modules,
-        "unet_memory_mb_fp32": round(quantize_result.fp32_memory_bytes / 2**20, 3),
-        "unet_memory_mb_int8": round(quantize_result.quantized_memory_bytes / 2**20, 3),
+        "denoiser_memory_mb_fp32": round(quantize_result.fp32_memory_bytes / 2**20, 3),
+        "denoiser_memory_mb_int8": round(quantize_result.quantized_memory_bytes / 2**20, 3),
         "peak_memory_mb_fp32": round(fp32.peak_memory_mb, 2),
         "peak_memory_mb_int8": round(int8.peak_memory_mb, 2),
         "memory_delta_mb_fp32": round(fp32.delta_memory_mb, 2),

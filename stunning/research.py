@@ -120,15 +120,21 @@ def sd15_reference_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-def _embedded_tiny_configs() -> dict[str, dict[str, Any]]:
-    try:
-        from stunning.embedded import tiny_configs
-    except ImportError as exc:  # pragma: no cover - only when the package is incomplete
-        raise ConfigError(f"preset 'embedded-tiny' needs stunning.embedded.tiny_configs ({exc})") from exc
-    return tiny_configs()
+def _embedded_micro_configs() -> dict[str, dict[str, Any]]:
+    """The shipped micro model (SD3 layout), with the class of each component named."""
+    from stunning.embedded import micro_configs
+
+    cfg = micro_configs()
+    clip = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model"}
+    return {
+        "transformer": {"_class_name": "SD3Transformer2DModel", **cfg["transformer"]},
+        "vae": {"_class_name": "AutoencoderKL", **cfg["vae"]},
+        "text_encoder": {**clip, **cfg["text_encoder"]},
+        "text_encoder_2": {**clip, **cfg["text_encoder_2"]},
+    }
 
 
-PRESETS = {"embedded-tiny": _embedded_tiny_configs, "sd15-reference": sd15_reference_configs}
+PRESETS = {"embedded-micro": _embedded_micro_configs, "sd15-reference": sd15_reference_configs}
 
 
 # --------------------------------------------------------------------------- meta instantiation
@@ -424,9 +430,9 @@ def _plan_candidate(research: ResearchConfig, base: BaseModelConfig) -> tuple[li
     """The candidate list, with the base model added (as "base") if no candidate names it."""
     candidates = list(research.candidates)
     if base.source == "embedded":
-        match = next((c for c in candidates if c.preset == "embedded-tiny"), None)
+        match = next((c for c in candidates if c.preset == "embedded-micro"), None)
         if match is None:
-            match = ResearchCandidate(name="embedded-tiny", preset="embedded-tiny")
+            match = ResearchCandidate(name="embedded-micro", preset="embedded-micro")
             candidates.append(match)
     else:
         want = Path(base.path).resolve()

@@ -59,6 +59,7 @@ class VariantResult:
     distance_to_base: float = 0.0
     pixel_mse_to_base: float = 0.0
     blank_images: int = 0
+    adherence: dict[str, float] = field(default_factory=dict)  # oracle accuracy per attribute
 
     @property
     def latency_s(self) -> float:
@@ -76,6 +77,7 @@ class VariantResult:
             "memory_delta_mb": round(self.memory_delta_mb, 2),
             "images": len(self.images),
             "blank_images": self.blank_images,
+            "adherence": {k: round(v, 4) for k, v in self.adherence.items()},
         }
 
 
@@ -91,6 +93,10 @@ class ValidationResult:
     reference_floor: dict[str, float]
     device: str
     seconds: float = 0.0
+    # Prompt adherence (embedded world only): per style, the attributes the style keeps
+    # readable and the adapter's drop in adherence on them relative to the base.
+    adherence_drop: dict[str, float] = field(default_factory=dict)
+    readable_attributes: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``reports/validation.json`` body (numbers only, so `dvc metrics` can diff it)."""
@@ -101,6 +107,8 @@ class ValidationResult:
             "adapters": {s: {k: round(x, 6) for k, x in d.items()} for s, d in self.adapters.items()},
             "reference_images": dict(self.reference_images),
             "reference_floor": {k: round(v, 6) for k, v in self.reference_floor.items()},
+            "adherence_drop": {k: round(v, 4) for k, v in self.adherence_drop.items()},
+            "readable_attributes": dict(self.readable_attributes),
             "images_per_variant": len(self.prompts) * len(self.seeds),
             "seconds": round(self.seconds, 2),
         }
@@ -274,6 +282,8 @@ def validate(
         v.pixel_mse_to_base = float(((_to_array(v.images) - base_px) ** 2).mean())
         v.blank_images = sum(metrics.is_blank(im) for im in v.images)
 
+    drops, readable = _adherence(variants, pairs, styles, data_dir)
+
     gains: dict[str, float] = {}
     margins: dict[str, float] = {}
     adapters: dict[str, dict[str, float]] = {}
@@ -309,7 +319,68 @@ def validate(
         reference_floor=floor,
         device=str(device),
         seconds=time.perf_counter() - t_start,
+        adherence_drop=drops,
+        readable_attributes=readable,
     )
+
+
+# --------------------------------------------------------------------------- adherence
+
+READABLE_ACCURACY = 0.8  # an attribute counts for a style if the oracle reads it this well on the style's data
+
+
+def _adherence(
+    variants: dict[str, VariantResult], pairs: list[tuple[str, int]], styles: list[str], data_dir: str | Path
+) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Prompt adherence by the analytic oracle, when the prompts are in the embedded world's grammar.
+
+    Fills ``VariantResult.adherence`` for every variant and returns, per style, the
+    adapter's adherence drop vs the base and the attributes it is measured on: those the
+    oracle still reads (accuracy >= ``READABLE_ACCURACY``) on the style's own curated images
+    — colour survives an impressionist style but not a monochrome one, and an adapter must
+    not be blamed for what its style removes. For prompts outside the grammar (a user's own
+    world) adherence is not measurable and nothing is returned.
+    """
+    from stunning.data import oracle
+
+    prompts = [p for p, _ in pairs]
+    try:
+        for p in set(prompts):
+            oracle.parse_caption(p)
+    except ValueError:
+        log.info("validation prompts are not in the embedded world's grammar: adherence not measured")
+        return {}, {}
+    for v in variants.values():
+        v.adherence = {k: float(x) for k, x in oracle.adherence(v.images, prompts).items() if k != "n"}
+    attributes = [k for k in variants["base"].adherence]
+    drops: dict[str, float] = {}
+    readable: dict[str, list[str]] = {}
+    for style in styles:
+        ref_images, ref_captions = _references_with_captions(data_dir, style)
+        try:
+            ref_acc = oracle.adherence(ref_images, ref_captions)
+        except ValueError:  # the style's captions are not in the grammar
+            continue
+        keep = [a for a in attributes if ref_acc.get(a, 0.0) >= READABLE_ACCURACY]
+        readable[style] = keep
+        name = f"adapter-{style}"
+        if keep and name in variants:
+            base = float(np.mean([variants["base"].adherence[a] for a in keep]))
+            mine = float(np.mean([variants[name].adherence[a] for a in keep]))
+            drops[style] = base - mine
+    return drops, readable
+
+
+def _references_with_captions(data_dir: str | Path, style: str) -> tuple[list[Image.Image], list[str]]:
+    data_dir = Path(data_dir)
+    images, captions = [], []
+    with (data_dir / MANIFEST).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["style"] == style and row.get("caption"):
+                with Image.open(data_dir / row["path"]) as im:
+                    images.append(im.convert("RGB"))
+                captions.append(row["caption"])
+    return images, captions
 
 
 # --------------------------------------------------------------------------- grid

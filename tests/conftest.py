@@ -1,6 +1,7 @@
 """Shared test set-up: offline, deterministic, and the expensive fixtures built once.
 
-- `tiny_base`: the embedded base model, built once per session (a few seconds).
+- `tiny_base` / `tiny_sd_unet`: randomly initialised tiny models of the two families, built
+  once per session; `micro_base`: the shipped, trained micro model.
 - `project_clone`: the project copied into a temporary git repository with `dvc repro`
   run once (the end-to-end fixture shared by the e2e and flow tests).
 - `prefect_harness`: one session-scoped Prefect test harness (its temporary server takes
@@ -29,9 +30,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from stunning.embedded import build_embedded
+    """A randomly initialised model of the micro model's layout (family `sd3`, the default)."""
+    from stunning.embedded import build_tiny
 
-    return build_embedded(tmp_path_factory.mktemp("base") / "embedded", seed=0)
+    return build_tiny(tmp_path_factory.mktemp("base") / "tiny-sd3", family="sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_unet(tmp_path_factory) -> Path:
+    """A randomly initialised SD-1.5-layout model (family `sd-unet`)."""
+    from stunning.embedded import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("base") / "tiny-sd-unet", family="sd-unet", seed=0)
+
+
+@pytest.fixture(scope="session")
+def micro_base() -> Path:
+    """The shipped, trained micro model (read-only: copy it before changing anything)."""
+    from stunning.embedded import SHIPPED
+
+    if not (SHIPPED / "model_index.json").is_file():
+        pytest.fail(f"the shipped micro model is missing from {SHIPPED}; see stunning/embedded.py")
+    return SHIPPED
 
 
 def project_env() -> dict[str, str]:

@@ -60,13 +60,13 @@ def to_array(images) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+def adapters(tiny_sd_unet, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "impressionist": make_adapter(tiny_base, root / "impressionist", seed=1, r=4, alpha=4.0),
-        "noir": make_adapter(tiny_base, root / "noir", seed=2, r=4, alpha=8.0),
+        "impressionist": make_adapter(tiny_sd_unet, root / "impressionist", seed=1, r=4, alpha=4.0),
+        "noir": make_adapter(tiny_sd_unet, root / "noir", seed=2, r=4, alpha=8.0),
         # different rank, fewer targets and rsLoRA scaling: exercises rank_pattern and scales
-        "sketch": make_adapter(tiny_base, root / "sketch", seed=3, r=2, alpha=3.0, targets=["to_q", "to_k"], rslora=True),
+        "sketch": make_adapter(tiny_sd_unet, root / "sketch", seed=3, r=2, alpha=3.0, targets=["to_q", "to_k"], rslora=True),
     }
 
 
@@ -89,14 +89,14 @@ def test_blend_delta_is_exact_weighted_sum(adapters, tmp_path):
     assert spec["weights"] == weights and spec["name"] == "mix"
 
 
-def test_stock_diffusers_applies_blend_as_weighted_sum(tiny_base, adapters, tmp_path):
+def test_stock_diffusers_applies_blend_as_weighted_sum(tiny_sd_unet, adapters, tmp_path):
     """Against diffusers' own semantics (alpha, rsLoRA, rank_pattern), not our reading of them."""
     weights = {"noir": 0.5, "sketch": 1.5}
     blend_adapters(adapters, weights, tmp_path / "mix")
-    got = stock_delta(tiny_base, tmp_path / "mix")
+    got = stock_delta(tiny_sd_unet, tmp_path / "mix")
     expected: dict[str, torch.Tensor] = {}
     for style, w in weights.items():
-        for k, d in stock_delta(tiny_base, adapters[style]).items():
+        for k, d in stock_delta(tiny_sd_unet, adapters[style]).items():
             expected[k] = expected.get(k, 0) + w * d
     assert got.keys() == expected.keys()
     assert any("to_v" in k for k in got) and any("to_q" in k for k in got)
@@ -104,17 +104,17 @@ def test_stock_diffusers_applies_blend_as_weighted_sum(tiny_base, adapters, tmp_
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0)
 
 
-def test_fused_pipeline_loads_stock_and_matches_base_plus_lora(tiny_base, adapters, tmp_path):
+def test_fused_pipeline_loads_stock_and_matches_base_plus_lora(tiny_sd_unet, adapters, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     blend_adapters(adapters, {"impressionist": 0.5, "noir": 0.5}, tmp_path / "half")
-    fuse(tiny_base, FAMILY, tmp_path / "half", tmp_path / "fused")
+    fuse(tiny_sd_unet, FAMILY, tmp_path / "half", tmp_path / "fused")
     assert (tmp_path / "fused" / "model_index.json").is_file()
 
     fused = StableDiffusionPipeline.from_pretrained(str(tmp_path / "fused"), local_files_only=True)
     fused.set_progress_bar_config(disable=True)
     assert not any("lora" in k for k in fused.unet.state_dict())  # plain weights, no PEFT layers
-    with_lora = FAMILY.load_pipeline(tiny_base, CPU, torch.float32)
+    with_lora = FAMILY.load_pipeline(tiny_sd_unet, CPU, torch.float32)
     base_out = to_array(FAMILY.generate(with_lora, PROMPTS, SEEDS, 4, 4.0))
     with_lora.load_lora_weights(str(tmp_path / "half"))
     lora_out = to_array(FAMILY.generate(with_lora, PROMPTS, SEEDS, 4, 4.0))

@@ -168,7 +168,7 @@ def test_missing_inputs_are_named(tmp_path):
 
 
 def test_example_uses_stock_diffusers_only():
-    source = render_example(Params(), base_model="stunning-engine/embedded-tiny")
+    source = render_example(Params(), base_model="stunning-engine/embedded-micro")
     tree = ast.parse(source)
     imported = set()
     for node in ast.walk(tree):
@@ -177,7 +177,7 @@ def test_example_uses_stock_diffusers_only():
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert "stunning" not in imported
-    assert imported <= {"argparse", "pathlib", "torch", "yaml", "diffusers"}
+    assert imported <= {"argparse", "json", "pathlib", "torch", "yaml", "diffusers"}
     assert "load_lora_weights" in source and "set_adapters" in source
 
 
@@ -227,23 +227,22 @@ def test_example_runs_against_a_real_base_model(tmp_path):
     """example.py loads the embedded base model and real diffusers LoRA files, with no stunning import."""
     pytest.importorskip("stunning.embedded")
     import torch
-    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    from stunning.embedded import build_embedded
+    from stunning.embedded import build_tiny
+    from stunning.families import get_family
 
-    base = build_embedded(tmp_path / "base", seed=0)
+    base = build_tiny(tmp_path / "base", family="sd3", seed=0)  # SD3 without T5, like the micro model
     params = Params.model_validate({"base": {"source": "local", "path": str(base)}})
     adapters, blends, card = make_inputs(tmp_path / "inputs", params)
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    fam = get_family("sd3")
+    pipe = fam.load_pipeline(base, torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
-    pipe.unet.add_adapter(
+    pipe.transformer.add_adapter(
         LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
     )
-    lora = get_peft_model_state_dict(pipe.unet)
     for folder in [adapters / s for s in params.data.styles] + [blends / b.name for b in params.merge.blends]:
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora)
+        fam.save_lora(pipe, folder)
     out = tmp_path / "release"
     build_bundle(out, adapters, blends, card, params)
     # --style takes the same load path as --mix with one adapter; two runs cover both folders.

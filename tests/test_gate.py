@@ -19,7 +19,7 @@ BUDGETS = BudgetsConfig(
     max_quantization_mse=0.01,
     max_regression_vs_champion=0.10,
 )
-MERGE = {"size_ratio": 0.3, "quantization_mse": 1e-5, "quantization_max_abs": 0.004, "fp32_unet_bytes": 100, "int8_unet_bytes": 30}
+MERGE = {"size_ratio": 0.3, "quantization_mse": 1e-5, "quantization_max_abs": 0.004, "fp32_denoiser_bytes": 100, "int8_denoiser_bytes": 30}
 
 
 def variant(latency=0.2, memory=600.0, blank=0):
@@ -120,3 +120,26 @@ def test_candidate_metrics_are_flat_numbers(good):
     assert m["style_gain/impressionist"] == 0.3 and m["style_margin/noir"] == 0.1
     assert m["latency_s"] == 0.2 and m["blank_images"] == 0
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_adherence_drop_is_checked_only_on_attributes_the_style_keeps(good):
+    good["readable_attributes"] = {"impressionist": ["colour", "garment"], "noir": []}
+    good["adherence_drop"] = {"impressionist": 0.05}
+    rep = evaluate(good, MERGE, BUDGETS)
+    assert rep.passed
+    check = next(c for c in rep.checks if c.name == "adherence_drop/impressionist")
+    assert check.value == 0.05 and check.threshold == BUDGETS.max_adherence_drop and "colour, garment" in check.detail
+    noir = next(c for c in rep.checks if c.name == "adherence_drop/noir")  # nothing readable in noir
+    assert noir.passed and noir.value is None and "cannot read" in noir.detail
+    assert rep.metrics["adherence_drop/impressionist"] == 0.05
+
+    good["adherence_drop"]["impressionist"] = 0.3  # the adapter forgets the prompt
+    rep = evaluate(good, MERGE, BUDGETS)
+    assert not rep.passed and failed_names(rep) == {"adherence_drop/impressionist"}
+    assert any(r.startswith("adherence_drop/impressionist = 0.3") for r in rep.reasons)
+
+
+def test_adherence_is_reported_as_not_measurable_for_free_form_prompts(good):
+    rep = evaluate(good, MERGE, BUDGETS)  # no readable_attributes: prompts outside the world's grammar
+    check = next(c for c in rep.checks if c.name == "adherence_drop")
+    assert check.passed and "not measurable" in check.detail

@@ -54,11 +54,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base):
+def trained(tmp_path_factory, tiny_sd_unet):
     root = tmp_path_factory.mktemp("roundtrip")
     cfg = TrainConfig(steps=10, batch_size=4, learning_rate=1e-2, checkpoint_every=10)
     summary = train_style(
-        tiny_base,
+        tiny_sd_unet,
         "sd-unet",
         make_curated(root / "curated"),
         "noir",
@@ -108,10 +108,10 @@ def test_adapter_file_is_in_the_diffusers_layout(trained):
     assert (trained["adapter"] / "train_config.yaml").is_file()
 
 
-def test_stock_diffusers_loads_the_adapter_and_it_changes_the_images(trained, tiny_base):
+def test_stock_diffusers_loads_the_adapter_and_it_changes_the_images(trained, tiny_sd_unet):
     prompt = sample_prompt(trained["cfg"], "noir")
-    base_imgs = _stock_images(tiny_base, None, prompt)
-    lora_imgs = _stock_images(tiny_base, trained["adapter"], prompt)
+    base_imgs = _stock_images(tiny_sd_unet, None, prompt)
+    lora_imgs = _stock_images(tiny_sd_unet, trained["adapter"], prompt)
     assert lora_imgs.shape == (len(SEEDS), 32, 32, 3) and np.isfinite(lora_imgs).all()
     assert np.abs(lora_imgs - base_imgs).mean() > 2 / 255
 

@@ -224,10 +224,10 @@ def test_unknown_preset():
         rs.candidate_components(ResearchCandidate(name="x", preset="sdxl-nope"))
 
 
-def test_embedded_tiny_preset():
+def test_embedded_micro_preset():
     pytest.importorskip("stunning.embedded")
-    cand = rs.size_candidate(ResearchCandidate(name="tiny", preset="embedded-tiny"), lora_rank=4)
-    assert set(cand["components"]) == {"unet", "vae", "text_encoder"}
+    cand = rs.size_candidate(ResearchCandidate(name="tiny", preset="embedded-micro"), lora_rank=4)
+    assert set(cand["components"]) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert 0 < cand["total_params"] < 10_000_000
     assert cand["lora"]["params"] > 0
 

@@ -28,7 +28,7 @@ def _make_adapters(base: Path, out: Path) -> dict[str, Path]:
 
     from stunning.families import get_family
 
-    family = get_family("sd-unet")
+    family = get_family("sd3")
     pipe = family.load_pipeline(base, torch.device("cpu"), torch.float32)
     folders = {
         "impressionist": out / "adapters/impressionist",
@@ -36,7 +36,7 @@ def _make_adapters(base: Path, out: Path) -> dict[str, Path]:
         "half-half": out / "blends/half-half",
     }
     for seed, folder in enumerate(folders.values()):
-        pipe.unet.add_adapter(
+        pipe.transformer.add_adapter(
             peft.LoraConfig(
                 r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"
             )
@@ -44,11 +44,11 @@ def _make_adapters(base: Path, out: Path) -> dict[str, Path]:
         # PEFT starts lora_B at zero (a no-op adapter); give it weights so a style shows.
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for name, param in pipe.unet.named_parameters():
+            for name, param in pipe.transformer.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
         family.save_lora(pipe, folder)
-        pipe.unet.delete_adapters(["default"])
+        pipe.transformer.delete_adapters(["default"])
     return {"adapters": out / "adapters", "blends": out / "blends"}
 
 
@@ -60,7 +60,7 @@ def champion(tmp_path_factory, tiny_base) -> Path:
     root = tmp_path_factory.mktemp("serve")
     dirs = _make_adapters(tiny_base, root / "candidate")
     gate = {"passed": True, "checks": [], "reasons": [], "candidate": {}}
-    result = register_candidate(RegistryConfig(model_name=MODEL), gate, dirs, tiny_base, "sd-unet", {}, root=root)
+    result = register_candidate(RegistryConfig(model_name=MODEL), gate, dirs, tiny_base, "sd3", {}, root=root)
     assert result["promoted"] and result["version"] == 1
     return root
 
@@ -173,7 +173,7 @@ def test_champion_whose_external_base_is_gone_answers_503(champion, tiny_base, t
     dirs = {"adapters": champion / "candidate/adapters"}
     cfg = RegistryConfig(model_name="serve-external")
     gate = {"passed": True, "checks": [], "reasons": []}
-    register_candidate(cfg, gate, dirs, base, "sd-unet", {}, root=champion, base_copy_limit_mb=0)
+    register_candidate(cfg, gate, dirs, base, "sd3", {}, root=champion, base_copy_limit_mb=0)
     shutil.rmtree(base)
     with TestClient(create_app(None, cfg, root=champion, device="cpu")) as c:
         r = c.get("/health")

@@ -145,13 +145,13 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_base, curated)
 
     cfg = tiny_cfg(steps=12, learning_rate=1e-2, batch_size=4)
     summary = train_style(
-        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "out", None, None, "cpu", sample_seeds=()
+        tiny_base, "sd3", curated, "noir", cfg, tmp_path / "out", None, None, "cpu", sample_seeds=()
     )
     assert summary["steps"] == 12 and len(summary["loss_history"]) == 12
     assert summary["val_loss"] < summary["base_val_loss"]
 
     # The same objective, the same noise, on the train images: base vs base + saved adapter.
-    fam = get_family("sd-unet")
+    fam = get_family("sd3")
     pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
     latents, cond = encode_dataset(fam, pipe, CuratedDataset(curated, "noir"), cfg.seed)
     sched = fam.noise_scheduler(pipe)
@@ -174,7 +174,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curate
     # every piece of optimizer state must come back from the checkpoint.
     cfg = tiny_cfg(gradient_accumulation=2, dropout=0.1)
     straight = train_style(
-        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu", sample_seeds=()
+        tiny_base, "sd3", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu", sample_seeds=()
     )
 
     def crash_after_6(step, loss):
@@ -185,7 +185,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curate
     with pytest.raises(Crash):
         train_style(
             tiny_base,
-            "sd-unet",
+            "sd3",
             curated,
             "noir",
             cfg,
@@ -202,7 +202,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curate
     assert [p.name for _, p in CheckpointStore(fp_dir, 2).steps()] == ["step-4"]
 
     resumed = train_style(
-        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu", sample_seeds=()
+        tiny_base, "sd3", curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu", sample_seeds=()
     )
     assert resumed["resumed_from_step"] == 4
     assert resumed["fingerprint"] == straight["fingerprint"]
@@ -218,7 +218,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curate
 def test_checkpoints_are_pruned_and_a_finished_run_is_reused(tmp_path, tiny_base, curated):
     cfg = tiny_cfg(steps=6, checkpoint_every=2, keep_checkpoints=2)
     first = train_style(
-        tiny_base, "sd-unet", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck", "cpu", sample_seeds=()
+        tiny_base, "sd3", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck", "cpu", sample_seeds=()
     )
     store = CheckpointStore.for_run(tmp_path / "ck", "noir", first["fingerprint"], 2)
     assert [s for s, _ in store.steps()] == [4, 6]
@@ -235,7 +235,7 @@ def test_checkpoints_are_pruned_and_a_finished_run_is_reused(tmp_path, tiny_base
     bookkeeping = cfg.model_copy(update={"keep_checkpoints": 3, "sample_prompt": "a blue hat"})
     again = train_style(
         tiny_base,
-        "sd-unet",
+        "sd3",
         curated,
         "noir",
         bookkeeping,
@@ -257,7 +257,7 @@ def test_checkpoints_are_pruned_and_a_finished_run_is_reused(tmp_path, tiny_base
     # A changed config has another fingerprint: a fresh run, not a resume.
     changed = train_style(
         tiny_base,
-        "sd-unet",
+        "sd3",
         curated,
         "noir",
         cfg.model_copy(update={"learning_rate": 1e-3}),
@@ -289,7 +289,7 @@ def test_fingerprint_tracks_config_base_and_data(tmp_path, tiny_base, curated):
     mine.write_bytes(mine.read_bytes() + b"\0")
     changed_data = fp()
     assert changed_data != ref
-    cfg_file = base / "unet" / "config.json"
+    cfg_file = base / "transformer" / "config.json"
     unet_cfg = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**unet_cfg, "sample_size": 16}))
     assert fp() != changed_data
@@ -302,7 +302,7 @@ def test_tracker_gets_params_losses_throughput_memory_and_artifacts(tmp_path, mo
     torch.set_num_threads(2)  # the trainer lowers it for the tiny model, then restores it
     summary = train_style(
         tiny_base,
-        "sd-unet",
+        "sd3",
         curated,
         "impressionist",
         cfg,
@@ -336,7 +336,7 @@ def test_tracker_gets_params_losses_throughput_memory_and_artifacts(tmp_path, mo
     # Sampling during training does not disturb it: the same losses without it.
     quiet = train_style(
         tiny_base,
-        "sd-unet",
+        "sd3",
         curated,
         "impressionist",
         cfg.model_copy(update={"sample_every": 0}),
@@ -354,7 +354,7 @@ def test_small_models_train_single_threaded_on_cpu(monkeypatch, tiny_base):
     from stunning.training.lora import cpu_threads_for
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    unet = get_family("sd-unet").load_pipeline(tiny_base, torch.device("cpu"), torch.float32).unet
+    unet = get_family("sd3").load_pipeline(tiny_base, torch.device("cpu"), torch.float32).transformer
     assert cpu_threads_for(unet, torch.device("cpu")) == 1
     assert cpu_threads_for(unet, torch.device("cuda")) is None
     big = torch.nn.Linear(5000, 5000)  # 25M parameters

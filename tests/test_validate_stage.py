@@ -14,7 +14,7 @@ from PIL import Image
 
 from stunning.families import get_family
 
-FAMILY = get_family("sd-unet")
+FAMILY = get_family("sd3")
 STYLES = ("impressionist", "noir")
 
 
@@ -22,11 +22,11 @@ def make_adapter(base: Path, out: Path, seed: int) -> None:
     import peft
 
     pipe = FAMILY.load_pipeline(base, torch.device("cpu"), torch.float32)
-    pipe.unet.add_adapter(
+    pipe.transformer.add_adapter(
         peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
     )
     g = torch.Generator().manual_seed(seed)
-    for name, p in pipe.unet.named_parameters():
+    for name, p in pipe.transformer.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.2
     FAMILY.save_lora(pipe, out)
@@ -99,7 +99,7 @@ def test_merge_stage_outputs(project):
     assert (merged / "fused" / "model_index.json").is_file()
     assert (merged / "quantized" / "quantization_map.json").is_file()
     rep = json.loads((project / "reports" / "merge.json").read_text())
-    for key in ("fp32_unet_bytes", "int8_unet_bytes", "size_ratio", "peak_memory_mb_fp32", "peak_memory_mb_int8",
+    for key in ("fp32_denoiser_bytes", "int8_denoiser_bytes", "size_ratio", "peak_memory_mb_fp32", "peak_memory_mb_int8",
                 "quantization_mse", "quantization_max_abs", "seconds"):
         assert isinstance(rep[key], int | float), key
     assert rep["size_ratio"] < 1 and rep["blends"]["half-half"]["rank"] == 8

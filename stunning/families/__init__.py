@@ -50,6 +50,60 @@ class Family(Protocol):
     ) -> list[Image.Image]: ...
 
 
+def check_model_dir(path: Path, required: tuple[str, ...] | list[str]) -> None:
+    """Raise :class:`ModelNotFoundError` naming what is missing in a diffusers folder and how to get it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    hint = (
+        "Set base.path in params.yaml to a local diffusers folder (one saved with "
+        "`save_pretrained`, or a snapshot folder in your Hugging Face cache), or set "
+        "base.source: embedded to use the project's micro model (`dvc repro base_model`)."
+    )
+    if not path.is_dir():
+        raise ModelNotFoundError(f"base model folder {path} does not exist. {hint}")
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{path}/model_index.json is missing: {path} is not a diffusers folder. {hint}")
+    index = json.loads((path / "model_index.json").read_text())
+    missing = [c for c in required if c not in index or not (path / c).is_dir()]
+    if missing:
+        raise ModelNotFoundError(f"{path} lacks the component folder(s) {missing}. {hint}")
+
+
+def complete_model_index(folder: Path, pipeline_class) -> None:
+    """Record absent optional components (e.g. SD3 without T5) as ``[null, null]`` in model_index.json.
+
+    `save_pretrained` leaves components that are ``None`` out of the index, and the stock
+    `from_pretrained` then refuses the folder unless the caller passes them; with explicit
+    nulls it loads them as ``None`` by itself.
+    """
+    import inspect
+    import json
+    from pathlib import Path
+
+    index_file = Path(folder) / "model_index.json"
+    index = json.loads(index_file.read_text())
+    expected = [p for p in inspect.signature(pipeline_class.__init__).parameters if p != "self"]
+    missing = [name for name in expected if name not in index]
+    if missing:
+        index.update({name: [None, None] for name in missing})
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """``{name: None}`` for components model_index.json records as null (pass them to `from_pretrained`).
+
+    Stock diffusers needs absent non-optional components named explicitly, as in
+    ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+    """
+    import json
+    from pathlib import Path
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
+
+
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -73,4 +127,4 @@ def available() -> list[str]:
 
 def _load_builtin() -> None:
     # Importing a family module registers it; imports stay lazy so `stunning` starts fast.
-    from stunning.families import sd_unet  # noqa: F401
+    from stunning.families import sd3, sd_unet  # noqa: F401

@@ -10,14 +10,14 @@ stock `pipe.load_lora_weights(dir)` loads them without this project.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stunning.families import ModelNotFoundError, register
+from stunning.families import ModelNotFoundError, register  # noqa: F401 (re-exported)
+from stunning.families import check_model_dir as _check
 
 log = logging.getLogger(__name__)
 
@@ -26,27 +26,25 @@ REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 def check_model_dir(path: Path) -> None:
     """Raise :class:`ModelNotFoundError` naming what is missing and how to get it."""
-    path = Path(path)
-    hint = (
-        "Set base.path in params.yaml to a local diffusers folder (one saved with "
-        "`save_pretrained`, or a snapshot folder in your Hugging Face cache), or set "
-        "base.source: embedded to build the project's tiny model with `dvc repro base_model`."
-    )
-    if not path.is_dir():
-        raise ModelNotFoundError(f"base model folder {path} does not exist. {hint}")
-    if not (path / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{path}/model_index.json is missing: {path} is not a diffusers folder. {hint}")
-    index = json.loads((path / "model_index.json").read_text())
-    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
-    if missing:
-        raise ModelNotFoundError(f"{path} lacks the component folder(s) {missing}. {hint}")
+    _check(Path(path), REQUIRED_COMPONENTS)
 
 
 class SDUNetFamily:
     """The `sd-unet` family (Stable Diffusion 1.5/2.x layout)."""
 
     name = "sd-unet"
+    required_components = REQUIRED_COMPONENTS
+    lora_component = "unet"
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    block_pattern = "blocks.{i}."
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def frozen_modules(self, pipe):
+        return [pipe.unet, pipe.vae, pipe.text_encoder]
 
     def load_pipeline(self, path, device, dtype):
         from diffusers import StableDiffusionPipeline
@@ -104,23 +102,30 @@ class SDUNetFamily:
         pred = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred.float(), target.float())
 
-    def save_lora(self, pipe, out_dir, metadata=None):
-        """Save the UNet's active PEFT adapter in the diffusers LoRA layout."""
-        from diffusers import StableDiffusionPipeline
+    def lora_layers(self, pipe) -> dict[str, dict[str, torch.Tensor]]:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        return {"unet": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}}
+
+    def save_lora(self, pipe, out_dir, metadata=None):
+        """Save the UNet's active PEFT adapter in the diffusers LoRA layout."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         lora_config = pipe.unet.peft_config[pipe.unet.active_adapters()[0]]
-        StableDiffusionPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers={k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()},
-            safe_serialization=True,
-            unet_lora_adapter_metadata=lora_config.to_dict(),
-        )
+        self.save_lora_layers(out_dir, self.lora_layers(pipe), {"unet": lora_config.to_dict()})
         return out_dir / "pytorch_lora_weights.safetensors"
+
+    def save_lora_layers(self, out_dir, layers: dict, configs: dict) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        unknown = sorted(set(layers) - {"unet", "text_encoder"})
+        if unknown:
+            raise ValueError(f"SD 1.x/2.x LoRA files hold unet/text_encoder layers, not {unknown}")
+        kwargs = {f"{c}_lora_layers": v for c, v in layers.items()}
+        kwargs.update({f"{c}_lora_adapter_metadata": v for c, v in configs.items()})
+        StableDiffusionPipeline.save_lora_weights(Path(out_dir), safe_serialization=True, **kwargs)
 
     @torch.no_grad()
     def generate(self, pipe, prompts, seeds, steps, guidance_scale):

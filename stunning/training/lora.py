@@ -375,20 +375,20 @@ def _train(
     if threads is not None:
         log.info("small denoiser on the CPU: using %d intra-op thread(s)", threads)
         torch.set_num_threads(threads)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in fam.frozen_modules(pipe):
         module.requires_grad_(False)
     scheduler = fam.noise_scheduler(pipe)
 
     latents, cond = encode_dataset(fam, pipe, train_set, cfg.seed)
     val_latents, val_cond = encode_dataset(fam, pipe, val_set, cfg.seed + 1) if len(val_set) else (None, None)
 
-    unet = fam.denoiser(pipe)
+    denoiser = fam.denoiser(pipe)
     # The adapter's gaussian init draws from the global RNG: seed it so runs are repeatable.
     torch.manual_seed(cfg.seed)
-    unet.add_adapter(lora_config(cfg))
+    denoiser.add_adapter(lora_config(cfg))
     # Trainable parameters stay float32 even when the frozen weights are half precision.
-    cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    cast_training_params(denoiser, dtype=torch.float32)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
 
     loop_gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -397,7 +397,7 @@ def _train(
     start_step = 0
     ckpt = store.latest() if store else None
     if ckpt is not None:
-        load_trainable_state(unet, ckpt.lora)
+        load_trainable_state(denoiser, ckpt.lora)
         optimizer.load_state_dict(ckpt.optimizer["optimizer"])
         _set_rng_state(ckpt.rng, loop_gen, noise_gen, dev)
         history = list(ckpt.loss_history)
@@ -419,7 +419,7 @@ def _train(
         accelerator.scaler.load_state_dict(ckpt.optimizer["scaler"])
     optimizer = accelerator.prepare(optimizer)
 
-    unet.train()
+    denoiser.train()
     pending: list[tuple[int, float]] = []
     bar = tqdm(
         total=cfg.steps,
@@ -434,7 +434,7 @@ def _train(
             micro = []
             for _ in range(cfg.gradient_accumulation):
                 idx = sample_indices(latents.shape[0], cfg.batch_size, loop_gen).to(latents.device)
-                with accelerator.accumulate(unet):
+                with accelerator.accumulate(denoiser):
                     with accelerator.autocast():
                         loss = fam.training_loss(pipe, latents[idx], cond[idx], noise_gen, scheduler=scheduler)
                     accelerator.backward(loss)
@@ -456,7 +456,7 @@ def _train(
                 opt_state = {"optimizer": optimizer.state_dict()}
                 if accelerator.scaler is not None:
                     opt_state["scaler"] = accelerator.scaler.state_dict()
-                store.save(step, trainable_state(unet), opt_state, _rng_state(loop_gen, noise_gen, dev), history)
+                store.save(step, trainable_state(denoiser), opt_state, _rng_state(loop_gen, noise_gen, dev), history)
                 # Metrics are flushed with each checkpoint: per-step database writes would
                 # slow the loop, and a crashed run still shows its curve up to here.
                 _flush(tracker, pending)
@@ -467,15 +467,15 @@ def _train(
         _flush(tracker, pending)
     loop_s = time.perf_counter() - t0
 
-    unet.eval()
+    denoiser.eval()
     val_loss = base_val_loss = None
     if val_latents is not None:
         val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, cfg.batch_size)
-        unet.disable_adapters()
+        denoiser.disable_adapters()
         try:
             base_val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, cfg.batch_size)
         finally:
-            unet.enable_adapters()
+            denoiser.enable_adapters()
     accelerator.free_memory()
     return pipe, history, start_step, loop_s, val_loss, base_val_loss
 
@@ -492,14 +492,14 @@ def _log_intermediate_samples(fam, pipe, cfg: TrainConfig, style: str, step: int
     Generation uses its own seeded generators; the global RNG (LoRA dropout) is forked so
     that a run with samples trains exactly like one without.
     """
-    unet = fam.denoiser(pipe)
+    denoiser = fam.denoiser(pipe)
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), tempfile.TemporaryDirectory(prefix=f"samples-{style}-") as tmp:
-        unet.eval()
+        denoiser.eval()
         try:
             folder = _write_samples(fam, pipe, cfg, style, tmp, SAMPLE_SEEDS)
         finally:
-            unet.train()
+            denoiser.train()
         tracker.log_artifact(folder, f"samples/step-{step}")
 
 
