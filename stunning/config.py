@@ -99,7 +99,15 @@ class TrainConfig(_Section):
     alpha: float = 4.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Block-wise selection: only modules under these path prefixes of the denoiser, e.g.
+    # ["transformer_blocks.0", "transformer_blocks.5"] (sd3) or ["up_blocks.1"] (sd-unet).
+    # Empty: every block.
+    target_blocks: list[str] = Field(default_factory=list)
+    trigger_words: list[str] = Field(default_factory=list)  # recorded in the adapter's metadata
     learning_rate: float = Field(1e-3, gt=0)
+    # diffusers.optimization schedules: constant, constant_with_warmup, linear, cosine, ...
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
     steps: int = Field(150, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
@@ -128,14 +136,19 @@ class ValidateConfig(_Section):
     prompts: list[str] = Field(
         default_factory=lambda: [
             "a red dress on a white background",
-            "a blue hat on a grey background",
-            "a green bag on a black background",
-            "a yellow shirt on a white background",
+            "a blue hat on a grey background, on the left",
+            "a black bag on a beige background",
+            "a green dress on a beige background",
+            "a purple hat on a white background, on the right",
+            "a pair of yellow trousers on a black background",
         ]
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
-    steps: int = 12
+    steps: int = Field(16, ge=1)
     guidance_scale: float = 4.0
+    # The family's sampler: for sd3 one of euler, euler-ancestral, dpm++ (families/sd3.py);
+    # "default" keeps the scheduler saved with the model.
+    sampler: str = "default"
 
 
 class BudgetsConfig(_Section):

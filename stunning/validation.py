@@ -245,6 +245,15 @@ def validate(
 
     def run(pipe, name, kind, source):
         say(name)
+        if cfg.sampler != "default":
+            if not hasattr(family, "set_sampler"):
+                raise ValidationInputError(
+                    f"validate.sampler={cfg.sampler!r}: the {family.name} family has no sampler choice; use default."
+                )
+            try:
+                family.set_sampler(pipe, cfg.sampler)
+            except ValueError as exc:
+                raise ValidationInputError(f"validate.sampler: {exc}") from None
         variants[name] = _generate_variant(
             family, pipe, name, kind, source, pairs, cfg.steps, cfg.guidance_scale, device
         )

@@ -95,3 +95,28 @@ def test_missing_model_names_the_folder_and_the_fix(name, tmp_path):
     (tmp_path / "half" / "model_index.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="lacks the component"):
         fam.load_pipeline(tmp_path / "half", torch.device("cpu"), torch.float32)
+
+
+def test_block_wise_targets_and_adapter_metadata(tiny_base, tmp_path, one_torch_thread):
+    import json
+
+    from safetensors import safe_open
+
+    from stunning.config import TrainConfig
+    from stunning.training.lora import lora_config
+
+    fam = get_family("sd3")
+    pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    cfg = TrainConfig(target_modules=["to_q", "to_v"], target_blocks=["transformer_blocks.1"], trigger_words=["sks"])
+    pipe.transformer.add_adapter(lora_config(cfg))
+    adapted = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A" in n}
+    assert adapted == {"transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.to_v"}
+
+    path = fam.save_lora(pipe, tmp_path / "lora", metadata={"rank": 4, "trigger_words": ["sks"], "base_model": "micro"})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["stunning.rank"] == "4" and json.loads(meta["stunning.trigger_words"]) == ["sks"]
+    assert meta["stunning.base_model"] == "micro"
+    assert "lora_adapter_metadata" in meta  # diffusers' own entry (the LoraConfig) is kept
+    stock = fam.pipeline_class().from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
+    stock.load_lora_weights(str(tmp_path / "lora"))  # still a plain diffusers LoRA file

@@ -170,9 +170,9 @@ class Crash(RuntimeError):
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curated):
-    # Gradient accumulation and LoRA dropout included: every source of randomness and
-    # every piece of optimizer state must come back from the checkpoint.
-    cfg = tiny_cfg(gradient_accumulation=2, dropout=0.1)
+    # Gradient accumulation, LoRA dropout and a warm-up + cosine schedule included: every
+    # source of randomness and every piece of optimizer/scheduler state must come back.
+    cfg = tiny_cfg(gradient_accumulation=2, dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=3)
     straight = train_style(
         tiny_base, "sd3", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu", sample_seeds=()
     )

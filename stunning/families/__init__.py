@@ -104,6 +104,37 @@ def absent_components(folder: Path) -> dict[str, None]:
     return {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
 
 
+METADATA_PREFIX = "stunning."
+
+
+def write_lora_metadata(lora_file: Path, metadata: dict[str, object]) -> None:
+    """Add ``stunning.<key>`` entries to a LoRA safetensors file's metadata (rewritten atomically).
+
+    Tools that list adapters (ComfyUI, webui, `safetensors` itself) show this header without
+    loading the tensors: base model, rank, alpha, trigger words, training hash.
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    lora_file = Path(lora_file)
+    with safe_open(str(lora_file), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    header.update({f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json_dumps(v) for k, v in metadata.items()})
+    tmp = lora_file.with_name(lora_file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, lora_file)
+
+
+def json_dumps(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
 _REGISTRY: dict[str, Family] = {}
 
 

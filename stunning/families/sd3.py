@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import ModelNotFoundError, absent_components, check_model_dir, register
+from stunning.families import ModelNotFoundError, absent_components, check_model_dir, register, write_lora_metadata
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,10 @@ class SD3Family:
         out_dir.mkdir(parents=True, exist_ok=True)
         lora_config = pipe.transformer.peft_config[pipe.transformer.active_adapters()[0]]
         self.save_lora_layers(out_dir, self.lora_layers(pipe), {"transformer": lora_config.to_dict()})
-        return out_dir / "pytorch_lora_weights.safetensors"
+        path = out_dir / "pytorch_lora_weights.safetensors"
+        if metadata:
+            write_lora_metadata(path, metadata)
+        return path
 
     def save_lora_layers(self, out_dir, layers: dict, configs: dict) -> None:
         from diffusers import StableDiffusion3Pipeline

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import ModelNotFoundError, register  # noqa: F401 (re-exported)
+from stunning.families import ModelNotFoundError, register, write_lora_metadata  # noqa: F401 (re-exported)
 from stunning.families import check_model_dir as _check
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,10 @@ class SDUNetFamily:
         out_dir.mkdir(parents=True, exist_ok=True)
         lora_config = pipe.unet.peft_config[pipe.unet.active_adapters()[0]]
         self.save_lora_layers(out_dir, self.lora_layers(pipe), {"unet": lora_config.to_dict()})
-        return out_dir / "pytorch_lora_weights.safetensors"
+        path = out_dir / "pytorch_lora_weights.safetensors"
+        if metadata:
+            write_lora_metadata(path, metadata)
+        return path
 
     def save_lora_layers(self, out_dir, layers: dict, configs: dict) -> None:
         from diffusers import StableDiffusionPipeline

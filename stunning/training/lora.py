@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -87,6 +88,16 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 # --------------------------------------------------------------------------- adapter helpers
 
 
+def target_modules(cfg: TrainConfig) -> list[str] | str:
+    """PEFT `target_modules`: the module names, or with `target_blocks` a regex restricting them
+    to those blocks (PEFT full-matches a string against each module path)."""
+    if not cfg.target_blocks:
+        return list(cfg.target_modules)
+    blocks = "|".join(re.escape(b.strip(".")) for b in cfg.target_blocks)
+    names = "|".join(re.escape(t) for t in cfg.target_modules)
+    return rf"(.*\.)?({blocks})\.(.*\.)?({names})"
+
+
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
@@ -94,7 +105,7 @@ def lora_config(cfg: TrainConfig):
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=target_modules(cfg),
         init_lora_weights="gaussian",
     )
 
@@ -290,7 +301,18 @@ def train_style(
 
         adapter_dir = out_dir / style
         with atomic_dir(adapter_dir) as tmp:
-            fam.save_lora(pipe, tmp, metadata={"style": style, "fingerprint": fp})
+            fam.save_lora(pipe, tmp, metadata={
+                "style": style,
+                "training_hash": fp,
+                "base_model": str(base_path),
+                "family": fam.name,
+                "rank": cfg.rank,
+                "alpha": cfg.alpha,
+                "target_modules": cfg.target_modules,
+                "target_blocks": cfg.target_blocks,
+                "trigger_words": cfg.trigger_words,
+                "steps": cfg.steps,
+            })
             dump_resolved(cfg, tmp / "train_config.yaml")
         adapter_file = adapter_dir / "pytorch_lora_weights.safetensors"
 
@@ -390,6 +412,11 @@ def _train(
     cast_training_params(denoiser, dtype=torch.float32)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    from diffusers.optimization import get_scheduler
+
+    lr_schedule = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
+    )
 
     loop_gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -399,6 +426,8 @@ def _train(
     if ckpt is not None:
         load_trainable_state(denoiser, ckpt.lora)
         optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        if "lr_scheduler" in ckpt.optimizer:
+            lr_schedule.load_state_dict(ckpt.optimizer["lr_scheduler"])
         _set_rng_state(ckpt.rng, loop_gen, noise_gen, dev)
         history = list(ckpt.loss_history)
         start_step = min(ckpt.step, cfg.steps)
@@ -442,6 +471,8 @@ def _train(
                         accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    lr_schedule.step()
                 micro.append(loss.detach().float().item())
             step_loss = sum(micro) / len(micro)
             history.append(step_loss)
@@ -453,7 +484,7 @@ def _train(
                 _log_intermediate_samples(fam, pipe, cfg, style, step, dev, tracker)
                 t0 += time.perf_counter() - t_sample  # sampling is not training throughput
             if store is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                opt_state = {"optimizer": optimizer.state_dict()}
+                opt_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict()}
                 if accelerator.scaler is not None:
                     opt_state["scaler"] = accelerator.scaler.state_dict()
                 store.save(step, trainable_state(denoiser), opt_state, _rng_state(loop_gen, noise_gen, dev), history)
