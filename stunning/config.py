@@ -111,6 +111,9 @@ class TrainConfig(_Section):
     steps: int = Field(150, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # keep and save an exponential moving average of the adapter
+    caption_dropout: float = Field(0.0, ge=0, lt=1)  # share of steps' captions replaced by the empty prompt
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     sample_every: int = Field(0, ge=0)  # 0: only at the end

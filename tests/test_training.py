@@ -172,7 +172,8 @@ class Crash(RuntimeError):
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_base, curated):
     # Gradient accumulation, LoRA dropout and a warm-up + cosine schedule included: every
     # source of randomness and every piece of optimizer/scheduler state must come back.
-    cfg = tiny_cfg(gradient_accumulation=2, dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=3)
+    cfg = tiny_cfg(gradient_accumulation=2, dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=3, ema_decay=0.9,
+                   caption_dropout=0.3, gradient_checkpointing=True)
     straight = train_style(
         tiny_base, "sd3", curated, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu", sample_seeds=()
     )

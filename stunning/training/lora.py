@@ -404,7 +404,12 @@ def _train(
     latents, cond = encode_dataset(fam, pipe, train_set, cfg.seed)
     val_latents, val_cond = encode_dataset(fam, pipe, val_set, cfg.seed + 1) if len(val_set) else (None, None)
 
+    # The empty prompt's conditioning, for caption dropout (and so for guidance-free style).
+    empty_cond = fam.encode_prompts(pipe, [""]) if cfg.caption_dropout else None
+
     denoiser = fam.denoiser(pipe)
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
     # The adapter's gaussian init draws from the global RNG: seed it so runs are repeatable.
     torch.manual_seed(cfg.seed)
     denoiser.add_adapter(lora_config(cfg))
@@ -417,6 +422,11 @@ def _train(
     lr_schedule = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
     )
+    ema = None
+    if cfg.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
 
     loop_gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -428,6 +438,8 @@ def _train(
         optimizer.load_state_dict(ckpt.optimizer["optimizer"])
         if "lr_scheduler" in ckpt.optimizer:
             lr_schedule.load_state_dict(ckpt.optimizer["lr_scheduler"])
+        if ema is not None and "ema" in ckpt.optimizer:
+            ema.load_state_dict(ckpt.optimizer["ema"])
         _set_rng_state(ckpt.rng, loop_gen, noise_gen, dev)
         history = list(ckpt.loss_history)
         start_step = min(ckpt.step, cfg.steps)
@@ -463,9 +475,13 @@ def _train(
             micro = []
             for _ in range(cfg.gradient_accumulation):
                 idx = sample_indices(latents.shape[0], cfg.batch_size, loop_gen).to(latents.device)
+                batch_cond = cond[idx]
+                if empty_cond is not None:
+                    drop = torch.rand(len(idx), generator=loop_gen) < cfg.caption_dropout
+                    batch_cond = torch.where(drop.to(cond.device)[:, None, None], empty_cond.expand_as(batch_cond), batch_cond)
                 with accelerator.accumulate(denoiser):
                     with accelerator.autocast():
-                        loss = fam.training_loss(pipe, latents[idx], cond[idx], noise_gen, scheduler=scheduler)
+                        loss = fam.training_loss(pipe, latents[idx], batch_cond, noise_gen, scheduler=scheduler)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -473,6 +489,8 @@ def _train(
                     optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     lr_schedule.step()
+                    if ema is not None:
+                        ema.step(params)
                 micro.append(loss.detach().float().item())
             step_loss = sum(micro) / len(micro)
             history.append(step_loss)
@@ -485,6 +503,8 @@ def _train(
                 t0 += time.perf_counter() - t_sample  # sampling is not training throughput
             if store is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 opt_state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict()}
+                if ema is not None:
+                    opt_state["ema"] = ema.state_dict()
                 if accelerator.scaler is not None:
                     opt_state["scaler"] = accelerator.scaler.state_dict()
                 store.save(step, trainable_state(denoiser), opt_state, _rng_state(loop_gen, noise_gen, dev), history)
@@ -497,6 +517,8 @@ def _train(
         bar.close()
         _flush(tracker, pending)
     loop_s = time.perf_counter() - t0
+    if ema is not None:
+        ema.copy_to(params)  # the averaged adapter is the one evaluated and saved
 
     denoiser.eval()
     val_loss = base_val_loss = None
