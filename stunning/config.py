@@ -149,9 +149,22 @@ class ValidateConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
     steps: int = Field(16, ge=1)
     guidance_scale: float = 4.0
+    # How an adapter is prompted: the training captions' convention ("{prompt}" alone: no trigger).
+    adapter_prompt: str = "{prompt}, {style} style"
     # The family's sampler: for sd3 one of euler, euler-ancestral, dpm++ (families/sd3.py);
     # "default" keeps the scheduler saved with the model.
     sampler: str = "default"
+
+    @field_validator("adapter_prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        try:
+            filled = v.format(prompt="P", style="S")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"validate.adapter_prompt={v!r}: only {{prompt}} and {{style}} may appear ({exc})") from None
+        if "P" not in filled:
+            raise ValueError(f"validate.adapter_prompt={v!r} must contain {{prompt}}")
+        return v
 
 
 class BudgetsConfig(_Section):

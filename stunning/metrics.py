@@ -11,7 +11,8 @@ roughly [0, 1] range by construction, so no feature dominates by its units:
 
 - ``saturation_mean``/``saturation_std``: HSV saturation (colour vs monochrome);
 - ``colourfulness``: Hasler & Süsstrunk (2003) opponent-colour statistic, ×2;
-- ``hue_entropy``: entropy of the saturation-weighted hue histogram (12 bins), normalised
+- ``hue_entropy``: entropy of the saturation-weighted hue histogram (12 bins plus one
+  achromatic bin weighted by 1 − saturation), normalised
   (broken colour vs a single cast; 0 for grey images);
 - ``luma_mean``/``luma_std`` (×2, RMS contrast)/``tonal_extremes`` (share of pixels below
   0.15 or above 0.85): tonal key and contrast;
@@ -98,13 +99,13 @@ def image_features(img: ImageLike) -> np.ndarray:
     yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
     colourfulness = math.hypot(rg.std(), yb.std()) + 0.3 * math.hypot(rg.mean(), yb.mean())
 
+    # Each pixel puts weight `sat` on its hue bin and `1 - sat` on an achromatic bin, so the
+    # entropy falls continuously to 0 as an image turns grey (faint random tints of a nearly
+    # grey image would otherwise read as maximal hue spread).
     hist, _ = np.histogram(hue, bins=HUE_BINS, range=(0.0, 1.0), weights=sat)
-    total = hist.sum()
-    if total > 1e-6 * hue.size:
-        p = hist[hist > 0] / total
-        hue_entropy = float(-(p * np.log(p)).sum() / math.log(HUE_BINS))
-    else:
-        hue_entropy = 0.0
+    hist = np.append(hist, float((1.0 - sat).sum()))
+    p = hist[hist > 0] / hist.sum()
+    hue_entropy = float(-(p * np.log(p)).sum() / math.log(HUE_BINS + 1))
 
     lap = _conv3(luma, _LAPLACIAN)
     gx = _conv3(luma, _SOBEL_X)

@@ -55,6 +55,7 @@ class VariantResult:
     latencies_s: list[float]
     peak_memory_mb: float
     memory_delta_mb: float
+    prompts: list[str] = field(default_factory=list)  # the prompt of each image, in order
     style_distance: dict[str, float] = field(default_factory=dict)
     distance_to_base: float = 0.0
     pixel_mse_to_base: float = 0.0
@@ -243,7 +244,7 @@ def validate(
     say = progress or (lambda msg: None)
     variants: dict[str, VariantResult] = {}
 
-    def run(pipe, name, kind, source):
+    def run(pipe, name, kind, source, style=None):
         say(name)
         if cfg.sampler != "default":
             if not hasattr(family, "set_sampler"):
@@ -254,15 +255,18 @@ def validate(
                 family.set_sampler(pipe, cfg.sampler)
             except ValueError as exc:
                 raise ValidationInputError(f"validate.sampler: {exc}") from None
+        # An adapter is prompted the way its captions were written (validate.adapter_prompt).
+        run_pairs = pairs if style is None else [(adapter_prompt(cfg, p, style), s) for p, s in pairs]
         variants[name] = _generate_variant(
-            family, pipe, name, kind, source, pairs, cfg.steps, cfg.guidance_scale, device
+            family, pipe, name, kind, source, run_pairs, cfg.steps, cfg.guidance_scale, device
         )
+        variants[name].prompts = [p for p, _ in run_pairs]
 
     pipe = family.load_pipeline(Path(base_path), device, dtype)
     run(pipe, "base", "base", str(base_path))
     for style, d in adapter_dirs.items():
         pipe.load_lora_weights(str(d), adapter_name=f"val_{style}")
-        run(pipe, f"adapter-{style}", "adapter", str(d))
+        run(pipe, f"adapter-{style}", "adapter", str(d), style=style)
         pipe.unload_lora_weights()
     for name, d in blend_dirs.items():
         pipe.load_lora_weights(str(d), adapter_name=f"val_blend_{name}")
@@ -333,6 +337,11 @@ def validate(
     )
 
 
+def adapter_prompt(cfg: Any, prompt: str, style: str) -> str:
+    """The prompt an adapter of `style` is validated with (``validate.adapter_prompt``)."""
+    return cfg.adapter_prompt.format(prompt=prompt, style=style)
+
+
 # --------------------------------------------------------------------------- adherence
 
 READABLE_ACCURACY = 0.8  # an attribute counts for a style if the oracle reads it this well on the style's data
@@ -352,14 +361,15 @@ def _adherence(
     """
     from stunning.data import oracle
 
-    prompts = [p for p, _ in pairs]
     try:
-        for p in set(prompts):
-            oracle.parse_caption(p)
+        for v in variants.values():
+            for p in set(v.prompts or [p for p, _ in pairs]):
+                oracle.parse_caption(p)
     except ValueError:
         log.info("validation prompts are not in the embedded world's grammar: adherence not measured")
         return {}, {}
     for v in variants.values():
+        prompts = v.prompts or [p for p, _ in pairs]
         v.adherence = {k: float(x) for k, x in oracle.adherence(v.images, prompts).items() if k != "n"}
     attributes = [k for k in variants["base"].adherence]
     drops: dict[str, float] = {}

@@ -125,3 +125,17 @@ def test_style_gain_is_relative_drop():
 def test_blank_detection():
     assert is_blank(Image.new("RGB", (8, 8), (0, 0, 0)))
     assert not is_blank(noir(np.random.default_rng(0)))
+
+
+def test_hue_entropy_falls_continuously_to_zero_as_an_image_turns_grey():
+    """Faint random tints on a grey image are not 'broken colour' (an achromatic bin absorbs them)."""
+    rng = np.random.default_rng(0)
+    grey = np.full((32, 32, 3), 0.5)
+    faint = np.clip(grey + rng.normal(0, 0.01, grey.shape), 0, 1)
+    strokes = rng.uniform(0, 1, (32, 32, 3))
+
+    def entropy(a):
+        return features([Image.fromarray((a * 255).astype(np.uint8))])[0][FEATURES.index("hue_entropy")]
+
+    assert entropy(grey) == pytest.approx(0.0, abs=1e-9)
+    assert entropy(faint) < 0.25 < 0.6 < entropy(strokes)

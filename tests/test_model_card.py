@@ -88,7 +88,7 @@ def test_model_card_front_matter_and_body(tmp_path):
     assert "**FAILED**" in body and "the noir adapter barely changes the style" in body
     assert "abc123" in body and "0.1234" in body  # training table
     assert "![validation grid](grid.png)" in body
-    assert "randomly initialised embedded model" in body  # embedded base: say so
+    assert "micro model (SD3 layout, 32 px)" in body  # embedded base: say so
     assert (out / "grid.png").read_bytes() == grid.read_bytes()
     assert summary["missing_reports"] == [] and summary["gate_passed"] is False
 
@@ -118,7 +118,7 @@ def test_base_model_id_from_hf_cache_path():
     assert base_model_id(params) == "runwayml/stable-diffusion-v1-5"
     card = render_model_card(params, {})
     assert split_front_matter(card)[0]["base_model"] == "runwayml/stable-diffusion-v1-5"
-    assert "randomly initialised" not in card
+    assert "micro model" not in card
 
 
 def test_docs_stage(tmp_path, capsys):
