@@ -151,6 +151,8 @@ def run(
                 checkpoints,
                 device,
                 samples_dir=tmp_samples,
+                # Encoded images/captions, keyed by content: shared by styles and reruns.
+                cache_dir=checkpoints / "_encodings",
             )
             histories[style] = summary["loss_history"]
             results[style] = {k: summary[k] for k in METRIC_KEYS}

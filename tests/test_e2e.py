@@ -47,6 +47,21 @@ def test_full_dag_produces_every_phase_output(project_clone):
     assert registry["promoted"] == gate["passed"]
 
 
+def test_default_run_promotes_a_champion_whose_adapters_work(project_clone):
+    """On the embedded default the adapters halve their style distance and keep the prompt,
+    so the gate passes and the first candidate becomes @champion."""
+    validation = json.loads((project_clone / "reports/validation.json").read_text())
+    gate = json.loads((project_clone / "reports/gate.json").read_text())
+    registry = json.loads((project_clone / "reports/registry.json").read_text())
+    for style in ("impressionist", "noir"):
+        assert validation["style_gain"][style] >= 0.5, validation["adapters"]
+    for style, drop in validation["adherence_drop"].items():
+        assert drop <= 0.10, (style, validation["adherence_drop"], validation["readable_attributes"])
+    assert validation["variants"]["base"]["adherence"]["colour"] >= 0.8  # incl. held-out colour/garment pairs
+    assert gate["passed"], gate["reasons"]
+    assert registry["promoted"] and registry["champion_version"] == registry["version"]
+
+
 def test_second_repro_does_nothing(project_clone):
     proc = run_in(project_clone, sys.executable, "-m", "dvc", "repro")
     out = proc.stdout + proc.stderr

@@ -1,9 +1,8 @@
-"""On the shipped micro model, the pipeline's style adapters work and a broken one is refused.
+"""On the shipped micro model, an adapter trained with an absurd learning rate is refused.
 
-The issue's acceptance numbers, measured through the same library calls as the DAG's train
-and validate stages on the embedded sample set: each adapter halves its style distance vs
-the base while oracle adherence stays within 10 points, and an adapter trained with an
-absurd learning rate fails the gate.
+Measured through the same library calls as the DAG's train and validate stages, on the
+embedded sample set. (That the default adapters pass the gate — style distance halved,
+adherence within 10 points — is asserted on the real `dvc repro` in tests/test_e2e.py.)
 """
 
 from __future__ import annotations
@@ -40,20 +39,6 @@ def train_and_validate(params: Params, base, curated, out):
                     sample_seeds=(), progress=False)
     result = validate(params, base, out / "adapters", None, curated, out / "validation", device="cpu")
     return result.to_dict()
-
-
-@pytest.mark.slow
-def test_default_adapters_halve_style_distance_and_keep_the_prompt(micro_base, curated, tmp_path, one_torch_thread):
-    params = Params.model_validate({"base": {"path": str(micro_base)}})
-    v = train_and_validate(params, micro_base, curated, tmp_path)
-    for style in params.data.styles:
-        assert v["style_gain"][style] >= 0.5, v["adapters"]
-    for style, drop in v["adherence_drop"].items():
-        assert drop <= 0.10, (style, v["adherence_drop"], v["readable_attributes"])
-    assert v["readable_attributes"]["impressionist"]  # colour survives the impressionist style
-    assert v["variants"]["base"]["adherence"]["colour"] >= 0.8
-    gate = evaluate(v, None, params.budgets)
-    assert {c.name for c in gate.checks if not c.passed} == {"quantized_size_ratio", "quantization_mse"}  # no merge here
 
 
 @pytest.mark.slow

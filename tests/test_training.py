@@ -412,7 +412,9 @@ def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny
     noir = [float(r["noir"]) for r in rows]
     assert sum(noir) / 3 == pytest.approx(report["styles"]["noir"]["final_loss"], abs=1e-5)
     assert Image.open("reports/train_loss.png").size[0] > 100
-    assert {p.name for p in Path("checkpoints").iterdir()} == set(STYLES)
+    assert {p.name for p in Path("checkpoints").iterdir()} == {*STYLES, "_encodings"}
+    # The styles share the encoding cache: both styles' images and captions are in it.
+    assert len(list(Path("checkpoints/_encodings").glob("*/latent/*.pt"))) > 0
     assert "LoRA training" in capsys.readouterr().out
 
     runs = mlflow.search_runs(experiment_names=["stunning-engine"], output_format="list")
@@ -440,3 +442,38 @@ def test_stage_bad_input_exits_2_with_the_file_named(tmp_path, monkeypatch, tiny
         stage.main(["--base", "no-such-model", "--data", "nowhere"])
     assert "no-such-model" in capsys.readouterr().err
     assert not Path("mlruns").exists()  # nothing recorded for a run that never started
+
+
+def test_encoding_cache_is_keyed_by_content_and_changes_nothing(tmp_path, tiny_base, curated):
+    """A cached run trains exactly like an uncached one; a second run encodes nothing; a
+    changed caption is re-encoded and only that one."""
+    from stunning.families import get_family
+    from stunning.training.cache import EncodingCache
+    from stunning.training.dataset import CuratedDataset
+    from stunning.training.lora import encode_dataset
+
+    fam = get_family("sd3")
+    pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    data = CuratedDataset(curated, "noir", "train")
+    plain = encode_dataset(fam, pipe, data, seed=3)
+    cache = EncodingCache(tmp_path / "cache", tiny_base)
+    first = encode_dataset(fam, pipe, data, seed=3, cache=cache)
+    assert cache.hits == 0 and cache.misses == 2 * len(data)
+    for a, b in zip(plain, first, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # per-image vs batched encoding: float noise
+    again = EncodingCache(tmp_path / "cache", tiny_base)
+    second = encode_dataset(fam, pipe, data, seed=3, cache=again)
+    assert again.misses == 0 and again.hits == 2 * len(data)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    manifest = curated / "manifest.csv"
+    text = manifest.read_text()
+    row = next(line for line in text.splitlines() if ",noir,train," in line)
+    manifest.write_text(text.replace(row, row.replace("noir style", "noir style, film grain"), 1))
+    try:
+        third = EncodingCache(tmp_path / "cache", tiny_base)
+        encode_dataset(fam, pipe, CuratedDataset(curated, "noir", "train"), seed=3, cache=third)
+        assert third.misses == 1 and third.hits == 2 * len(data) - 1
+    finally:
+        manifest.write_text(text)

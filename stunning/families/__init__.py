@@ -104,6 +104,22 @@ def absent_components(folder: Path) -> dict[str, None]:
     return {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
 
 
+def image_moments(pipe, pixels):
+    """(mean, std) of the VAE posterior for pixels in [-1, 1], NCHW (what the encoding cache stores)."""
+    import torch
+
+    with torch.no_grad():
+        dist = pipe.vae.encode(pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_posterior(mean, std, generator):
+    """A posterior sample drawn exactly as diffusers' ``DiagonalGaussianDistribution.sample`` does."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
 METADATA_PREFIX = "stunning."
 
 

@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import ModelNotFoundError, absent_components, check_model_dir, register, write_lora_metadata
+from stunning.families import (
+    ModelNotFoundError,
+    absent_components,
+    check_model_dir,
+    image_moments,
+    register,
+    sample_posterior,
+    write_lora_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +133,11 @@ class SD3Family:
     @torch.no_grad()
     def encode_images(self, pipe, pixels, generator):
         """Pixels in [-1, 1], NCHW → latents normalised as SD3 does ((z − shift) · scale)."""
-        pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-        z = pipe.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
+
+    def latents_from_moments(self, pipe, mean, std, generator):
         shift = pipe.vae.config.shift_factor or 0.0
-        return (z - shift) * pipe.vae.config.scaling_factor
+        return (sample_posterior(mean, std, generator) - shift) * pipe.vae.config.scaling_factor
 
     def noise_scheduler(self, pipe):
         return pipe.scheduler

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import ModelNotFoundError, register, write_lora_metadata  # noqa: F401 (re-exported)
+from stunning.families import ModelNotFoundError, image_moments, register, sample_posterior, write_lora_metadata  # noqa: F401
 from stunning.families import check_model_dir as _check
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,10 @@ class SDUNetFamily:
     @torch.no_grad()
     def encode_images(self, pipe, pixels, generator):
         """Pixels in [-1, 1], NCHW → scaled latents (a sample of the VAE posterior)."""
-        pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-        dist = pipe.vae.encode(pixels).latent_dist
-        return dist.sample(generator=generator) * pipe.vae.config.scaling_factor
+        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
+
+    def latents_from_moments(self, pipe, mean, std, generator):
+        return sample_posterior(mean, std, generator) * pipe.vae.config.scaling_factor
 
     def noise_scheduler(self, pipe):
         from diffusers import DDPMScheduler

@@ -29,6 +29,7 @@ import torch
 from stunning.config import TrainConfig, dump_resolved
 from stunning.io import atomic_dir
 from stunning.tracking import NullTracker, Tracker
+from stunning.training.cache import EncodingCache
 from stunning.training.checkpoint import CheckpointStore, fingerprint
 from stunning.training.dataset import CuratedDataset, style_rows
 
@@ -161,20 +162,51 @@ def cpu_threads_for(model: torch.nn.Module, device: torch.device) -> int | None:
 # --------------------------------------------------------------------------- data helpers
 
 
-def encode_dataset(family, pipe, dataset: CuratedDataset, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_dataset(
+    family, pipe, dataset: CuratedDataset, seed: int, cache: EncodingCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, prompt embeddings) of every item, in dataset order.
 
     The VAE posterior is sampled once per image with a generator seeded from `seed`, so the
-    cache is the same on every run and on resume.
+    tensors are the same on every run and on resume. With `cache`, each image's posterior
+    moments and each caption's embedding are read from disk when their content was seen
+    before (see `stunning.training.cache`); the sampled latents are identical either way.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     latents, conds = [], []
     for start in range(0, len(dataset), ENCODE_BATCH):
         items = [dataset[i] for i in range(start, min(start + ENCODE_BATCH, len(dataset)))]
         pixels = torch.stack([it["pixels"] for it in items])
-        latents.append(family.encode_images(pipe, pixels, gen))
-        conds.append(family.encode_prompts(pipe, [it["caption"] for it in items]))
+        captions = [it["caption"] for it in items]
+        if cache is None:
+            latents.append(family.encode_images(pipe, pixels, gen))
+            conds.append(family.encode_prompts(pipe, captions))
+            continue
+        moments = [_cached(cache, "latent", cache.pixels_key(px), lambda px=px: _moments(pipe, px)) for px in pixels]
+        mean = torch.stack([m for m, _ in moments]).to(pipe.vae.device)
+        std = torch.stack([s for _, s in moments]).to(pipe.vae.device)
+        latents.append(family.latents_from_moments(pipe, mean, std, gen))
+        conds.append(torch.stack([
+            _cached(cache, "prompt", cache.text_key(c, family.name), lambda c=c: family.encode_prompts(pipe, [c])[0])
+            for c in captions
+        ]).to(pipe.text_encoder.device))
     return torch.cat(latents), torch.cat(conds)
+
+
+def _moments(pipe, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from stunning.families import image_moments
+
+    mean, std = image_moments(pipe, pixels[None])
+    return mean[0].cpu(), std[0].cpu()
+
+
+def _cached(cache: EncodingCache, kind: str, key: str, compute):
+    value = cache.get(kind, key)
+    if value is None:
+        value = compute()
+        value = tuple(v.detach().cpu() for v in value) if isinstance(value, tuple) else value.detach().cpu()
+        cache.put(kind, key, value)
+    return value
 
 
 def sample_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -232,6 +264,7 @@ def train_style(
     tags: dict[str, str] | None = None,
     on_step: StepCallback | None = None,
     progress: bool | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter for `style`; save it to `out_dir/<style>/`; return a summary.
 
@@ -242,6 +275,8 @@ def train_style(
     with style, stage and fingerprint plus `tags`. `on_step(step, loss)` is called after
     every optimizer step; an exception raised there stops the run like a crash would (the
     newest checkpoint survives). `progress=None` shows the progress bar only on a terminal.
+    `cache_dir` keeps encoded images and captions on disk, keyed by content
+    (`stunning.training.cache`); None encodes everything in memory each run.
 
     The summary holds `final_loss` (mean of the last few steps' losses), `val_loss` and
     `base_val_loss` (the same fixed-noise objective on the val split with and without the
@@ -290,7 +325,8 @@ def train_style(
         )
         with PeakMemory(dev) as pm:
             result = _train(
-                fam, base_path, train_set, val_set, style, cfg, dev, mixed_precision, store, tracker, on_step, progress
+                fam, base_path, train_set, val_set, style, cfg, dev, mixed_precision, store, tracker, on_step, progress,
+                Path(cache_dir) if cache_dir is not None else None,
             )
         pipe, history, start_step, loop_s, val_loss, base_val_loss = result
         if dev.type == "cpu":
@@ -385,6 +421,7 @@ def _train(
     tracker: Tracker,
     on_step: StepCallback | None,
     progress: bool | None,
+    cache_dir: Path | None = None,
 ):
     """The training proper; returns (pipe, loss history, start step, loop seconds, val, base val)."""
     from accelerate import Accelerator
@@ -401,8 +438,12 @@ def _train(
         module.requires_grad_(False)
     scheduler = fam.noise_scheduler(pipe)
 
-    latents, cond = encode_dataset(fam, pipe, train_set, cfg.seed)
-    val_latents, val_cond = encode_dataset(fam, pipe, val_set, cfg.seed + 1) if len(val_set) else (None, None)
+    cache = EncodingCache(cache_dir, base_path) if cache_dir is not None else None
+    latents, cond = encode_dataset(fam, pipe, train_set, cfg.seed, cache)
+    val_latents, val_cond = encode_dataset(fam, pipe, val_set, cfg.seed + 1, cache) if len(val_set) else (None, None)
+    if cache is not None:
+        log.info("%s: encoding cache %s: %d hits, %d misses", style, cache.root, cache.hits, cache.misses)
+        tracker.log_metrics({"cache_hits": cache.hits, "cache_misses": cache.misses}, step=0)
 
     # The empty prompt's conditioning, for caption dropout (and so for guidance-free style).
     empty_cond = fam.encode_prompts(pipe, [""]) if cfg.caption_dropout else None
