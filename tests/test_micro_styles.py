@@ -7,6 +7,8 @@ adherence within 10 points — is asserted on the real `dvc repro` in tests/test
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stunning.config import Params
@@ -43,13 +45,18 @@ def train_and_validate(params: Params, base, curated, out):
 
 @pytest.mark.slow
 def test_an_adapter_trained_with_an_absurd_learning_rate_fails_the_gate(micro_base, curated, tmp_path, one_torch_thread):
-    params = Params.model_validate({
-        "base": {"path": str(micro_base)},
-        "train": {"learning_rate": 5.0, "steps": 40},
-        "validate": {"seeds": [0, 1]},
-    })
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())  # the shipped settings
+    raw["base"]["path"] = str(micro_base)
+    raw["train"].update(learning_rate=5.0, steps=40)  # ...with an absurd learning rate
+    raw["validate"]["seeds"] = [0, 1]
+    params = Params.model_validate(raw)
     v = train_and_validate(params, micro_base, curated, tmp_path)
     gate = evaluate(v, None, params.budgets)
-    failed = {c.name for c in gate.checks if not c.passed} - {"quantized_size_ratio", "quantization_mse"}
-    assert not gate.passed and failed, gate.reasons
-    assert failed & {"style_gain/impressionist", "style_gain/noir", "adherence_drop/impressionist", "valid_images"}
+    failed = {c.name for c in gate.checks if not c.passed}
+    assert not gate.passed, gate.reasons
+    # Refused for what is broken, not just for a small gain: images move *away* from the
+    # style and the impressionist adapter no longer follows its prompt.
+    assert all(g < 0 for g in v["style_gain"].values()), v["style_gain"]
+    assert "adherence_drop/impressionist" in failed and v["adherence_drop"]["impressionist"] > 0.5
