@@ -189,7 +189,12 @@ def _tokenizer_ids_ok(cfg: dict, tokenizer) -> None:
 def build_micro(seed: int = 0):
     """A randomly initialised micro model as a `StableDiffusion3Pipeline` (weights from `seed`)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer = load_tokenizer()

@@ -191,8 +191,6 @@ def _trained_vae(pipe, pixels, held_pixels, cfg: PretrainConfig, gen: torch.Gene
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
-    from stunning.embedded import save_model
-
     key = {k: v for k, v in asdict(cfg).items() if k in ("seed", "images", "vae_steps", "vae_batch", "vae_lr")}
     info = stage_dir / "vae_stage.json"
     if info.is_file() and json.loads(info.read_text())["key"] == key:

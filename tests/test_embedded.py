@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from stunning.embedded import HELD_OUT_PAIRS, SHIPPED, T5_TOKENS, build_tokenizer
+from stunning.embedded import HELD_OUT_PAIRS, T5_TOKENS, build_tokenizer
 from stunning.families import get_family
 
 

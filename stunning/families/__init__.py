@@ -120,6 +120,50 @@ def sample_posterior(mean, std, generator):
     return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
+class LoraSavingMixin:
+    """Saving a denoiser's active PEFT adapter in the diffusers LoRA layout of the family.
+
+    A family sets `lora_component` (the denoiser's pipeline attribute), `lora_components`
+    (what its LoRA files may hold) and `pipeline_class()`; stock `load_lora_weights` of
+    that pipeline class then loads what this saves.
+    """
+
+    lora_component: str
+    lora_components: tuple[str, ...]
+
+    def lora_layers(self, pipe) -> dict:
+        import torch
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, self.lora_component)))
+        return {self.lora_component: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}}
+
+    def save_lora(self, pipe, out_dir, metadata=None):
+        """Save the active adapter (plus ``stunning.*`` safetensors metadata, if given)."""
+        from pathlib import Path
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        denoiser = getattr(pipe, self.lora_component)
+        lora_config = denoiser.peft_config[denoiser.active_adapters()[0]]
+        self.save_lora_layers(out_dir, self.lora_layers(pipe), {self.lora_component: lora_config.to_dict()})
+        path = out_dir / "pytorch_lora_weights.safetensors"
+        if metadata:
+            write_lora_metadata(path, metadata)
+        return path
+
+    def save_lora_layers(self, out_dir, layers: dict, configs: dict) -> None:
+        from pathlib import Path
+
+        unknown = sorted(set(layers) - set(self.lora_components))
+        if unknown:
+            raise ValueError(f"{self.name} LoRA files hold {list(self.lora_components)} layers, not {unknown}")
+        kwargs = {f"{c}_lora_layers": v for c, v in layers.items()}
+        kwargs.update({f"{c}_lora_adapter_metadata": v for c, v in configs.items()})
+        self.pipeline_class().save_lora_weights(Path(out_dir), safe_serialization=True, **kwargs)
+
+
 METADATA_PREFIX = "stunning."
 
 

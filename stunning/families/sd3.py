@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from stunning.families import (
+    LoraSavingMixin,
     ModelNotFoundError,
     absent_components,
     check_model_dir,
     image_moments,
     register,
     sample_posterior,
-    write_lora_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,13 @@ def logit_normal_sigmas(n: int, generator: torch.Generator, device, shift: float
     return shift * s / (1 + (shift - 1) * s)
 
 
-class SD3Family:
+class SD3Family(LoraSavingMixin):
     """The `sd3` family (Stable Diffusion 3 / 3.5 layout, flow matching)."""
 
     name = "sd3"
     required_components = REQUIRED_COMPONENTS
     lora_component = "transformer"
+    lora_components = ("transformer", "text_encoder", "text_encoder_2")
     # Attention of both streams (image: to_*, text: add_*_proj/to_add_out) and the image MLP.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     block_pattern = "transformer_blocks.{i}."
@@ -155,34 +156,6 @@ class SD3Family:
         ).sample
         err = (pred.float() - (noise - latents).float()) ** 2
         return err.mean() if reduce else err.mean(dim=(1, 2, 3))
-
-    def lora_layers(self, pipe) -> dict[str, dict[str, torch.Tensor]]:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.transformer))
-        return {"transformer": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}}
-
-    def save_lora(self, pipe, out_dir, metadata=None):
-        """Save the transformer's active PEFT adapter in the diffusers SD3 LoRA layout."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lora_config = pipe.transformer.peft_config[pipe.transformer.active_adapters()[0]]
-        self.save_lora_layers(out_dir, self.lora_layers(pipe), {"transformer": lora_config.to_dict()})
-        path = out_dir / "pytorch_lora_weights.safetensors"
-        if metadata:
-            write_lora_metadata(path, metadata)
-        return path
-
-    def save_lora_layers(self, out_dir, layers: dict, configs: dict) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        unknown = sorted(set(layers) - {"transformer", "text_encoder", "text_encoder_2"})
-        if unknown:
-            raise ValueError(f"SD3 LoRA files hold transformer/text_encoder/text_encoder_2 layers, not {unknown}")
-        kwargs = {f"{c}_lora_layers": v for c, v in layers.items()}
-        kwargs.update({f"{c}_lora_adapter_metadata": v for c, v in configs.items()})
-        StableDiffusion3Pipeline.save_lora_weights(Path(out_dir), safe_serialization=True, **kwargs)
 
     def set_sampler(self, pipe, sampler: str) -> None:
         """Swap the pipeline's scheduler for one of :data:`SAMPLERS` (same sigma shift)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import ModelNotFoundError, image_moments, register, sample_posterior, write_lora_metadata  # noqa: F401
+from stunning.families import LoraSavingMixin, ModelNotFoundError, image_moments, register, sample_posterior  # noqa: F401
 from stunning.families import check_model_dir as _check
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,13 @@ def check_model_dir(path: Path) -> None:
     _check(Path(path), REQUIRED_COMPONENTS)
 
 
-class SDUNetFamily:
+class SDUNetFamily(LoraSavingMixin):
     """The `sd-unet` family (Stable Diffusion 1.5/2.x layout)."""
 
     name = "sd-unet"
     required_components = REQUIRED_COMPONENTS
     lora_component = "unet"
+    lora_components = ("unet", "text_encoder")
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     block_pattern = "blocks.{i}."
 
@@ -102,34 +103,6 @@ class SDUNetFamily:
             raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
         pred = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
         return F.mse_loss(pred.float(), target.float())
-
-    def lora_layers(self, pipe) -> dict[str, dict[str, torch.Tensor]]:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-        return {"unet": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}}
-
-    def save_lora(self, pipe, out_dir, metadata=None):
-        """Save the UNet's active PEFT adapter in the diffusers LoRA layout."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lora_config = pipe.unet.peft_config[pipe.unet.active_adapters()[0]]
-        self.save_lora_layers(out_dir, self.lora_layers(pipe), {"unet": lora_config.to_dict()})
-        path = out_dir / "pytorch_lora_weights.safetensors"
-        if metadata:
-            write_lora_metadata(path, metadata)
-        return path
-
-    def save_lora_layers(self, out_dir, layers: dict, configs: dict) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        unknown = sorted(set(layers) - {"unet", "text_encoder"})
-        if unknown:
-            raise ValueError(f"SD 1.x/2.x LoRA files hold unet/text_encoder layers, not {unknown}")
-        kwargs = {f"{c}_lora_layers": v for c, v in layers.items()}
-        kwargs.update({f"{c}_lora_adapter_metadata": v for c, v in configs.items()})
-        StableDiffusionPipeline.save_lora_weights(Path(out_dir), safe_serialization=True, **kwargs)
 
     @torch.no_grad()
     def generate(self, pipe, prompts, seeds, steps, guidance_scale):
