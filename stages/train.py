@@ -6,7 +6,9 @@ Writes the adapters (`--out`/<style>/, diffusers LoRA layout + `train_config.yam
 published together in one rename), the metrics JSON (`--metrics`), the loss curves as a
 wide CSV (`--plots`: `step,<style>,...`, for `dvc plots`) and as a PNG (`--plot-image`,
 readable without DVC's HTML viewer), and the final sample images (`--samples`). Checkpoints
-go to `--checkpoints` and are reused: an interrupted run resumes where it stopped.
+go to `--checkpoints` and are reused: an interrupted run resumes where it stopped. The
+metrics carry each style's batch size (`train.batch_size: auto` resolved, after any halving
+for lack of memory) and the seconds the thermal guard paused for heat.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from stunning.config import ConfigError, Params, load_params
 from stunning.families import ModelNotFoundError
 from stunning.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
+from stunning.training.batch import BatchSizeError
 from stunning.training.dataset import DatasetError
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,10 @@ METRIC_KEYS = (
     "mlflow_run_id",
     "seconds",
     "resumed_from_step",
+    "batch_size",
+    "batch_backoffs",
+    "thermal_paused_s",
+    "thermal_throttled_checks",
 )
 
 
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             samples=args.samples,
             device=args.device,
         )
-    except (ConfigError, ModelNotFoundError, DatasetError) as exc:
+    except (ConfigError, ModelNotFoundError, DatasetError, BatchSizeError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -226,6 +233,14 @@ def main(argv: list[str] | None = None) -> None:
     resumed = [f"{s} at step {r['resumed_from_step']}" for s, r in report["styles"].items() if r["resumed_from_step"]]
     if resumed:
         console.print(f"resumed from checkpoints in {args.checkpoints}: " + ", ".join(resumed))
+    backed_off = [f"{s} {r['batch_backoffs']}x" for s, r in report["styles"].items() if r["batch_backoffs"]]
+    if params.train.batch_size == "auto" or backed_off:
+        console.print("batch size: " + ", ".join(f"{s} {r['batch_size']}" for s, r in report["styles"].items()))
+    if backed_off:
+        console.print("ran out of memory and halved the batch: " + ", ".join(backed_off))
+    paused = [f"{s} {r['thermal_paused_s']:.0f} s" for s, r in report["styles"].items() if r["thermal_paused_s"]]
+    if paused:
+        console.print("paused while the machine was throttling: " + ", ".join(paused))
     console.print(f"adapters: {args.out}  metrics: {args.metrics}  loss curves: {args.plots}")
 
 

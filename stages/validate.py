@@ -159,8 +159,15 @@ def _print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
     console.print(table)
     for st, gain in v["style_gain"].items():
         margin = v["style_margin"].get(st)
-        console.print(f"style gain {st}: {gain:+.3f}" + (f" (margin vs other styles {margin:+.3f})" if margin is not None else ""),
-                      highlight=False)
+        info = v["adapters"].get(st, {})
+        left = ", ".join(f"{k} {x:.4f}" for k, x in v.get("style_residual", {}).get(st, {}).items())
+        console.print(
+            f"style gain {st}: {gain:+.3f} (content-matched distance {info.get('base_distance', float('nan')):.3f} -> "
+            f"{info.get('own_distance', float('nan')):.3f}"
+            + (f"; margin vs other styles {margin:+.3f}" if margin is not None else "") + ")"
+            + (f"; largest residual terms: {left}" if left else ""),
+            highlight=False,
+        )
     if g["passed"]:
         console.print(f"[bold green]GATE PASSED[/] ({len(g['checks'])} checks; champion: {s['champion_source']})")
     else:

@@ -109,7 +109,11 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     steps: int = Field(150, ge=1)
-    batch_size: int = Field(4, ge=1)
+    # Images per micro-batch, or "auto": probe the largest batch that fits this machine (trial
+    # steps doubling from 1 up to max_batch_size; see stunning/training/batch.py). Either way a
+    # step that runs out of memory halves the batch and is retried.
+    batch_size: int | Literal["auto"] = 4
+    max_batch_size: int = Field(16, ge=1)  # upper bound of batch_size: auto
     gradient_accumulation: int = Field(1, ge=1)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
     ema_decay: float | None = Field(None, gt=0, lt=1)  # keep and save an exponential moving average of the adapter
@@ -120,6 +124,21 @@ class TrainConfig(_Section):
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     sample_prompt: str = "a red dress on a white background"
+    # Thermal awareness (stunning/training/thermal.py): every thermal_check_every steps (0: never)
+    # read the OS thermal state; while it reports throttling, pause in thermal_pause_s chunks,
+    # at most thermal_max_pause_s in the whole run.
+    thermal_check_every: int = Field(50, ge=0)
+    thermal_pause_s: float = Field(30.0, gt=0)
+    thermal_max_pause_s: float = Field(600.0, ge=0)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"train.batch_size={v!r}: use a whole number >= 1 or auto (probe the largest that fits)")
+        return v
 
 
 class BlendConfig(_Section):
@@ -154,6 +173,10 @@ class ValidateConfig(_Section):
     # The family's sampler: for sd3 one of euler, euler-ancestral, dpm++ (families/sd3.py);
     # "default" keeps the scheduler saved with the model.
     sampler: str = "default"
+    # Style distance is measured content-matched: base and adapter draw the scenes of (up to
+    # this many of) each style's reference captions, one image each, and are compared with
+    # those references, so the distance measures style and not which scenes were drawn.
+    style_set_size: int = Field(32, ge=1)
 
     @field_validator("adapter_prompt")
     @classmethod

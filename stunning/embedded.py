@@ -51,14 +51,19 @@ strokes brush painterly soft light dark bright high low sharp blurry short long 
 """
 
 
+# 4 channels at f=2: 8 channels were tried and reconstructed the brush texture *worse* in
+# the same training time (measured: distance floor 0.064 vs 0.049 on the impressionist set).
+LATENT_CHANNELS = 4
+
+
 def micro_configs(vocab_size: int = 512) -> dict[str, dict]:
     """Configs of the micro model's components (also sized by the research phase)."""
     return {
         "transformer": {
             "sample_size": RESOLUTION // 2,
             "patch_size": 2,  # 16x16 latents in 2x2 patches: 64 tokens
-            "in_channels": 4,
-            "out_channels": 4,
+            "in_channels": LATENT_CHANNELS,
+            "out_channels": LATENT_CHANNELS,
             "num_layers": 6,
             "attention_head_dim": 32,
             "num_attention_heads": 4,
@@ -71,7 +76,7 @@ def micro_configs(vocab_size: int = 512) -> dict[str, dict]:
             "sample_size": RESOLUTION,
             "in_channels": 3,
             "out_channels": 3,
-            "latent_channels": 4,
+            "latent_channels": LATENT_CHANNELS,
             "layers_per_block": 1,
             # One downsampling (32 px -> 4x16x16): a 4x8x8 latent could not hold the grain and
             # brush strokes the style adapters must reproduce (measured: it halved the grain).

@@ -135,7 +135,8 @@ def evaluate(
     for style, gain in sorted(gains.items()):
         info = adapters.get(style, {})
         detail = (
-            f"adapter {style!r}: distance to {style} references {info['own_distance']:.4g} vs base {info['base_distance']:.4g}"
+            f"adapter {style!r}: content-matched distance to {style} references {info['own_distance']:.4g} vs base "
+            f"{info['base_distance']:.4g}"
             if "own_distance" in info and "base_distance" in info
             else f"adapter {style!r}"
         )

@@ -156,12 +156,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def _training_section(params: Params, train: Mapping[str, Any], environment: Mapping[str, Any]) -> list[str]:
     t = params.train
     lines = ["## Training", ""]
+    batch = str(t.batch_size)
+    if t.batch_size == "auto" and isinstance(train.get("styles"), Mapping):
+        styles = train["styles"].values()
+        chosen = sorted({r["batch_size"] for r in styles if isinstance(r, Mapping) and r.get("batch_size")})
+        if chosen:
+            batch = f"auto ({', '.join(map(str, chosen))})"
     settings = [
         ["LoRA rank / alpha", f"{t.rank} / {t.alpha:g}"],
         ["target modules", ", ".join(t.target_modules)],
         ["learning rate", f"{t.learning_rate:g}"],
         ["steps", t.steps],
-        ["batch size x gradient accumulation", f"{t.batch_size} x {t.gradient_accumulation}"],
+        ["batch size x gradient accumulation", f"{batch} x {t.gradient_accumulation}"],
         ["mixed precision", t.mixed_precision],
         ["resolution", f"{params.data.resolution} px"],
         ["seed", t.seed],

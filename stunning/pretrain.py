@@ -8,8 +8,12 @@ adapters add later. Scenes whose (garment, colour) pair is in
 composition, not memory.
 
 1. **VAE** — reconstruct world images under generic photometric jitter (film grain of random
-   strength, saturation 0–1.6×, contrast, blur), so grainy, monochrome or high-contrast
-   images stay representable for the style adapters; tiny KL weight. Then the latent
+   strength, saturation 0–1.6×, contrast, blur), so grainy or high-contrast images stay
+   representable for the style adapters; MSE and a tiny KL weight. Then the *decoder only*
+   is fine-tuned (encoder frozen, so the latent space does not move) on batches of which
+   40 % are black-and-white photographs (random tone curve, lens falloff, grain), with an
+   extra L1 chroma term: a decoder that only saw colour tints greys, and on dark pixels a
+   faint tint is a strong saturation. Then the latent
    ``shift_factor``/``scaling_factor`` are measured, as SD3 normalises latents.
 2. **Denoiser** — rectified flow matching through the `sd3` family's own loss
    (`SD3Family.training_loss`), the transformer and both CLIP text encoders trained jointly,
@@ -47,7 +51,9 @@ class PretrainConfig:
     vae_steps: int = 1500
     vae_batch: int = 32
     vae_lr: float = 2e-3
-    denoiser_steps: int = 3000
+    decoder_steps: int = 800
+    decoder_lr: float = 5e-4
+    denoiser_steps: int = 2500
     denoiser_batch: int = 48
     denoiser_lr: float = 6e-4
     warmup: int = 200
@@ -79,6 +85,10 @@ def world_images(n: int, seed: int, resolution: int, exclude=None) -> tuple[torc
     return torch.stack(pixels), captions
 
 
+MONO_FRACTION = 0.4  # share of VAE batches rendered as black-and-white photographs
+CHROMA_WEIGHT = 2.0  # weight of the L1 chroma term in the VAE loss
+
+
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Generic photometric jitter: grain of random strength, saturation 0-1.6x, contrast, blur."""
     b = x.shape[0]
@@ -93,6 +103,40 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         kernel = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
         x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     return x.clamp(-1, 1)
+
+
+def monochrome(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Black-and-white photographs of `x`: luma through a random tone curve, lens falloff, grain.
+
+    A photo codec must hand back neutral greys as neutral: a decoder that only ever saw colour
+    tints them, and on dark pixels a faint tint is a strong HSV saturation. The tone curve
+    is a logistic of random steepness (near-linear to hard-lit) and pivot; the falloff darkens
+    the corners by a random amount; the grain is the same on all three channels.
+    """
+    b, _, h, w = x.shape
+    luma = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3] + 1) / 2
+    slope = 1 + 9 * torch.rand(b, 1, 1, 1, generator=gen)
+    pivot = 0.3 + 0.3 * torch.rand(b, 1, 1, 1, generator=gen)
+    lo, hi = torch.sigmoid(-slope * pivot), torch.sigmoid(slope * (1 - pivot))
+    luma = (torch.sigmoid(slope * (luma - pivot)) - lo) / (hi - lo)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    r2 = (xx - 0.5) ** 2 + (yy - 0.5) ** 2
+    luma = luma * (1 - 1.5 * torch.rand(b, 1, 1, 1, generator=gen) * r2)
+    luma = luma + 0.1 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(luma.shape, generator=gen)
+    return (luma.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1).contiguous()
+
+
+def decoder_batch(pixels: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """One VAE training batch: colour jitter (`augment`), a `MONO_FRACTION` of it monochrome."""
+    x = augment(pixels[torch.randint(0, len(pixels), (batch,), generator=gen)], gen)
+    mono = torch.rand(batch, generator=gen) < MONO_FRACTION
+    if mono.any():
+        x[mono] = monochrome(pixels[torch.randint(0, len(pixels), (int(mono.sum()),), generator=gen)], gen)
+    return x
+
+
+def _chroma(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(1, keepdim=True)
 
 
 def train_vae(vae, pixels: torch.Tensor, steps: int, gen: torch.Generator, batch: int = 32, lr: float = 2e-3,
@@ -118,6 +162,46 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, gen: torch.Generator, batch
         if progress:
             progress(step, recent[-1])
     vae.eval()
+    return float(np.mean(recent)) if recent else float("nan")
+
+
+def finetune_decoder(vae, pixels: torch.Tensor, steps: int, gen: torch.Generator, batch: int = 32,
+                     lr: float = 5e-4, progress: Callable[[int, float], None] | None = None) -> float:
+    """Fine-tune the decoder only (`decoder_batch`: colour jitter and black-and-white photographs).
+
+    The encoder is frozen, so the latent space the denoiser learns is unchanged (as Stable
+    Diffusion's ft-MSE VAE was made). Loss: MSE plus an L1 term on chroma (each pixel minus
+    its channel mean), which makes greys decode neutral. Returns the last 50 steps' mean loss.
+    """
+    from diffusers.optimization import get_scheduler
+
+    params = list(vae.decoder.parameters())
+    if vae.post_quant_conv is not None:
+        params += list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=min(50, steps // 10), num_training_steps=max(steps, 1))
+    recent: list[float] = []
+    try:
+        for step in range(steps):
+            x = decoder_batch(pixels, batch, gen)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample(generator=gen)
+            recon = vae.decode(z).sample
+            loss = F.mse_loss(recon, x) + CHROMA_WEIGHT * (_chroma(recon) - _chroma(x)).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            recent = (recent + [float(loss.detach())])[-50:]
+            if progress:
+                progress(step, recent[-1])
+    finally:
+        vae.requires_grad_(True)
+        vae.eval()
     return float(np.mean(recent)) if recent else float("nan")
 
 
@@ -192,6 +276,8 @@ def _trained_vae(pipe, pixels, held_pixels, cfg: PretrainConfig, gen: torch.Gene
     from tqdm.auto import tqdm
 
     key = {k: v for k, v in asdict(cfg).items() if k in ("seed", "images", "vae_steps", "vae_batch", "vae_lr")}
+    key.update(decoder_steps=cfg.decoder_steps, decoder_lr=cfg.decoder_lr, latent_channels=pipe.vae.config.latent_channels,
+               mono_fraction=MONO_FRACTION, chroma_weight=CHROMA_WEIGHT)
     info = stage_dir / "vae_stage.json"
     if info.is_file() and json.loads(info.read_text())["key"] == key:
         saved = json.loads(info.read_text())
@@ -205,12 +291,18 @@ def _trained_vae(pipe, pixels, held_pixels, cfg: PretrainConfig, gen: torch.Gene
         loss = train_vae(pipe.vae, pixels, cfg.vae_steps, gen, cfg.vae_batch, cfg.vae_lr,
                          progress=lambda _s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
     seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with tqdm(total=cfg.decoder_steps, desc="micro VAE decoder", unit="step", mininterval=5) as bar:
+        dec_loss = finetune_decoder(pipe.vae, pixels, cfg.decoder_steps, gen, cfg.vae_batch, cfg.decoder_lr,
+                                    progress=lambda _s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
+    dec_seconds = time.perf_counter() - t1
     mse = reconstruction_mse(pipe.vae, held_pixels)
     shift, scale = set_latent_normalisation(pipe.vae, pixels)
     log.info("VAE: %d steps in %.0f s, held-out MSE %.4f, shift %.3f, scale %.3f", cfg.vae_steps, seconds, mse,
              shift, scale)
-    report = {"steps": cfg.vae_steps, "seconds": round(seconds, 1), "final_loss": loss, "heldout_mse": mse,
-              "shift_factor": shift, "scaling_factor": scale}
+    report = {"steps": cfg.vae_steps, "seconds": round(seconds + dec_seconds, 1), "final_loss": loss,
+              "decoder_finetune": {"steps": cfg.decoder_steps, "seconds": round(dec_seconds, 1), "final_loss": dec_loss},
+              "heldout_mse": mse, "shift_factor": shift, "scaling_factor": scale}
     from stunning.io import atomic_dir
 
     with atomic_dir(stage_dir) as tmp:

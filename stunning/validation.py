@@ -8,14 +8,25 @@ what a user waits per image (after one untimed warm-up call that pays one-off co
 ``peak_memory_mb`` is :class:`stunning.device.PeakMemory` around the generation (device
 memory on CUDA/MPS, the process RSS on CPU — which includes the loaded weights).
 
-Per variant: the style distance (:mod:`stunning.metrics`) to each style's reference set —
-the curated train + val images of that style — and to the base's outputs, plus the paired
-pixel MSE to the base. Per adapter: ``style_gain = 1 − d(adapter, own)/d(base, own)`` and
-``style_margin`` = mean distance to the other styles minus distance to its own (positive:
-closer to its own style than to the others). ``reference_floor`` is the distance between
-a style's train and val images: the distance a perfect model of the style would still have.
+Per variant: the style distance (:mod:`stunning.metrics`) of its fixed-prompt images to
+each style's reference set — the curated train + val images of that style — and to the
+base's outputs, plus the paired pixel MSE to the base.
 
-Images go to ``<out>/<variant>/`` and a labelled contact sheet to ``<out>/grid.png``.
+Per adapter, the **style gain** is measured *content-matched*: for each reference image of
+the style (up to ``validate.style_set_size``) the base draws its caption without the style
+phrase (:func:`plain_prompt`) and the adapter draws it as it was trained (the caption
+itself), one seed each; both sets are compared with those references, so
+``style_gain = 1 − d(adapter, own)/d(base, own)`` measures style and not how far the fixed
+prompts' scenes (backgrounds, garments) are from the references' scenes — as FID-style
+evaluations draw the captions of the reference set. ``style_residual`` names the features
+that make up most of what is left of the adapter's distance. ``style_margin`` (fixed
+prompts) = mean distance to the other styles minus distance to its own (positive: closer
+to its own style than to the others). ``reference_floor`` is the distance between a
+style's train and val images: the distance a perfect model of the style would still have.
+
+Images go to ``<out>/<variant>/``, the content-matched sets to
+``<out>/style-sets/<style>-{base,adapter}/``, and a labelled contact sheet to
+``<out>/grid.png``.
 """
 
 from __future__ import annotations
@@ -98,6 +109,9 @@ class ValidationResult:
     # readable and the adapter's drop in adherence on them relative to the base.
     adherence_drop: dict[str, float] = field(default_factory=dict)
     readable_attributes: dict[str, list[str]] = field(default_factory=dict)
+    # Per style: the largest per-feature terms of the adapter's content-matched distance.
+    style_residual: dict[str, dict[str, float]] = field(default_factory=dict)
+    style_set_images: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``reports/validation.json`` body (numbers only, so `dvc metrics` can diff it)."""
@@ -110,6 +124,8 @@ class ValidationResult:
             "reference_floor": {k: round(v, 6) for k, v in self.reference_floor.items()},
             "adherence_drop": {k: round(v, 4) for k, v in self.adherence_drop.items()},
             "readable_attributes": dict(self.readable_attributes),
+            "style_residual": {s: {k: round(x, 6) for k, x in d.items()} for s, d in self.style_residual.items()},
+            "style_set_images": dict(self.style_set_images),
             "images_per_variant": len(self.prompts) * len(self.seeds),
             "seconds": round(self.seconds, 2),
         }
@@ -262,11 +278,22 @@ def validate(
         )
         variants[name].prompts = [p for p, _ in run_pairs]
 
+    sets = style_sets(cfg, data_dir, styles)
+
+    def draw(pipe, prompts, seeds):
+        return [im for p, sd in zip(prompts, seeds, strict=True)
+                for im in family.generate(pipe, [p], [sd], cfg.steps, cfg.guidance_scale)]
+
     pipe = family.load_pipeline(Path(base_path), device, dtype)
     run(pipe, "base", "base", str(base_path))
+    for style, st in sets.items():
+        say(f"base, {style} style set")
+        st.base_images = draw(pipe, st.base_prompts, st.seeds)
     for style, d in adapter_dirs.items():
         pipe.load_lora_weights(str(d), adapter_name=f"val_{style}")
         run(pipe, f"adapter-{style}", "adapter", str(d), style=style)
+        say(f"adapter-{style}, style set")
+        sets[style].adapter_images = draw(pipe, sets[style].adapter_prompts, sets[style].seeds)
         pipe.unload_lora_weights()
     for name, d in blend_dirs.items():
         pipe.load_lora_weights(str(d), adapter_name=f"val_blend_{name}")
@@ -299,14 +326,24 @@ def validate(
 
     gains: dict[str, float] = {}
     margins: dict[str, float] = {}
+    residual: dict[str, dict[str, float]] = {}
     adapters: dict[str, dict[str, float]] = {}
     base_v = variants["base"]
     for style in styles:
-        v = variants[f"adapter-{style}"]
-        own, base_own = v.style_distance[style], base_v.style_distance[style]
+        v, st = variants[f"adapter-{style}"], sets[style]
+        st_refs = metrics.features(st.references)
+        own = metrics.set_distance(metrics.features(st.adapter_images), st_refs)
+        base_own = metrics.set_distance(metrics.features(st.base_images), st_refs)
         gains[style] = metrics.style_gain(own, base_own)
+        terms = metrics.feature_contributions(metrics.features(st.adapter_images), st_refs)
+        residual[style] = dict(sorted(terms.items(), key=lambda kv: -kv[1])[:3])
         others = [v.style_distance[o] for o in styles if o != style]
-        info = {"own_distance": own, "base_distance": base_own}
+        info = {
+            "own_distance": own,
+            "base_distance": base_own,
+            "fixed_prompts_own_distance": v.style_distance[style],
+            "fixed_prompts_base_distance": base_v.style_distance[style],
+        }
         if others:
             margins[style] = float(np.mean(others)) - own
             info["other_distance"] = float(np.mean(others))
@@ -319,6 +356,12 @@ def validate(
             folder.mkdir()
             for i, ((_, seed), im) in enumerate(zip(pairs, v.images, strict=True)):
                 im.save(folder / f"{i:02d}_p{i // len(cfg.seeds)}_s{seed}.png")
+        for style, st in sets.items():
+            for kind, images in (("base", st.base_images), ("adapter", st.adapter_images)):
+                folder = tmp / "style-sets" / f"{style}-{kind}"
+                folder.mkdir(parents=True)
+                for i, im in enumerate(images):
+                    im.save(folder / f"{i:02d}_s{st.seeds[i]}.png")
         make_grid(variants, pairs).save(tmp / "grid.png")
 
     return ValidationResult(
@@ -334,12 +377,65 @@ def validate(
         seconds=time.perf_counter() - t_start,
         adherence_drop=drops,
         readable_attributes=readable,
+        style_residual=residual,
+        style_set_images={s: len(st.references) for s, st in sets.items()},
     )
 
 
 def adapter_prompt(cfg: Any, prompt: str, style: str) -> str:
     """The prompt an adapter of `style` is validated with (``validate.adapter_prompt``)."""
     return cfg.adapter_prompt.format(prompt=prompt, style=style)
+
+
+def plain_prompt(cfg: Any, caption: str, style: str) -> str:
+    """`caption` without the style phrase that ``validate.adapter_prompt`` adds (its inverse).
+
+    "a red dress, noir style" -> "a red dress" with the default template; a caption that
+    does not follow the template is returned as it is.
+    """
+    marker = "\x00"
+    prefix, found, suffix = cfg.adapter_prompt.format(prompt=marker, style=style).partition(marker)
+    if found and len(caption) > len(prefix) + len(suffix) and caption.startswith(prefix) and caption.endswith(suffix):
+        return caption[len(prefix) : len(caption) - len(suffix)]
+    return caption
+
+
+@dataclass
+class StyleSet:
+    """The content-matched comparison set of one style (see the module docstring)."""
+
+    references: list[Path]
+    base_prompts: list[str]
+    adapter_prompts: list[str]
+    seeds: list[int]
+    base_images: list[Image.Image] = field(default_factory=list)
+    adapter_images: list[Image.Image] = field(default_factory=list)
+
+
+def style_sets(cfg: Any, data_dir: str | Path, styles: list[str]) -> dict[str, StyleSet]:
+    """Per style: the first ``validate.style_set_size`` train/val references with captions."""
+    data_dir = Path(data_dir)
+    sets = {s: StyleSet([], [], [], []) for s in styles}
+    with (data_dir / MANIFEST).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            st = sets.get(row["style"])
+            caption = (row.get("caption") or "").strip()
+            if st is None or row.get("split") not in REFERENCE_SPLITS or not caption:
+                continue
+            if len(st.references) >= cfg.style_set_size:
+                continue
+            plain = plain_prompt(cfg, caption, row["style"])
+            st.references.append(data_dir / row["path"])
+            st.base_prompts.append(plain)
+            st.adapter_prompts.append(adapter_prompt(cfg, plain, row["style"]))
+            st.seeds.append(int(cfg.seeds[len(st.seeds) % len(cfg.seeds)]))
+    empty = [s for s, st in sets.items() if not st.references]
+    if empty:
+        raise ValidationInputError(
+            f"{data_dir / MANIFEST}: no captioned train/val images for style(s) {empty}; the content-matched "
+            "style distance draws the references' captions. Give every image a caption and re-run curate."
+        )
+    return sets
 
 
 # --------------------------------------------------------------------------- adherence

@@ -48,3 +48,18 @@ def test_blend_of_unknown_style_is_rejected(tmp_path):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_batch_size_auto_and_thermal_keys(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    shipped = load_params(REPO / "params.yaml").train
+    assert shipped.batch_size == 4 and shipped.max_batch_size == 16 and shipped.thermal_check_every == 50
+    data["train"]["batch_size"] = "auto"
+    assert load_params(_write(tmp_path, data)).train.batch_size == "auto"
+    data["train"]["batch_size"] = "lots"
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*whole number >= 1 or auto"):
+        load_params(_write(tmp_path, data))
+    data["train"]["batch_size"] = 4
+    data["train"]["thermal_pause_s"] = 0
+    with pytest.raises(ConfigError, match=r"train\.thermal_pause_s"):
+        load_params(_write(tmp_path, data))

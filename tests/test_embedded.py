@@ -91,7 +91,7 @@ def test_one_pair_overfit_drives_the_loss_near_zero(tiny_base, one_torch_thread)
 def test_pretraining_script_reproduces_itself(tmp_path, one_torch_thread):
     from stunning.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(images=32, vae_steps=4, vae_batch=4, denoiser_steps=4, denoiser_batch=4, threads=1)
+    cfg = PretrainConfig(images=32, vae_steps=4, vae_batch=4, decoder_steps=3, denoiser_steps=4, denoiser_batch=4, threads=1)
 
     def digest(folder):
         return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -107,7 +107,7 @@ def test_pretraining_resumes_from_the_vae_stage(tmp_path, one_torch_thread):
     """An interrupted run restarts at the denoiser and ends with the same weights."""
     from stunning import pretrain as pt
 
-    cfg = pt.PretrainConfig(images=32, vae_steps=4, vae_batch=4, denoiser_steps=3, denoiser_batch=4, threads=1)
+    cfg = pt.PretrainConfig(images=32, vae_steps=4, vae_batch=4, decoder_steps=3, denoiser_steps=3, denoiser_batch=4, threads=1)
     pt.pretrain(tmp_path / "whole", cfg)
     real = pt.train_denoiser
 

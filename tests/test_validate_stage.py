@@ -128,6 +128,15 @@ def test_validate_stage_writes_reports_grid_and_a_passing_gate(project, tiny_bas
     with Image.open(out / "validation" / "grid.png") as grid:
         assert grid.width > 2 * 96 and grid.height > 6 * 96
     assert len(list((out / "validation" / "fused").glob("*.png"))) == 2
+    # the gain is content-matched: base and adapter drew the six references' captions
+    assert body["style_set_images"] == {"impressionist": 6, "noir": 6}
+    for style in STYLES:
+        for kind in ("base", "adapter"):
+            assert len(list((out / "validation" / "style-sets" / f"{style}-{kind}").glob("*.png"))) == 6
+        info = body["adapters"][style]
+        assert body["style_gain"][style] == pytest.approx(1 - info["own_distance"] / info["base_distance"], abs=1e-5)
+        assert {"fixed_prompts_own_distance", "fixed_prompts_base_distance"} <= set(info)
+        assert len(body["style_residual"][style]) == 3
     assert "GATE PASSED" in capsys.readouterr().out
 
 
@@ -161,3 +170,18 @@ def test_validate_missing_curated_manifest_exits_2(project, tiny_base, tmp_path,
     assert exc.value.code == 2
     assert "manifest.csv" in capsys.readouterr().err
     assert not (project / "run3" / "gate.json").exists()
+
+
+def test_plain_prompt_inverts_the_adapter_prompt_template():
+    from stunning.config import ValidateConfig
+    from stunning.validation import adapter_prompt, plain_prompt
+
+    cfg = ValidateConfig()
+    assert plain_prompt(cfg, "a red dress on a white background, noir style", "noir") == "a red dress on a white background"
+    assert plain_prompt(cfg, "a red dress, impressionist style", "noir") == "a red dress, impressionist style"
+    assert plain_prompt(cfg, ", noir style", "noir") == ", noir style"  # nothing would be left: kept as it is
+    trigger = ValidateConfig(adapter_prompt="sks {style}, {prompt}")
+    assert plain_prompt(trigger, "sks noir, a hat", "noir") == "a hat"
+    assert adapter_prompt(trigger, plain_prompt(trigger, "sks noir, a hat", "noir"), "noir") == "sks noir, a hat"
+    bare = ValidateConfig(adapter_prompt="{prompt}")
+    assert plain_prompt(bare, "a hat", "noir") == "a hat"

@@ -7,7 +7,8 @@ adapter as one that never stopped:
 - `lora.safetensors` — the trainable (LoRA) parameters by module name;
 - `optimizer.pt` — the optimizer state (and the fp16 loss scaler's, when there is one);
 - `rng.safetensors` — the states of the training loop's generators and torch's global RNG;
-- `state.json` — the step, the loss history and the fingerprint (written last).
+- `state.json` — the step, the loss history, the fingerprint and run facts that are not in
+  the config (`meta`, e.g. the batch size `batch_size: auto` resolved to), written last.
 
 Each folder is published with one rename (:func:`stunning.io.atomic_dir`), so a crash while
 writing never leaves a checkpoint that looks complete. The fingerprint hashes the training
@@ -106,6 +107,7 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
     loss_history: list[float] = field(default_factory=list)
     fingerprint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"batch_size": 8}
 
 
 class CheckpointStore:
@@ -143,8 +145,13 @@ class CheckpointStore:
         optimizer: Mapping[str, Any],
         rng: Mapping[str, torch.Tensor],
         loss_history: list[float],
+        meta: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write `step-<step>/` atomically, then prune to the newest `keep`."""
+        """Write `step-<step>/` atomically, then prune to the newest `keep`.
+
+        `meta` (JSON-serialisable) holds what the resumed run must reuse that the config does
+        not fix, e.g. the batch size `batch_size: auto` resolved to.
+        """
         target = self.root / f"step-{step}"
         with atomic_dir(target) as tmp:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
@@ -159,6 +166,7 @@ class CheckpointStore:
                         "step": step,
                         "fingerprint": self.fingerprint,
                         "loss_history": [float(x) for x in loss_history],
+                        "meta": dict(meta or {}),
                     }
                 ),
             )
@@ -197,6 +205,7 @@ class CheckpointStore:
             rng=load_file(path / "rng.safetensors"),
             loss_history=history,
             fingerprint=self.fingerprint,
+            meta=dict(state.get("meta") or {}),
         )
 
     def latest(self) -> Checkpoint | None:

@@ -10,6 +10,12 @@ whose states are checkpointed with the weights, so a resumed run continues exact
 interrupted one stopped. The result is saved in the diffusers LoRA layout (loadable with
 stock `pipe.load_lora_weights(dir)`) next to the resolved `train_config.yaml`; losses,
 throughput, peak memory, sample images and the adapter go to the experiment tracker.
+
+Two things keep a long run alive on a small machine: `batch_size: auto` probes the largest
+batch that fits before training (`stunning.training.batch`), and any step that runs out of
+memory halves the batch and is redone; a thermal guard (`stunning.training.thermal`) pauses
+while the OS reports the machine throttling. The batch size in use is checkpointed, so a
+resumed run continues with it (never re-probed) and stays exact.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import torch
 from stunning.config import TrainConfig, dump_resolved
 from stunning.io import atomic_dir
 from stunning.tracking import NullTracker, Tracker
+from stunning.training.batch import BatchSizeError, find_batch_size, free_memory, is_oom_error
 from stunning.training.cache import EncodingCache
 from stunning.training.checkpoint import CheckpointStore, fingerprint
 from stunning.training.dataset import CuratedDataset, style_rows
+from stunning.training.thermal import ThermalGuard, ThermalProbe, describe
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,11 @@ SAMPLE_GUIDANCE = 4.0
 # Config keys that never change the trained weights (bookkeeping, and sampling, which runs
 # on its own generators and a forked global RNG); left out of the checkpoint fingerprint so
 # changing them still resumes.
-NON_NUMERIC_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompt"})
+NON_NUMERIC_KEYS = frozenset({
+    "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompt",
+    # Pausing for heat delays steps but never changes them.
+    "thermal_check_every", "thermal_pause_s", "thermal_max_pause_s",
+})
 # Below this many denoiser parameters a CPU run uses one intra-op thread: the kernels are too
 # small for OpenMP to pay for its synchronisation, and its spinning threads make a run on a
 # busy machine 10-100x slower (embedded model, batch 4, 2 cores: 18-22 steps/s with one
@@ -127,9 +139,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             p.copy_(state[n].to(device=p.device, dtype=p.dtype))
 
 
-def _rng_state(loop_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    # The global RNG drives LoRA dropout; the generators drive batches, noise and timesteps.
-    state = {"loop": loop_gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
+def _global_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    # The global RNG (and the device's) drives LoRA dropout.
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
@@ -137,16 +149,25 @@ def _rng_state(loop_gen: torch.Generator, noise_gen: torch.Generator, device: to
     return state
 
 
-def _set_rng_state(
-    state: dict[str, torch.Tensor], loop_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device
-) -> None:
-    loop_gen.set_state(state["loop"])
-    noise_gen.set_state(state["noise"])
+def _set_global_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
     elif device.type == "mps" and "mps" in state:
         torch.mps.set_rng_state(state["mps"])
+
+
+def _rng_state(loop_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    # The generators drive batches, noise and timesteps; the global RNG LoRA dropout.
+    return {"loop": loop_gen.get_state(), "noise": noise_gen.get_state(), **_global_rng_state(device)}
+
+
+def _set_rng_state(
+    state: dict[str, torch.Tensor], loop_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device
+) -> None:
+    loop_gen.set_state(state["loop"])
+    noise_gen.set_state(state["noise"])
+    _set_global_rng_state(state, device)
 
 
 def cpu_threads_for(model: torch.nn.Module, device: torch.device) -> int | None:
@@ -265,6 +286,7 @@ def train_style(
     on_step: StepCallback | None = None,
     progress: bool | None = None,
     cache_dir: str | Path | None = None,
+    thermal_probe: ThermalProbe | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter for `style`; save it to `out_dir/<style>/`; return a summary.
 
@@ -277,12 +299,17 @@ def train_style(
     newest checkpoint survives). `progress=None` shows the progress bar only on a terminal.
     `cache_dir` keeps encoded images and captions on disk, keyed by content
     (`stunning.training.cache`); None encodes everything in memory each run.
+    `thermal_probe` replaces :func:`stunning.device.thermal_state` as the thermal guard's
+    source of the OS thermal state (tests feed captured states through it).
 
     The summary holds `final_loss` (mean of the last few steps' losses), `val_loss` and
     `base_val_loss` (the same fixed-noise objective on the val split with and without the
     adapter; None without val images), `steps`, `steps_per_s`, `images_per_s` (of the steps
     run in this call; None if none ran), `peak_memory_mb`, `mlflow_run_id`, `seconds`,
-    `adapter`, `resumed_from_step`, `fingerprint`, `device`, `mixed_precision`, `loss_history`.
+    `adapter`, `resumed_from_step`, `fingerprint`, `device`, `mixed_precision`, `loss_history`,
+    `batch_size` (the one in use at the end: `batch_size: auto` resolved, after any halving),
+    `batch_backoffs` (steps redone with half the batch after running out of memory),
+    `thermal_checks`, `thermal_throttled_checks` and `thermal_paused_s` (of this call).
     """
     from stunning.device import PeakMemory, select_device
     from stunning.families import get_family
@@ -296,8 +323,10 @@ def train_style(
 
     train_set = CuratedDataset(curated_dir, style, "train")
     val_set = CuratedDataset(curated_dir, style, "val", allow_empty=True)
+    # max_batch_size only matters when the batch size is probed.
+    exclude = set(NON_NUMERIC_KEYS) | ({"max_batch_size"} if cfg.batch_size != "auto" else set())
     fp = fingerprint(
-        cfg.model_dump(exclude=set(NON_NUMERIC_KEYS)),
+        cfg.model_dump(exclude=exclude),
         base_path,
         style_rows(curated_dir, style),
         curated_dir,
@@ -326,14 +355,19 @@ def train_style(
         with PeakMemory(dev) as pm:
             result = _train(
                 fam, base_path, train_set, val_set, style, cfg, dev, mixed_precision, store, tracker, on_step, progress,
-                Path(cache_dir) if cache_dir is not None else None,
+                Path(cache_dir) if cache_dir is not None else None, thermal_probe,
             )
-        pipe, history, start_step, loop_s, val_loss, base_val_loss = result
+        pipe, history, start_step, loop_s, val_loss, base_val_loss, info = result
         if dev.type == "cpu":
             tracker.log_params({"cpu_threads": torch.get_num_threads()})
         steps_run = cfg.steps - start_step
         steps_per_s = steps_run / loop_s if steps_run and loop_s > 0 else None
-        images_per_s = steps_per_s * cfg.batch_size * cfg.gradient_accumulation if steps_per_s else None
+        images_per_s = info["images"] / loop_s if steps_per_s else None
+        run_facts = {
+            "batch_size": info["batch_size"],
+            "batch_backoffs": info["batch_backoffs"],
+            **info["thermal"],
+        }
 
         adapter_dir = out_dir / style
         with atomic_dir(adapter_dir) as tmp:
@@ -348,6 +382,7 @@ def train_style(
                 "target_blocks": cfg.target_blocks,
                 "trigger_words": cfg.trigger_words,
                 "steps": cfg.steps,
+                "batch_size": info["batch_size"],
             })
             dump_resolved(cfg, tmp / "train_config.yaml")
         adapter_file = adapter_dir / "pytorch_lora_weights.safetensors"
@@ -359,6 +394,7 @@ def train_style(
             "peak_memory_mb": pm.peak_mb,
             "peak_memory_delta_mb": pm.delta_mb,
             "seconds": time.perf_counter() - t_start,
+            **run_facts,
         }
         if steps_per_s is not None:
             metrics.update(steps_per_s=steps_per_s, images_per_s=images_per_s)
@@ -395,15 +431,18 @@ def train_style(
         "mixed_precision": mixed_precision,
         "n_images": len(train_set),
         "loss_history": history,
+        **run_facts,
     }
     log.info(
-        "%s: %d steps, final loss %.4f, val loss %s, %s steps/s, peak %.0f MB",
+        "%s: %d steps, final loss %.4f, val loss %s, %s steps/s, peak %.0f MB, batch %d, paused %.0f s for heat",
         style,
         cfg.steps,
         final_loss,
         "n/a" if val_loss is None else f"{val_loss:.4f}",
         "n/a" if steps_per_s is None else f"{steps_per_s:.2f}",
         pm.peak_mb,
+        run_facts["batch_size"],
+        run_facts["thermal_paused_s"],
     )
     return summary
 
@@ -422,8 +461,11 @@ def _train(
     on_step: StepCallback | None,
     progress: bool | None,
     cache_dir: Path | None = None,
+    thermal_probe: ThermalProbe | None = None,
 ):
-    """The training proper; returns (pipe, loss history, start step, loop seconds, val, base val)."""
+    """The training proper; returns (pipe, loss history, start step, loop seconds, val, base val,
+    info) where `info` holds `batch_size`, `batch_backoffs`, `images` (trained on in this call)
+    and `thermal` (the guard's counters)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers.training_utils import cast_training_params
@@ -457,6 +499,21 @@ def _train(
     # Trainable parameters stay float32 even when the frozen weights are half precision.
     cast_training_params(denoiser, dtype=torch.float32)
     params = [p for p in denoiser.parameters() if p.requires_grad]
+
+    # The batch size: the checkpoint's (a resumed run continues with the one it used, never
+    # re-probed), else the config's, else probed. Probing happens here, before the optimizer
+    # and the loop's generators exist, and restores what it touches (see _probe_batch_size).
+    ckpt = store.latest() if store else None
+    if ckpt is not None and "batch_size" in ckpt.meta:
+        batch, batch_source = int(ckpt.meta["batch_size"]), "checkpoint"
+    elif cfg.batch_size == "auto":
+        batch = _probe_batch_size(fam, pipe, params, scheduler, latents, cond, cfg, dev, mixed_precision)
+        batch_source = "probe"
+    else:
+        batch, batch_source = int(cfg.batch_size), "config"
+    log.info("%s: batch size %d (%s)", style, batch, batch_source)
+    tracker.log_params({"batch_size": batch, "batch_size_source": batch_source})
+
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     from diffusers.optimization import get_scheduler
 
@@ -473,7 +530,6 @@ def _train(
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     history: list[float] = []
     start_step = 0
-    ckpt = store.latest() if store else None
     if ckpt is not None:
         load_trainable_state(denoiser, ckpt.lora)
         optimizer.load_state_dict(ckpt.optimizer["optimizer"])
@@ -487,6 +543,7 @@ def _train(
         log.info("%s: resuming from %s (step %d of %d)", style, ckpt.path, ckpt.step, cfg.steps)
         for i, loss in enumerate(history, start=1):
             tracker.log_metrics({"loss": loss}, step=i)
+    tracker.log_metrics({"batch_size": batch}, step=start_step)
 
     # The shared accelerate state would refuse a second Accelerator with another precision
     # in the same process (two runs in one test session or flow); each run sets its own.
@@ -501,8 +558,44 @@ def _train(
         accelerator.scaler.load_state_dict(ckpt.optimizer["scaler"])
     optimizer = accelerator.prepare(optimizer)
 
+    def run_step(batch_size: int, updated: list[bool]) -> list[float]:
+        """One optimizer step (all its micro-batches); the micro-batch losses."""
+        micro = []
+        for _ in range(cfg.gradient_accumulation):
+            idx = sample_indices(latents.shape[0], batch_size, loop_gen).to(latents.device)
+            batch_cond = cond[idx]
+            if empty_cond is not None:
+                drop = torch.rand(len(idx), generator=loop_gen) < cfg.caption_dropout
+                batch_cond = torch.where(
+                    drop.to(cond.device)[:, None, None], empty_cond.expand_as(batch_cond), batch_cond
+                )
+            with accelerator.accumulate(denoiser):
+                with accelerator.autocast():
+                    loss = fam.training_loss(pipe, latents[idx], batch_cond, noise_gen, scheduler=scheduler)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    updated[0] = True  # from here on the step cannot be redone
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                lr_schedule.step()
+                if ema is not None:
+                    ema.step(params)
+            micro.append(loss.detach().float().item())
+        return micro
+
+    guard = ThermalGuard(
+        thermal_probe,
+        check_every=cfg.thermal_check_every,
+        pause_s=cfg.thermal_pause_s,
+        max_pause_s=cfg.thermal_max_pause_s,
+    )
+    backoffs = 0
+    images = 0
     denoiser.train()
-    pending: list[tuple[int, float]] = []
+    pending: list[tuple[int, dict[str, float]]] = []
     bar = tqdm(
         total=cfg.steps,
         initial=start_step,
@@ -513,31 +606,53 @@ def _train(
     t0 = time.perf_counter()
     try:
         for step in range(start_step + 1, cfg.steps + 1):
-            micro = []
-            for _ in range(cfg.gradient_accumulation):
-                idx = sample_indices(latents.shape[0], cfg.batch_size, loop_gen).to(latents.device)
-                batch_cond = cond[idx]
-                if empty_cond is not None:
-                    drop = torch.rand(len(idx), generator=loop_gen) < cfg.caption_dropout
-                    batch_cond = torch.where(drop.to(cond.device)[:, None, None], empty_cond.expand_as(batch_cond), batch_cond)
-                with accelerator.accumulate(denoiser):
-                    with accelerator.autocast():
-                        loss = fam.training_loss(pipe, latents[idx], batch_cond, noise_gen, scheduler=scheduler)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    lr_schedule.step()
-                    if ema is not None:
-                        ema.step(params)
-                micro.append(loss.detach().float().item())
+            step_metrics: dict[str, float] = {}
+            while True:
+                # What a step redone after running out of memory must start from again.
+                rng_before, accumulated_before = _rng_state(loop_gen, noise_gen, dev), accelerator.step
+                updated = [False]
+                failure = None
+                try:
+                    micro = run_step(batch, updated)
+                except Exception as exc:
+                    if not is_oom_error(exc) or updated[0]:
+                        raise
+                    failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if failure is None:
+                    break
+                # Out of the except block: the failed attempt's frames and tensors are released.
+                for p in params:
+                    p.grad = None
+                _set_rng_state(rng_before, loop_gen, noise_gen, dev)
+                accelerator.step = accumulated_before
+                free_memory(dev)
+                if batch == 1:
+                    raise BatchSizeError(
+                        f"{style}: step {step} runs out of memory on {dev} even with a batch of 1 image ({failure}). "
+                        "Lower data.resolution or train.rank, set train.gradient_checkpointing: true, or use "
+                        "train.mixed_precision fp16/bf16 on a GPU."
+                    )
+                batch //= 2
+                backoffs += 1
+                step_metrics["batch_size"] = batch
+                log.warning(
+                    "%s: step %d ran out of memory (%s); redoing it with batch size %d", style, step, failure, batch
+                )
+            images += batch * cfg.gradient_accumulation
             step_loss = sum(micro) / len(micro)
             history.append(step_loss)
-            pending.append((step, step_loss))
+            step_metrics["loss"] = step_loss
+            check = guard(step)
+            if check is not None:
+                step_metrics["thermal_throttled"] = float(check.throttled)
+                step_metrics["thermal_paused_s"] = guard.paused_s
+                t0 += check.paused_s  # a pause for heat is not training throughput
+            pending.append((step, step_metrics))
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            postfix = {"loss": f"{step_loss:.4f}"}
+            if guard.last_state is not None:
+                postfix["thermal"] = describe(guard.last_state)
+            bar.set_postfix(postfix)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                 t_sample = time.perf_counter()
                 _log_intermediate_samples(fam, pipe, cfg, style, step, dev, tracker)
@@ -548,7 +663,14 @@ def _train(
                     opt_state["ema"] = ema.state_dict()
                 if accelerator.scaler is not None:
                     opt_state["scaler"] = accelerator.scaler.state_dict()
-                store.save(step, trainable_state(denoiser), opt_state, _rng_state(loop_gen, noise_gen, dev), history)
+                store.save(
+                    step,
+                    trainable_state(denoiser),
+                    opt_state,
+                    _rng_state(loop_gen, noise_gen, dev),
+                    history,
+                    meta={"batch_size": batch},
+                )
                 # Metrics are flushed with each checkpoint: per-step database writes would
                 # slow the loop, and a crashed run still shows its curve up to here.
                 _flush(tracker, pending)
@@ -564,19 +686,104 @@ def _train(
     denoiser.eval()
     val_loss = base_val_loss = None
     if val_latents is not None:
-        val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, cfg.batch_size)
+        val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, batch)
         denoiser.disable_adapters()
         try:
-            base_val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, cfg.batch_size)
+            base_val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, batch)
         finally:
             denoiser.enable_adapters()
     accelerator.free_memory()
-    return pipe, history, start_step, loop_s, val_loss, base_val_loss
+    info = {"batch_size": batch, "batch_backoffs": backoffs, "images": images, "thermal": guard.metrics()}
+    return pipe, history, start_step, loop_s, val_loss, base_val_loss, info
 
 
-def _flush(tracker: Tracker, pending: list[tuple[int, float]]) -> None:
-    for step, loss in pending:
-        tracker.log_metrics({"loss": loss}, step=step)
+def _autocast(dev: torch.device, mixed_precision: str):
+    """The autocast context of `mixed_precision` on `dev` (what accelerate's `autocast` enters)."""
+    if mixed_precision in ("fp16", "bf16"):
+        return torch.autocast(device_type=dev.type, dtype=weight_dtype(mixed_precision))
+    return contextlib.nullcontext()
+
+
+def _attention_geometry(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """(attention heads, patch size) of a diffusers denoiser, for the MPS batch cap.
+
+    Transformers (sd3) name their heads `num_attention_heads`; the SD 1.x UNet's
+    `attention_head_dim` is, despite its name, its number of heads. Unknown: 8 heads, no patches.
+    """
+    config = dict(getattr(denoiser, "config", {}) or {})
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
+    if isinstance(heads, list | tuple):
+        heads = max((h for h in heads if isinstance(h, int)), default=8)
+    patch = config.get("patch_size") or 1
+    return int(heads), int(patch) if isinstance(patch, int) else 1
+
+
+def _probe_batch_size(
+    fam,
+    pipe,
+    params: list[torch.nn.Parameter],
+    scheduler,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    cfg: TrainConfig,
+    dev: torch.device,
+    mixed_precision: str,
+) -> int:
+    """Resolve `batch_size: auto` with trial steps that leave no trace on the run.
+
+    Runs before the run's optimizer, schedule and generators are created. Each trial is one
+    forward/backward (in training mode, under the run's autocast, with gradient checkpointing
+    if enabled) and one step of a throwaway AdamW (its state is part of the memory), on the
+    first images of the train set with noise from a throwaway generator. Afterwards the
+    adapter weights are copied back from before the trials, the gradients dropped and torch's
+    global RNG (LoRA dropout) restored, so the run trains exactly as if the chosen size had
+    been set in the config.
+    """
+    denoiser = fam.denoiser(pipe)
+    heads, patch = _attention_geometry(denoiser)
+    snapshot = trainable_state(denoiser)
+    rng = _global_rng_state(dev)
+    was_training = denoiser.training
+    probe_opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    n = latents.shape[0]
+
+    def trial(batch_size: int) -> None:
+        idx = (torch.arange(batch_size) % n).to(latents.device)
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        try:
+            with _autocast(dev, mixed_precision):
+                loss = fam.training_loss(pipe, latents[idx], cond[idx], gen, scheduler=scheduler)
+            loss.backward()
+            probe_opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # an asynchronous failure surfaces here, not in training
+        finally:
+            probe_opt.zero_grad(set_to_none=True)
+
+    denoiser.train()
+    try:
+        search = find_batch_size(
+            trial,
+            1,
+            cfg.max_batch_size,
+            dev,
+            latent_shape=tuple(latents.shape[1:]),
+            heads=heads,
+            patch_size=patch,
+            bytes_per_element=weight_dtype(mixed_precision).itemsize,
+        )
+    finally:
+        probe_opt.state.clear()  # its moments are the trials', and memory the run needs
+        load_trainable_state(denoiser, snapshot)
+        _set_global_rng_state(rng, dev)
+        denoiser.train(was_training)
+        free_memory(dev)
+    return search.batch_size
+
+
+def _flush(tracker: Tracker, pending: list[tuple[int, dict[str, float]]]) -> None:
+    for step, metrics in pending:
+        tracker.log_metrics(metrics, step=step)
     pending.clear()
 
 
