@@ -1,6 +1,6 @@
 """Train the embedded micro model from scratch: the VAE first, then the MMDiT and text encoders.
 
-Run ``python -m stunning.pretrain --out stunning/assets/micro`` (about 40 minutes on a
+Run ``python -m stunning.pretrain --out stunning/assets/micro`` (about 37 minutes on a
 2-core laptop CPU with the defaults; seed 0 is what ships). Everything the model sees is the
 *unstyled* procedural world (`stunning.data.sample.render_clean`): styles are what LoRA
 adapters add later. Scenes whose (garment, colour) pair is in
