@@ -257,12 +257,22 @@ def save_model(pipe, out_dir: str | Path, settings: dict | None = None) -> Path:
 
 
 def build_tiny(out_dir: str | Path, family: str = "sd3", seed: int = 0) -> Path:
-    """Save a randomly initialised tiny model of `family` (``sd3`` or ``sd-unet``) to `out_dir`."""
+    """Save a randomly initialised tiny model of `family` to `out_dir`.
+
+    ``sd3`` and ``sd-unet`` are built here; any other family builds its own through its
+    module's ``tiny_pipeline(seed)`` (returning the stock diffusers pipeline object).
+    """
     if family == "sd3":
         return save_model(build_micro(seed), out_dir, {"t5_tokens": T5_TOKENS, "trained": False})
     if family == "sd-unet":
         return save_model(build_tiny_sd_unet(seed), out_dir)
-    raise ValueError(f"no tiny build for family {family!r}; choose sd3 or sd-unet")
+    from stunning.families import available, get_family
+
+    builder = getattr(get_family(family), "tiny_pipeline", None)
+    if builder is None:
+        raise ValueError(f"no tiny build for family {family!r}; families with one: sd3, sd-unet and "
+                         f"those of {available()} whose module defines tiny_pipeline()")
+    return save_model(builder(seed), out_dir)
 
 
 class EmbeddedModelMissing(FileNotFoundError):

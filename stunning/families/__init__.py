@@ -216,6 +216,19 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# Modules of this package that are helpers, not families.
+_NOT_FAMILIES = frozenset({"source", "formats"})
+
+
 def _load_builtin() -> None:
-    # Importing a family module registers it; imports stay lazy so `stunning` starts fast.
-    from stunning.families import sd3, sd_unet  # noqa: F401
+    """Import every family module of this package; importing one registers it.
+
+    Discovery instead of a fixed list: adding a family is adding a module. Imports stay
+    lazy (on the first lookup) so `import stunning` starts fast.
+    """
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in _NOT_FAMILIES:
+            importlib.import_module(f"{__name__}.{info.name}")
