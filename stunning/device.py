@@ -91,16 +91,72 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     CPU: float32 (half-precision matmuls on CPU are slow or unsupported for many kernels).
     CUDA: bfloat16 where the GPU supports it (Ampere and newer; no loss scaling needed),
     else float16.
-    MPS: float16. bfloat16 needs macOS 14+ and several MPS kernels still fall back to the
-    CPU for it, while float16 is the path diffusers and Apple's own Stable Diffusion ports
-    use; trainable LoRA parameters stay float32 regardless, so training stays stable.
+    MPS: what :func:`mps_half_precision` picks for this Mac (bfloat16 on M2 and newer with
+    macOS 14+ and torch 2.6+, else float16). Trainable LoRA parameters stay float32
+    regardless, so training stays stable.
     """
     dev = torch.device(device) if isinstance(device, str) else device
     if dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type == "mps":
-        return torch.float16
+        return torch.bfloat16 if mps_half_precision()[0] == "bf16" else torch.float16
     return torch.float32
+
+
+# torch added bfloat16 autocast on MPS in 2.6 (MPS bf16 tensors need macOS 14, Sonoma).
+MPS_BF16_MIN_TORCH = (2, 6)
+MPS_BF16_MIN_MACOS = (14, 0)
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", (text or "").split("+")[0])
+    return tuple(int(p) for p in parts[:3])
+
+
+def mps_half_precision(
+    torch_version: str | None = None, macos_version: str | None = None, chip: str | None = None
+) -> tuple[str, str]:
+    """("bf16" | "fp16", why) for training and sampling on an Apple-silicon GPU.
+
+    The choice the Mac trainers make: bfloat16 (what SimpleTuner, ai-toolkit and mflux train
+    FLUX/SD3 in; the range of float32, so no loss scaling and no fp16 overflow in large
+    transformers) where it is real, i.e. macOS 14+ (MPS has no bf16 before Sonoma), torch
+    2.6+ (bf16 autocast on MPS) and an M2 or newer chip (the M1 has no bf16 arithmetic;
+    Metal emulates it through float32, slower than fp16). Otherwise float16, the path of
+    diffusers' MPS guide and Apple's Core ML Stable Diffusion, with a gradient scaler. The
+    VAE stays float32 where fp16 overflows (see :func:`vae_needs_fp32`). Arguments default
+    to this machine's values; tests pass captured ones.
+    """
+    torch_version = torch.__version__ if torch_version is None else torch_version
+    if macos_version is None:
+        macos_version = platform.mac_ver()[0]
+    if chip is None:
+        chip = _mac_chip()
+    if _version_tuple(torch_version) < MPS_BF16_MIN_TORCH:
+        return "fp16", f"torch {torch_version} has no bfloat16 autocast on MPS (needs 2.6+)"
+    if not macos_version or _version_tuple(macos_version) < MPS_BF16_MIN_MACOS:
+        return "fp16", f"macOS {macos_version or 'unknown'} has no bfloat16 on MPS (needs 14+)"
+    if re.search(r"\bM1\b", chip or ""):
+        return "fp16", f"{chip} emulates bfloat16 in float32 (M2 or newer computes it natively)"
+    return "bf16", f"{chip or 'Apple silicon'}, macOS {macos_version}, torch {torch_version}: native bfloat16"
+
+
+def _mac_chip() -> str:
+    """The Mac's chip name (e.g. 'Apple M2 Pro'), or '' where sysctl does not tell."""
+    if platform.system() != "Darwin":
+        return ""
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def vae_needs_fp32(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """True when `vae` must stay float32 under `dtype`: float16 with a VAE whose config sets
+    `force_upcast` (diffusers' flag for VAEs that overflow in fp16, e.g. SDXL's)."""
+    config = getattr(vae, "config", None)
+    return dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
 
 
 # --------------------------------------------------------------------------- thermal parsers

@@ -176,3 +176,32 @@ def test_peak_memory_cpu_idle_block_is_small():
         time.sleep(0.02)
     assert pm.delta_mb < 50
     assert pm.elapsed_s >= 0.02
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "macos", "chip", "expected"),
+    [
+        ("2.13.0", "15.2", "Apple M3 Max", "bf16"),
+        ("2.13.0+cpu", "14.0", "Apple M2", "bf16"),
+        ("2.13.0", "15.2", "Apple M1 Pro", "fp16"),  # bf16 only emulated on the M1
+        ("2.13.0", "13.6.1", "Apple M2", "fp16"),  # no MPS bf16 before Sonoma
+        ("2.5.1", "15.2", "Apple M3", "fp16"),  # no bf16 autocast on MPS before torch 2.6
+        ("2.13.0", "", "", "fp16"),  # not a Mac at all
+    ],
+)
+def test_mps_half_precision_follows_chip_os_and_torch(torch_version, macos, chip, expected):
+    choice, why = dev.mps_half_precision(torch_version, macos, chip)
+    assert choice == expected
+    assert why  # the reason is shown to the user
+
+
+def test_vae_stays_fp32_only_where_fp16_overflows():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                        force_upcast=True)
+    assert dev.vae_needs_fp32(vae, torch.float16)
+    assert not dev.vae_needs_fp32(vae, torch.bfloat16) and not dev.vae_needs_fp32(vae, torch.float32)
+    vae.register_to_config(force_upcast=False)
+    assert not dev.vae_needs_fp32(vae, torch.float16)
