@@ -266,9 +266,11 @@ def build_tiny(out_dir: str | Path, family: str = "sd3", seed: int = 0) -> Path:
         return save_model(build_micro(seed), out_dir, {"t5_tokens": T5_TOKENS, "trained": False})
     if family == "sd-unet":
         return save_model(build_tiny_sd_unet(seed), out_dir)
+    import sys
+
     from stunning.families import available, get_family
 
-    builder = getattr(get_family(family), "tiny_pipeline", None)
+    builder = getattr(sys.modules[type(get_family(family)).__module__], "tiny_pipeline", None)
     if builder is None:
         raise ValueError(f"no tiny build for family {family!r}; families with one: sd3, sd-unet and "
                          f"those of {available()} whose module defines tiny_pipeline()")

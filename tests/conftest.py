@@ -45,6 +45,22 @@ def tiny_sd_unet(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A randomly initialised SDXL-layout model (family `sdxl`: two text encoders, size ids)."""
+    from stunning.embedded import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("base") / "tiny-sdxl", family="sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A randomly initialised FLUX.1-layout model (family `flux`: CLIP + T5, guidance embedding)."""
+    from stunning.embedded import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("base") / "tiny-flux", family="flux", seed=0)
+
+
+@pytest.fixture(scope="session")
 def micro_base() -> Path:
     """The shipped, trained micro model (read-only: copy it before changing anything)."""
     from stunning.embedded import SHIPPED

@@ -12,12 +12,13 @@ import torch
 
 from stunning.families import ModelNotFoundError, available, get_family
 
-FAMILIES = ["sd3", "sd-unet"]
+FAMILIES = ["sd3", "sd-unet", "sdxl"]
+TINY = {"sd3": "tiny_base", "sd-unet": "tiny_sd_unet", "sdxl": "tiny_sdxl", "flux": "tiny_flux"}
 
 
 @pytest.fixture(params=FAMILIES)
-def family_base(request, tiny_base, tiny_sd_unet):
-    return request.param, {"sd3": tiny_base, "sd-unet": tiny_sd_unet}[request.param]
+def family_base(request):
+    return request.param, request.getfixturevalue(TINY[request.param])
 
 
 def test_builtin_families_are_registered():
@@ -54,7 +55,9 @@ def test_a_training_step_lowers_the_loss_and_the_adapter_round_trips(family_base
 
     path = fam.save_lora(pipe, tmp_path / "lora")
     assert path.name == "pytorch_lora_weights.safetensors" and path.is_file()
-    absent = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}  # SD3 without T5, as documented
+    absent = {  # SD3 without T5, as documented; SDXL without the optional watermark package
+        "sd3": {"text_encoder_3": None, "tokenizer_3": None}, "sdxl": {"add_watermarker": False},
+    }.get(name, {})
     stock = fam.pipeline_class().from_pretrained(str(base), local_files_only=True, **absent)
     stock.load_lora_weights(str(tmp_path / "lora"))
     assert any("lora" in n for n, _ in getattr(stock, fam.lora_component).named_modules())
@@ -120,3 +123,83 @@ def test_block_wise_targets_and_adapter_metadata(tiny_base, tmp_path, one_torch_
     assert "lora_adapter_metadata" in meta  # diffusers' own entry (the LoraConfig) is kept
     stock = fam.pipeline_class().from_pretrained(str(tiny_base), text_encoder_3=None, tokenizer_3=None)
     stock.load_lora_weights(str(tmp_path / "lora"))  # still a plain diffusers LoRA file
+
+
+def test_the_trainer_trains_and_resumes_every_family(family_base, tmp_path, one_torch_thread):
+    """`train_style` (the pipeline's trainer) on each family: adapter saved, val loss measured."""
+    from safetensors import safe_open
+    from test_training import make_curated
+
+    from stunning.config import TrainConfig
+    from stunning.training.lora import train_style
+
+    name, base = family_base
+    fam = get_family(name)
+    curated = make_curated(tmp_path / "curated", n_train=4, n_val=2)
+    cfg = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, learning_rate=5e-3,
+                      target_modules=fam.default_lora_targets, caption_dropout=0.2)
+
+    def crash_at_3(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_style(base, name, curated, "noir", cfg, tmp_path / "out", None, tmp_path / "ckpt", device="cpu",
+                    sample_seeds=[], on_step=crash_at_3)
+    summary = train_style(base, name, curated, "noir", cfg, tmp_path / "out", None, tmp_path / "ckpt",
+                          device="cpu", sample_seeds=[0], samples_dir=tmp_path / "samples")
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4 and summary["val_loss"] is not None
+    with safe_open(summary["adapter"], framework="pt") as f:
+        assert f.metadata()["stunning.family"] == name
+    assert len(list((tmp_path / "samples" / "noir").glob("*.png"))) == 1
+
+def test_sdxl_size_conditioning_follows_the_latent_shape(tiny_sdxl, one_torch_thread):
+    from stunning.families.sdxl import time_ids
+
+    fam = get_family("sdxl")
+    pipe = fam.load_pipeline(tiny_sdxl, torch.device("cpu"), torch.float32)
+    ids = time_ids(torch.zeros(2, 4, 4, 6), pipe.vae_scale_factor)
+    assert ids.tolist() == [[8.0, 12.0, 0.0, 0.0, 8.0, 12.0]] * 2  # (h, w, crop, target) in pixels
+    # The stock pipeline gives the same ids when it samples at that size.
+    stock = pipe._get_add_time_ids((8, 12), (0, 0), (8, 12), dtype=torch.float32,
+                                   text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert stock[0].tolist() == ids[0].tolist()
+    # Non-square latents (an aspect-ratio bucket, 32x48 px) train.
+    wide = fam.encode_images(pipe, torch.rand(2, 3, 32, 48) * 2 - 1, torch.Generator().manual_seed(0))
+    cond = fam.encode_prompts(pipe, ["a red dress", "a blue hat"])
+    assert wide.shape[-2:] == (16, 24)
+    loss = fam.training_loss(pipe, wide, cond, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
+def test_sdxl_v_prediction_target(tiny_sdxl, one_torch_thread):
+    """With a v-prediction scheduler the target is the velocity, not the noise."""
+    from diffusers import DDPMScheduler
+
+    fam = get_family("sdxl")
+    pipe = fam.load_pipeline(tiny_sdxl, torch.device("cpu"), torch.float32)
+    latents = fam.encode_images(pipe, torch.rand(2, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
+    cond = fam.encode_prompts(pipe, ["a red dress"] * 2)
+    eps = fam.noise_scheduler(pipe)
+    v = DDPMScheduler.from_config(eps.config, prediction_type="v_prediction")
+    loss_eps = fam.training_loss(pipe, latents, cond, torch.Generator().manual_seed(0), scheduler=eps)
+    loss_v = fam.training_loss(pipe, latents, cond, torch.Generator().manual_seed(0), scheduler=v)
+    assert torch.isfinite(loss_v) and float(loss_v) != pytest.approx(float(loss_eps))
+    bad = DDPMScheduler.from_config(eps.config, prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type"):
+        fam.training_loss(pipe, latents, cond, torch.Generator().manual_seed(0), scheduler=bad)
+
+
+@pytest.mark.parametrize(("name", "block", "prefix"), [
+    ("sdxl", "down_blocks.1", "down_blocks.1."),
+    ("sd-unet", "up_blocks.0", "up_blocks.0."),
+])
+def test_unet_block_wise_targets(name, block, prefix, request, one_torch_thread):
+    from stunning.config import TrainConfig
+    from stunning.training.lora import lora_config
+
+    fam = get_family(name)
+    pipe = fam.load_pipeline(request.getfixturevalue(TINY[name]), torch.device("cpu"), torch.float32)
+    pipe.unet.add_adapter(lora_config(TrainConfig(target_modules=["to_q"], target_blocks=[block])))
+    adapted = {n.split(".lora_A")[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
+    assert adapted and all(a.startswith(prefix) and a.endswith("to_q") for a in adapted)

@@ -1,0 +1,218 @@
+"""Stable Diffusion XL family: UNet2DConditionModel (text_time) + AutoencoderKL + two CLIP encoders.
+
+Loads a local diffusers folder with the stock `StableDiffusionXLPipeline` and trains with the
+DDPM objective of SD 1.x (epsilon or v-prediction by the scheduler's `prediction_type`).
+What SDXL adds (Podell et al. 2023, arXiv:2307.01952):
+
+- two text encoders (CLIP ViT-L and OpenCLIP bigG): their penultimate hidden states are
+  concatenated per token, and the second one's pooled, projected output conditions the
+  UNet's additional embedding;
+- size and crop conditioning, six "time ids" (original height and width, crop top and left,
+  target height and width) added to that embedding.
+
+Conditioning is one tensor per image in this project's trainer, so
+:meth:`SDXLFamily.encode_prompts` *packs* the pooled vector as one extra, zero-padded token
+at the end of the sequence and :func:`unpack` splits it again (as the sd3 module does). The
+time ids are not cached: they are computed from the latent's own spatial size in
+:meth:`SDXLFamily.training_loss` (original = target = the image size, no crop), so every
+aspect-ratio bucket gets the conditioning the stock pipeline gives that size at sampling.
+
+Adapters are saved in the diffusers SDXL LoRA layout, which stock
+`StableDiffusionXLPipeline.load_lora_weights(dir)` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stunning.families import (
+    LoraSavingMixin,
+    ModelNotFoundError,
+    check_model_dir,
+    image_moments,
+    register,
+    sample_posterior,
+)
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+
+def unpack(pipe, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split packed conditioning into (per-token embeddings, pooled text embeddings)."""
+    pooled_dim = pipe.text_encoder_2.config.projection_dim
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
+def time_ids(latents: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+    """SDXL's six size/crop ids per image for latents of this spatial size: (N, 6).
+
+    Original and target size are the image size the latent decodes to, the crop is (0, 0):
+    what `StableDiffusionXLPipeline` passes by default when sampling at that size.
+    """
+    h, w = latents.shape[-2] * vae_scale_factor, latents.shape[-1] * vae_scale_factor
+    ids = torch.tensor([h, w, 0, 0, h, w], device=latents.device, dtype=latents.dtype)
+    return ids.expand(latents.shape[0], 6)
+
+
+class SDXLFamily(LoraSavingMixin):
+    """The `sdxl` family (Stable Diffusion XL layout, base model; no refiner)."""
+
+    name = "sdxl"
+    required_components = REQUIRED_COMPONENTS
+    lora_component = "unet"
+    lora_components = ("unet", "text_encoder", "text_encoder_2")
+    # The attention projections of every transformer block (self- and cross-attention).
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    # Block-wise selection (train.target_blocks): e.g. "down_blocks.2", "mid_block", "up_blocks.0".
+    block_pattern = "down_blocks.{i}."
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def load_pipeline(self, path, device, dtype):
+        from diffusers import StableDiffusionXLPipeline
+
+        from stunning.device import vae_needs_fp32
+
+        check_model_dir(Path(path), self.required_components)
+        # No invisible watermark: it needs the optional `invisible-watermark` package and
+        # alters the pixels the validation phase measures.
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, add_watermarker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
+        if vae_needs_fp32(pipe.vae, dtype):
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (its config says force_upcast)
+        return pipe
+
+    def denoiser(self, pipe):
+        return pipe.unet
+
+    def frozen_modules(self, pipe):
+        return [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+
+    def resolution(self, pipe) -> int:
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, pipe, prompts):
+        """Packed conditioning: both encoders' per-token states, then the pooled vector as a token."""
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(prompts), list(prompts), device=pipe.text_encoder.device, do_classifier_free_guidance=False
+        )
+        pad = embeds.shape[-1] - pooled.shape[-1]
+        if pad < 0:
+            raise ValueError("pooled text embedding wider than the token embeddings; not an SDXL layout")
+        return torch.cat([embeds, F.pad(pooled, (0, pad))[:, None, :]], dim=1)
+
+    @torch.no_grad()
+    def encode_images(self, pipe, pixels, generator):
+        """Pixels in [-1, 1], NCHW → scaled latents (a sample of the VAE posterior)."""
+        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
+
+    def latents_from_moments(self, pipe, mean, std, generator):
+        return sample_posterior(mean, std, generator) * pipe.vae.config.scaling_factor
+
+    def noise_scheduler(self, pipe):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def training_loss(self, pipe, latents, cond, generator, scheduler=None):
+        """DDPM loss with SDXL's pooled-text and size conditioning (see the module docstring)."""
+        scheduler = scheduler or self.noise_scheduler(pipe)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+        )
+        noisy = scheduler.add_noise(latents, noise, t)
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, t)
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+        embeds, pooled = unpack(pipe, cond)
+        added = {"text_embeds": pooled, "time_ids": time_ids(latents, pipe.vae_scale_factor)}
+        pred = pipe.unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def generate(self, pipe, prompts, seeds, steps, guidance_scale):
+        """One image per (prompt, seed), seeded per image so results are reproducible."""
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        res = self.resolution(pipe)
+        out = pipe(
+            list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
+            height=res, width=res, output_type="pil",
+        )
+        return list(out.images)
+
+
+def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
+    """Configs of a tiny SDXL-layout model (32 px; for tests and benchmarks)."""
+    from stunning.embedded import RESOLUTION, _clip
+    from stunning.embedded import tiny_configs as sd_configs
+
+    te1, te2 = _clip(vocab_size, hidden=32, layers=2, heads=4), _clip(vocab_size, hidden=32, layers=2, heads=4)
+    time_dim = 8
+    return {
+        "unet": {
+            "sample_size": RESOLUTION // 2,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": te1["hidden_size"] + te2["hidden_size"],
+            "attention_head_dim": [2, 4],
+            "transformer_layers_per_block": [1, 1],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": 6 * time_dim + te2["projection_dim"],
+            "norm_num_groups": 8,
+        },
+        "vae": {**sd_configs(vocab_size)["vae"], "force_upcast": True},
+        "text_encoder": te1,
+        "text_encoder_2": te2,
+    }
+
+
+def tiny_pipeline(seed: int = 0):
+    """A randomly initialised tiny `StableDiffusionXLPipeline` (what `build_tiny(..., "sdxl")` saves)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from stunning.embedded import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    cfg = tiny_configs(vocab_size=len(tokenizer))
+    torch.manual_seed(seed)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**cfg["unet"]),
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+        tokenizer_2=load_tokenizer(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+FAMILY = register(SDXLFamily())
+__all__ = ["FAMILY", "SDXLFamily", "ModelNotFoundError", "unpack", "time_ids", "tiny_pipeline"]
