@@ -270,11 +270,13 @@ def build_tiny(out_dir: str | Path, family: str = "sd3", seed: int = 0) -> Path:
 
     from stunning.families import available, get_family
 
-    builder = getattr(sys.modules[type(get_family(family)).__module__], "tiny_pipeline", None)
+    module = sys.modules[type(get_family(family)).__module__]
+    builder = getattr(module, "tiny_pipeline", None)
     if builder is None:
         raise ValueError(f"no tiny build for family {family!r}; families with one: sd3, sd-unet and "
                          f"those of {available()} whose module defines tiny_pipeline()")
-    return save_model(builder(seed), out_dir)
+    # A module may also name the stunning.json settings its tiny model needs (TINY_SETTINGS).
+    return save_model(builder(seed), out_dir, getattr(module, "TINY_SETTINGS", None))
 
 
 class EmbeddedModelMissing(FileNotFoundError):

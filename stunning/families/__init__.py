@@ -104,6 +104,22 @@ def absent_components(folder: Path) -> dict[str, None]:
     return {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
 
 
+PROJECT_FILE = "stunning.json"  # optional per-model settings written by this project
+
+
+def model_settings(path: Path) -> dict:
+    """The model folder's ``stunning.json`` (written for models this project builds), or {}.
+
+    Holds what the stock diffusers config cannot, e.g. ``t5_tokens``: how many T5 tokens a
+    tiny or micro model was trained with.
+    """
+    import json
+    from pathlib import Path
+
+    f = Path(path) / PROJECT_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def image_moments(pipe, pixels):
     """(mean, std) of the VAE posterior for pixels in [-1, 1], NCHW (what the encoding cache stores)."""
     import torch

@@ -23,7 +23,6 @@ Samplers (:data:`SAMPLERS`): ``euler`` (flow-matching Euler, the model's own sch
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from stunning.families import (
     absent_components,
     check_model_dir,
     image_moments,
+    model_settings,
     register,
     sample_posterior,
 )
@@ -45,13 +45,6 @@ log = logging.getLogger(__name__)
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 DEFAULT_T5_TOKENS = 256  # the stock pipeline's max_sequence_length
 SAMPLERS = ("euler", "euler-ancestral", "dpm++")
-PROJECT_FILE = "stunning.json"  # optional per-model settings written by this project
-
-
-def model_settings(path: Path) -> dict:
-    """The folder's ``stunning.json`` (written for models this project builds), or {}."""
-    f = Path(path) / PROJECT_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def unpack(pipe, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
