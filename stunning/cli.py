@@ -213,6 +213,88 @@ def rollback(
     console.print(result)
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        fail(f"--batch-size {value!r}: use auto or a whole number of images >= 1")
+    return n
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="base model: a diffusers folder, a .safetensors checkpoint, or a "
+                                            "Hugging Face id already in the local cache (org/name)")],
+    data: Annotated[Path, typer.Option(help="folder of photos (one style), or one sub-folder per style; "
+                                            "captions in same-name .txt files or metadata.jsonl")],
+    prompt: Annotated[str | None, typer.Option(help="caption of every image without one, e.g. "
+                                                    "'a photo in sks style' (the instance prompt)")] = None,
+    resolution: Annotated[int | None, typer.Option(help="training size in pixels (default: the model's own)")] = None,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="images per step, or auto (the largest that "
+                                                                 "fits in memory)")] = "auto",
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 1000,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank (alpha = rank)")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 1e-4,
+    family: Annotated[str | None, typer.Option(help="model family (default: detected from the model)")] = None,
+    out: Annotated[Path, typer.Option(help="output folder (adapters, summary.json, .work/ for resuming)")] = Path(
+        "lora-out"),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available)")] = None,
+    style: Annotated[str | None, typer.Option(help="style name (default: the folder's name)")] = None,
+    trigger: Annotated[list[str] | None, typer.Option(help="trigger word(s), recorded in the adapter")] = None,
+    export: Annotated[list[str] | None, typer.Option(help="also write the adapter in this layout: kohya "
+                                                          "(webui/kohya/ComfyUI) or comfyui")] = None,
+    mlflow: Annotated[bool, typer.Option("--mlflow", help="track the run in MLflow (<out>/mlruns)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in <out>/.work")] = True,
+    config: Annotated[Path | None, typer.Option(help="YAML file of further train settings (params.yaml's "
+                                                     "train: keys, e.g. lr_scheduler, ema_decay)")] = None,
+    model_config: Annotated[str | None, typer.Option("--model-config", help="for a single-file checkpoint: a "
+                                                     "diffusers folder or cached id of its architecture")] = None,
+) -> None:
+    """Train a LoRA adapter from a folder of photos, outside the pipeline (resumable)."""
+    import logging
+
+    import yaml
+
+    from stunning.config import ConfigError
+    from stunning.families import ModelNotFoundError
+    from stunning.oneoff import OneOffError, OneOffOptions, train_oneoff
+    from stunning.training.batch import BatchSizeError
+    from stunning.training.dataset import DatasetError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = {}
+    if config is not None:
+        try:
+            overrides = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            fail(f"--config {config}: cannot read it as YAML ({exc})")
+        if not isinstance(overrides, dict):
+            fail(f"--config {config}: expected a mapping of train settings (e.g. `lr_scheduler: cosine`)")
+        overrides = overrides.get("train", overrides)
+    opts = OneOffOptions(
+        model=model, data=data, out=out, prompt=prompt, resolution=resolution, batch_size=_batch_size(batch_size),
+        steps=steps, rank=rank, learning_rate=lr, family=family, device=device, style=style, trigger=trigger or [],
+        mlflow=mlflow, resume=resume, formats=export or [], config_overrides=overrides, model_config=model_config,
+    )
+    try:
+        summary = train_oneoff(opts, echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except (OneOffError, ModelNotFoundError, ConfigError, DatasetError, BatchSizeError, KeyError, ValueError) as exc:
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    table = Table(title="stunning train", header_style="bold")
+    for col in ("style", "adapter", "final loss", "steps/s", "batch", "peak memory", "device"):
+        table.add_column(col)
+    for name, r in summary["styles"].items():
+        rate = "resumed, none run" if r["steps_per_s"] is None else f"{r['steps_per_s']:.2f}"
+        table.add_row(name, r["adapter"], f"{r['final_loss']:.4f}", rate, str(r["batch_size"]),
+                      f"{r['peak_memory_mb']:.0f} MB", f"{r['device']} ({r['mixed_precision']})")
+    console.print(table)
+    console.print(f"summary: {out / 'summary.json'}", highlight=False, soft_wrap=True)
+
+
 # Further commands follow the pattern above: options -> one lazily imported library call ->
 # rendering; user errors via fail().
 
