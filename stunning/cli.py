@@ -295,6 +295,36 @@ def train(
     console.print(f"summary: {out / 'summary.json'}", highlight=False, soft_wrap=True)
 
 
+@app.command("convert-lora")
+def convert_lora(
+    src: Annotated[Path, typer.Argument(help="a LoRA file in the diffusers layout (what training writes)")],
+    layout: Annotated[str, typer.Option(help="kohya (webui, kohya tools), comfyui, or diffusers")] = "kohya",
+    family: Annotated[str | None, typer.Option(help="model family (default: the file's stunning.family)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output file (default: <src stem>-<layout>.safetensors)")] = None,
+) -> None:
+    """Write a trained adapter in another tool's key layout (kohya/webui, ComfyUI)."""
+    from safetensors import SafetensorError, safe_open
+
+    from stunning.families.formats import convert_lora_file
+
+    if not src.is_file():
+        fail(f"{src}: no such file; pass the adapter's pytorch_lora_weights.safetensors")
+    if family is None:
+        try:
+            with safe_open(str(src), framework="pt") as f:
+                family = (f.metadata() or {}).get("stunning.family")
+        except SafetensorError as exc:
+            fail(f"{src}: not a safetensors file ({exc})")
+        if family is None:
+            fail(f"{src} does not record its model family; pass --family (sd-unet, sdxl, sd3 or flux)")
+    dst = out or src.with_name(f"{src.stem}-{layout}.safetensors")
+    try:
+        convert_lora_file(src, dst, layout, family)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {dst} ({layout} layout, family {family})", highlight=False, soft_wrap=True)
+
+
 # Further commands follow the pattern above: options -> one lazily imported library call ->
 # rendering; user errors via fail().
 

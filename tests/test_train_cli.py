@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stunning.cli import app
@@ -36,7 +37,8 @@ def test_a_flat_folder_with_a_prompt_trains_and_resumes(tiny_base, tmp_path):
     data = photos(tmp_path / "my-look", n=5, captions=2)
     out = tmp_path / "out"
     args = ["--model", str(tiny_base), "--data", str(data), "--prompt", "a photo in sks style", "--steps", "4",
-            "--batch-size", "2", "--lr", "1e-3", "--out", str(out), "--trigger", "sks", "--device", "cpu"]
+            "--batch-size", "2", "--lr", "1e-3", "--out", str(out), "--trigger", "sks", "--device", "cpu",
+            "--export", "kohya"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "family sd3" in result.output and "resolution 32 px" in result.output  # both detected from the model
@@ -45,6 +47,11 @@ def test_a_flat_folder_with_a_prompt_trains_and_resumes(tiny_base, tmp_path):
     style = summary["styles"]["my-look"]
     assert Path(style["adapter"]).is_file() and style["steps"] == 4 and style["batch_size"] == 2
     assert style["steps_per_s"] > 0 and style["peak_memory_mb"] > 0 and style["images"] == 5
+    kohya = Path(style["exports"]["kohya"])
+    assert kohya.is_file() and all(k.startswith("lora_transformer_") for k in load_file(str(kohya)))
+    converted = runner.invoke(app, ["convert-lora", style["adapter"], "--layout", "comfyui"])
+    assert converted.exit_code == 0 and "family sd3" in converted.output, converted.output
+    assert (Path(style["adapter"]).parent / "pytorch_lora_weights-comfyui.safetensors").is_file()
     captions = sorted(p.read_text().strip() for p in (out / ".work" / "raw" / "my-look").glob("*.txt"))
     assert captions.count("a photo in sks style") == 3 and "a red dress number 0" in captions
 
@@ -105,3 +112,11 @@ def test_one_subfolder_per_style_trains_the_chosen_style(tiny_base, tmp_path):
     result = runner.invoke(app, ["train", "--model", str(tiny_base), "--data", str(tmp_path / "set"),
                                  "--prompt", "x y", "--style", "sepia", "--out", str(out)])
     assert result.exit_code == 2 and "colour" in result.output and "noir-look" in result.output
+
+
+def test_convert_lora_errors(tmp_path):
+    result = runner.invoke(app, ["convert-lora", str(tmp_path / "none.safetensors")])
+    assert result.exit_code == 2 and "no such file" in result.output
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    result = runner.invoke(app, ["convert-lora", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 2 and "not a safetensors file" in result.output
