@@ -370,6 +370,11 @@ def test_mixed_precision_choice():
     assert resolve_mixed_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         resolve_mixed_precision("fp16", cpu)
+    mps = torch.device("mps")  # a device object needs no Mac; the choice is what the probe returns
+    assert resolve_mixed_precision("auto", mps, mps_choice="bf16") == "bf16"
+    assert resolve_mixed_precision("auto", mps, mps_choice="fp16") == "fp16"
+    assert resolve_mixed_precision("auto", mps) in ("bf16", "fp16")
+    assert resolve_mixed_precision("no", mps) == "no"
 
 
 # --------------------------------------------------------------------------- the stage

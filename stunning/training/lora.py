@@ -74,15 +74,19 @@ StepCallback = Callable[[int, float], None]
 # --------------------------------------------------------------------------- precision
 
 
-def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+def resolve_mixed_precision(requested: str, device: torch.device, mps_choice: str | None = None) -> str:
     """The accelerate `mixed_precision` for `train.mixed_precision` on `device`.
 
-    "auto": "no" on CPU (half-precision CPU kernels are slow and fp32 training of a small
-    adapter is cheap); "bf16" on CUDA where supported (no loss scaling needed), else "fp16".
-    On MPS, "no": float16 autocast on MPS still lacks kernels and needs a loss scaler that
-    PyTorch only recently gained for MPS, while Apple-silicon machines have unified memory
-    large enough for fp32 SD-1.5 LoRA training; ask for `fp16` explicitly to halve the
-    frozen weights' memory (the LoRA parameters stay float32 either way).
+    "auto":
+    - CPU: "no" (half-precision CPU kernels are slow; fp32 training of an adapter is cheap);
+    - CUDA: "bf16" where supported (Ampere and newer; no loss scaling needed), else "fp16";
+    - MPS: the choice of :func:`stunning.device.mps_half_precision` (what the Mac trainers
+      use): "bf16" on M2-or-newer with macOS 14+ and torch 2.6+, else "fp16" with a gradient
+      scaler. `mps_choice` overrides the probe (tests).
+    The frozen weights are loaded in that half type and the LoRA parameters stay float32; a
+    VAE that overflows in fp16 (config `force_upcast`, e.g. SDXL's) stays float32 (the family
+    loads it so). `PYTORCH_ENABLE_MPS_FALLBACK` is set by `import stunning` on macOS, so an
+    operator Metal lacks runs on the CPU instead of stopping the run.
     """
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
@@ -90,6 +94,13 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        if mps_choice is None:
+            from stunning.device import mps_half_precision
+
+            mps_choice, why = mps_half_precision()
+            log.info("MPS precision %s: %s", mps_choice, why)
+        return mps_choice
     return "no"
 
 
@@ -472,6 +483,10 @@ def _train(
     from tqdm.auto import tqdm
 
     pipe = fam.load_pipeline(base_path, dev, weight_dtype(mixed_precision))
+    from stunning.device import vae_needs_fp32
+
+    if vae_needs_fp32(pipe.vae, pipe.vae.dtype):
+        pipe.vae.to(torch.float32)  # fp16 overflows in this VAE (its config says force_upcast)
     threads = cpu_threads_for(fam.denoiser(pipe), dev)
     if threads is not None:
         log.info("small denoiser on the CPU: using %d intra-op thread(s)", threads)
@@ -649,7 +664,7 @@ def _train(
                 t0 += check.paused_s  # a pause for heat is not training throughput
             pending.append((step, step_metrics))
             bar.update(1)
-            postfix = {"loss": f"{step_loss:.4f}"}
+            postfix = {"loss": f"{step_loss:.4f}", "mem": _memory_now(dev)}
             if guard.last_state is not None:
                 postfix["thermal"] = describe(guard.last_state)
             bar.set_postfix(postfix)
@@ -695,6 +710,20 @@ def _train(
     accelerator.free_memory()
     info = {"batch_size": batch, "batch_backoffs": backoffs, "images": images, "thermal": guard.metrics()}
     return pipe, history, start_step, loop_s, val_loss, base_val_loss, info
+
+
+def _memory_now(dev: torch.device) -> str:
+    """Memory in use right now, for the progress bar: the accelerator's allocations, or on the
+    CPU this process's resident set."""
+    if dev.type == "cuda":
+        used = torch.cuda.memory_allocated(dev)
+    elif dev.type == "mps":
+        used = torch.mps.current_allocated_memory()
+    else:
+        import psutil
+
+        used = psutil.Process().memory_info().rss
+    return f"{used / 2**30:.2f} GB"
 
 
 def _autocast(dev: torch.device, mixed_precision: str):
