@@ -73,6 +73,14 @@ class DataConfig(_Section):
     extensions: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     sample_images_per_style: int = 24
     sample_seed: int = 0
+    # Aspect-ratio buckets: off = every image is centre-cropped to a square. On = each image
+    # is fitted to the nearest of stunning.data.images.bucket_sizes(resolution, bucket_step,
+    # bucket_max_ratio) and every training batch is drawn from one bucket. bucket_step must
+    # be a multiple of what the model needs (VAE factor x patch size: 64 for SD 1.x/SDXL
+    # UNets, 16 for SD3/FLUX; 4 for the embedded 32-px model).
+    buckets: bool = False
+    bucket_step: int = Field(64, ge=1)
+    bucket_max_ratio: float = Field(2.0, ge=1.0, le=4.0)
 
     @field_validator("styles")
     @classmethod
@@ -130,6 +138,28 @@ class TrainConfig(_Section):
     thermal_check_every: int = Field(50, ge=0)
     thermal_pause_s: float = Field(30.0, gt=0)
     thermal_max_pause_s: float = Field(600.0, ge=0)
+    # DreamBooth (Ruiz et al. 2023, arXiv:2208.12242). instance_prompt: the caption of every
+    # training image, e.g. "a photo in sks style" (a "{caption}" placeholder keeps each image's
+    # own caption inside it). With prior_preservation each step also trains on as many class
+    # images (class_prompt, e.g. "a photo") as instance images, and the loss is
+    # instance + prior_loss_weight x class: the adapter learns the style without forgetting
+    # what the class looks like. Class images: those in class_data_dir first, the rest
+    # (up to num_class_images) generated once by the base model and cached.
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+    prior_preservation: bool = False
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=1)
+    class_data_dir: str | None = None
+    class_sample_steps: int = Field(30, ge=1)  # sampling steps of generated class images
+
+    @model_validator(mode="after")
+    def _dreambooth(self) -> TrainConfig:
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError("train.prior_preservation needs train.class_prompt (e.g. 'a photo')")
+        if self.instance_prompt is not None and not self.instance_prompt.strip():
+            raise ValueError("train.instance_prompt is empty; set a prompt with a trigger word or leave it unset")
+        return self
 
     @field_validator("batch_size", mode="before")
     @classmethod

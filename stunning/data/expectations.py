@@ -117,9 +117,28 @@ def _train_counts(manifest: pd.DataFrame, styles: list[str]) -> pd.DataFrame:
     return pd.DataFrame([counts], columns=styles)
 
 
+def _size_expectations(E: Any, data_cfg: DataConfig) -> list[tuple[str, Any]]:
+    """Square images of data.resolution, or with data.buckets one of its buckets' sizes."""
+    res = data_cfg.resolution
+    if not data_cfg.buckets:
+        return [
+            (f"width == data.resolution ({res})", E.ExpectColumnValuesToBeBetween(column="width", min_value=res, max_value=res)),
+            (f"height == data.resolution ({res})", E.ExpectColumnValuesToBeBetween(column="height", min_value=res, max_value=res)),
+        ]
+    from stunning.data.images import bucket_sizes
+
+    buckets = bucket_sizes(res, data_cfg.bucket_step, data_cfg.bucket_max_ratio)
+    widths, heights = sorted({w for w, _ in buckets}), sorted({h for _, h in buckets})
+    return [
+        (f"width is a bucket width of data.resolution {res} (step {data_cfg.bucket_step})",
+         E.ExpectColumnValuesToBeInSet(column="width", value_set=widths)),
+        (f"height is a bucket height of data.resolution {res} (step {data_cfg.bucket_step})",
+         E.ExpectColumnValuesToBeInSet(column="height", value_set=heights)),
+    ]
+
+
 def _manifest_expectations(gx: Any, data_cfg: DataConfig, cfg: CurateConfig) -> list[tuple[str, Any]]:
     E = gx.expectations
-    res = data_cfg.resolution
     named: list[tuple[str, Any]] = [(f"column '{c}' exists", E.ExpectColumnToExist(column=c)) for c in REQUIRED_COLUMNS]
     named += [
         ("manifest is not empty", E.ExpectTableRowCountToBeBetween(min_value=1)),
@@ -128,8 +147,7 @@ def _manifest_expectations(gx: Any, data_cfg: DataConfig, cfg: CurateConfig) -> 
         (f"style is one of data.styles {list(data_cfg.styles)}",
          E.ExpectColumnValuesToBeInSet(column="style", value_set=list(data_cfg.styles))),
         ("split is train or val", E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val"])),
-        (f"width == data.resolution ({res})", E.ExpectColumnValuesToBeBetween(column="width", min_value=res, max_value=res)),
-        (f"height == data.resolution ({res})", E.ExpectColumnValuesToBeBetween(column="height", min_value=res, max_value=res)),
+        *_size_expectations(E, data_cfg),
         ("caption is present", E.ExpectColumnValuesToNotBeNull(column="caption")),
         (f"caption has >= curate.min_caption_words ({cfg.min_caption_words}) words",
          E.ExpectColumnValuesToBeBetween(column="caption_words", min_value=cfg.min_caption_words)),

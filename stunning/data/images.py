@@ -174,6 +174,39 @@ def square_resize(img: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
+def bucket_sizes(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets for `resolution`: (width, height) pairs, sides multiples of `step`.
+
+    Each bucket holds at most ``resolution²`` pixels (so every batch costs about what a square
+    one does), the widest side for each width, and aspect ratios up to `max_ratio` either
+    way; the square bucket is always there. Sorted by aspect ratio (portrait first).
+    """
+    if step < 1 or resolution < step:
+        raise ValueError(f"bucket step {step} must be between 1 and the resolution {resolution}")
+    area = resolution * resolution
+    sizes = {(resolution - resolution % step, resolution - resolution % step)}
+    for w in range(step, int(resolution * max_ratio) + 1, step):
+        h = (area // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio + 1e-9:
+            sizes.add((w, h))
+    return sorted(sizes, key=lambda wh: wh[0] / wh[1])
+
+
+def bucket_resize(img: Image.Image, buckets: list[tuple[int, int]]) -> Image.Image:
+    """Fit `img` to the bucket nearest its aspect ratio (in log space): cover, then centre-crop.
+
+    Ties go to the larger bucket. This is what SDXL-era trainers call aspect-ratio
+    bucketing: a portrait stays a portrait instead of losing its top and bottom to a square.
+    """
+    import math
+
+    aspect = math.log(img.width / img.height)
+    best = min(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
+    if img.size == best:
+        return img.copy()
+    return ImageOps.fit(img, best, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
 def load_image(path: Path, *, resolution: int, min_size: int, extensions: list[str]) -> LoadedImage:
     """Check, decode and normalise one file; ``image`` is square at ``resolution``."""
     path = Path(path)

@@ -30,6 +30,8 @@ from stunning.data import DataError
 from stunning.data.images import (
     REMEDIES,
     ImageRejected,
+    bucket_resize,
+    bucket_sizes,
     check_extension,
     check_size,
     decode_image,
@@ -261,6 +263,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> IngestReport:
         atomic_write_text(tmp / MANIFEST_FILE, manifest)
         # only the keys that shape this output, so the file matches what the stage depends on
         used = cfg.model_dump(include={"styles", "resolution", "min_size", "extensions"})
+        if cfg.buckets:
+            used.update(cfg.model_dump(include={"buckets", "bucket_step", "bucket_max_ratio"}))
         atomic_write_text(tmp / "data_config.yaml", yaml.safe_dump(used, sort_keys=False))
     for style, counts in report.by_style().items():
         if counts["accepted"] == 0:
@@ -290,7 +294,10 @@ def _ingest_one(
     loaded = decode_image(data)
     check_size(loaded, cfg.min_size)
     caption = _caption_for(path, captions, used_captions)
-    image = square_resize(loaded.image, cfg.resolution)
+    if cfg.buckets:
+        image = bucket_resize(loaded.image, bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio))
+    else:
+        image = square_resize(loaded.image, cfg.resolution)
     image_id = sha[:16]
     out_rel = f"images/{style}/{image_id}.png"
     buf = io.BytesIO()

@@ -79,8 +79,9 @@ def load_pixels(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor
 class CuratedDataset(Dataset):
     """Manifest rows of one style and split; items are ``{"id", "caption", "pixels"}``.
 
-    Images are read lazily; the manifest is validated eagerly so a bad path or mixed image
-    sizes (which could not be batched) fail before any model is loaded.
+    Images are read lazily; the manifest is validated eagerly so a bad path fails before any
+    model is loaded. Images may come in several sizes (aspect-ratio buckets, `data.buckets`):
+    :meth:`buckets` groups them, and the trainer draws each batch from one group.
     """
 
     def __init__(self, curated_dir: str | Path, style: str, split: str = "train", *, allow_empty: bool = False):
@@ -96,12 +97,6 @@ class CuratedDataset(Dataset):
                 f"{manifest}: no rows with style={style!r} and split={split!r} (styles present: {styles}). "
                 "Check data.styles in params.yaml and that the curation stage kept images of this style."
             )
-        sizes = {(int(r["width"]), int(r["height"])) for r in self.rows}
-        if len(sizes) > 1:
-            raise DatasetError(
-                f"{manifest}: images of style {style!r} ({split}) have different sizes {sorted(sizes)}; "
-                "training needs one size. Re-run the curation stage with a single data.resolution."
-            )
         for r in self.rows:
             if not (self.root / r["path"]).is_file():
                 raise DatasetError(
@@ -116,6 +111,18 @@ class CuratedDataset(Dataset):
         r = self.rows[i]
         pixels = load_pixels(self.root / r["path"], (int(r["width"]), int(r["height"])))
         return {"id": r["id"], "caption": r["caption"], "pixels": pixels}
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every item: one size, or several with aspect-ratio buckets."""
+        return [(int(r["width"]), int(r["height"])) for r in self.rows]
+
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """Item indices per (width, height), in dataset order; the trainer batches within one."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(self.sizes):
+            groups.setdefault(size, []).append(i)
+        return dict(sorted(groups.items()))
 
     @property
     def captions(self) -> list[str]:

@@ -21,6 +21,7 @@ resumed run continues with it (never re-probed) and stays exact.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import shutil
@@ -195,21 +196,32 @@ def cpu_threads_for(model: torch.nn.Module, device: torch.device) -> int | None:
 
 
 def encode_dataset(
-    family, pipe, dataset: CuratedDataset, seed: int, cache: EncodingCache | None = None
+    family,
+    pipe,
+    dataset: CuratedDataset,
+    seed: int,
+    cache: EncodingCache | None = None,
+    *,
+    indices: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    caption_fn: Callable[[str], str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, prompt embeddings) of every item, in dataset order.
+    """(latents, prompt embeddings) of every item (or of `indices`), in dataset order.
 
-    The VAE posterior is sampled once per image with a generator seeded from `seed`, so the
-    tensors are the same on every run and on resume. With `cache`, each image's posterior
-    moments and each caption's embedding are read from disk when their content was seen
-    before (see `stunning.training.cache`); the sampled latents are identical either way.
+    The VAE posterior is sampled once per image with a generator seeded from `seed` (or the
+    given `generator`, shared across calls), so the tensors are the same on every run and on
+    resume. With `cache`, each image's posterior moments and each caption's embedding are read
+    from disk when their content was seen before (see `stunning.training.cache`); the sampled
+    latents are identical either way. `caption_fn` maps each caption first (DreamBooth's
+    instance prompt).
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(seed)
+    order = list(range(len(dataset))) if indices is None else list(indices)
     latents, conds = [], []
-    for start in range(0, len(dataset), ENCODE_BATCH):
-        items = [dataset[i] for i in range(start, min(start + ENCODE_BATCH, len(dataset)))]
+    for start in range(0, len(order), ENCODE_BATCH):
+        items = [dataset[i] for i in order[start:start + ENCODE_BATCH]]
         pixels = torch.stack([it["pixels"] for it in items])
-        captions = [it["caption"] for it in items]
+        captions = [caption_fn(it["caption"]) if caption_fn else it["caption"] for it in items]
         if cache is None:
             latents.append(family.encode_images(pipe, pixels, gen))
             conds.append(family.encode_prompts(pipe, captions))
@@ -223,6 +235,41 @@ def encode_dataset(
             for c in captions
         ]).to(pipe.text_encoder.device))
     return torch.cat(latents), torch.cat(conds)
+
+
+def encode_buckets(
+    family, pipe, dataset: CuratedDataset, seed: int, cache: EncodingCache | None = None,
+    caption_fn: Callable[[str], str] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(latents, conditioning) per aspect-ratio bucket (one entry for a single-size set).
+
+    Buckets are encoded in size order with one generator, so a single-size set gives exactly
+    what :func:`encode_dataset` gives.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return [
+        encode_dataset(family, pipe, dataset, seed, cache, indices=idx, generator=gen, caption_fn=caption_fn)
+        for idx in dataset.buckets().values()
+    ]
+
+
+def evaluate_buckets(family, pipe, scheduler, buckets, seed: int, batch_size: int) -> float:
+    """:func:`evaluate_loss` over several buckets, weighted by their image counts."""
+    total = sum(lat.shape[0] for lat, _ in buckets)
+    return sum(
+        evaluate_loss(family, pipe, scheduler, lat, cond, seed + i, batch_size) * lat.shape[0] / total
+        for i, (lat, cond) in enumerate(buckets)
+    )
+
+
+def instance_caption_fn(cfg: TrainConfig) -> Callable[[str], str] | None:
+    """DreamBooth's instance prompt as a caption mapping (None: captions as curated)."""
+    if not cfg.instance_prompt:
+        return None
+    prompt = cfg.instance_prompt
+    if "{caption}" in prompt:
+        return lambda caption: prompt.replace("{caption}", caption)
+    return lambda caption: prompt
 
 
 def _moments(pipe, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +345,7 @@ def train_style(
     progress: bool | None = None,
     cache_dir: str | Path | None = None,
     thermal_probe: ThermalProbe | None = None,
+    class_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter for `style`; save it to `out_dir/<style>/`; return a summary.
 
@@ -312,6 +360,8 @@ def train_style(
     (`stunning.training.cache`); None encodes everything in memory each run.
     `thermal_probe` replaces :func:`stunning.device.thermal_state` as the thermal guard's
     source of the OS thermal state (tests feed captured states through it).
+    `class_dir` keeps the generated class images of DreamBooth prior preservation (default:
+    `<cache_dir>/class-images`, else `<checkpoint_dir>/class-images`, else a temporary folder).
 
     The summary holds `final_loss` (mean of the last few steps' losses), `val_loss` and
     `base_val_loss` (the same fixed-noise objective on the val split with and without the
@@ -367,6 +417,7 @@ def train_style(
             result = _train(
                 fam, base_path, train_set, val_set, style, cfg, dev, mixed_precision, store, tracker, on_step, progress,
                 Path(cache_dir) if cache_dir is not None else None, thermal_probe,
+                _class_dir(class_dir, cache_dir, checkpoint_dir),
             )
         pipe, history, start_step, loop_s, val_loss, base_val_loss, info = result
         if dev.type == "cpu":
@@ -473,6 +524,7 @@ def _train(
     progress: bool | None,
     cache_dir: Path | None = None,
     thermal_probe: ThermalProbe | None = None,
+    class_dir: Path | None = None,
 ):
     """The training proper; returns (pipe, loss history, start step, loop seconds, val, base val,
     info) where `info` holds `batch_size`, `batch_backoffs`, `images` (trained on in this call)
@@ -496,8 +548,21 @@ def _train(
     scheduler = fam.noise_scheduler(pipe)
 
     cache = EncodingCache(cache_dir, base_path) if cache_dir is not None else None
-    latents, cond = encode_dataset(fam, pipe, train_set, cfg.seed, cache)
-    val_latents, val_cond = encode_dataset(fam, pipe, val_set, cfg.seed + 1, cache) if len(val_set) else (None, None)
+    captions = instance_caption_fn(cfg)
+    buckets = encode_buckets(fam, pipe, train_set, cfg.seed, cache, captions)
+    val_buckets = encode_buckets(fam, pipe, val_set, cfg.seed + 1, cache, captions) if len(val_set) else None
+    sizes = list(train_set.buckets())
+    counts = torch.tensor([float(lat.shape[0]) for lat, _ in buckets])
+    if len(buckets) > 1:
+        log.info("%s: %d aspect-ratio buckets: %s", style, len(buckets),
+                 ", ".join(f"{w}x{h}: {int(n)}" for (w, h), n in zip(sizes, counts, strict=True)))
+        tracker.log_params({"buckets": {f"{w}x{h}": int(n) for (w, h), n in zip(sizes, counts, strict=True)}})
+    # The batch-size probe and the memory cap use the biggest bucket (most pixels, then most images).
+    largest = max(range(len(buckets)), key=lambda i: (sizes[i][0] * sizes[i][1], counts[i]))
+    class_latents = class_cond = None
+    if cfg.prior_preservation:
+        class_latents, class_cond = _class_set(fam, pipe, base_path, cfg, sizes[largest], class_dir, cache)
+        log.info("%s: prior preservation with %d class images (%r)", style, class_latents.shape[0], cfg.class_prompt)
     if cache is not None:
         log.info("%s: encoding cache %s: %d hits, %d misses", style, cache.root, cache.hits, cache.misses)
         tracker.log_metrics({"cache_hits": cache.hits, "cache_misses": cache.misses}, step=0)
@@ -522,7 +587,11 @@ def _train(
     if ckpt is not None and "batch_size" in ckpt.meta:
         batch, batch_source = int(ckpt.meta["batch_size"]), "checkpoint"
     elif cfg.batch_size == "auto":
-        batch = _probe_batch_size(fam, pipe, params, scheduler, latents, cond, cfg, dev, mixed_precision)
+        probe_latents, probe_cond = buckets[largest]
+        if class_latents is not None:  # each step trains on as many class images as instance images
+            probe_latents, probe_cond = torch.cat([probe_latents, class_latents]), torch.cat([probe_cond, class_cond])
+        batch = _probe_batch_size(fam, pipe, params, scheduler, probe_latents, probe_cond, cfg, dev, mixed_precision,
+                                  per_step=2 if class_latents is not None else 1)
         batch_source = "probe"
     else:
         batch, batch_source = int(cfg.batch_size), "config"
@@ -573,10 +642,16 @@ def _train(
         accelerator.scaler.load_state_dict(ckpt.optimizer["scaler"])
     optimizer = accelerator.prepare(optimizer)
 
+    prior_losses: list[float] = []
+
     def run_step(batch_size: int, updated: list[bool]) -> list[float]:
         """One optimizer step (all its micro-batches); the micro-batch losses."""
         micro = []
         for _ in range(cfg.gradient_accumulation):
+            # One bucket per batch, drawn in proportion to its images (no draw with one bucket,
+            # so single-size runs use the generator exactly as before buckets existed).
+            b = int(torch.multinomial(counts, 1, generator=loop_gen)) if len(buckets) > 1 else 0
+            latents, cond = buckets[b]
             idx = sample_indices(latents.shape[0], batch_size, loop_gen).to(latents.device)
             batch_cond = cond[idx]
             if empty_cond is not None:
@@ -584,9 +659,19 @@ def _train(
                 batch_cond = torch.where(
                     drop.to(cond.device)[:, None, None], empty_cond.expand_as(batch_cond), batch_cond
                 )
+            class_idx = None
+            if class_latents is not None:
+                class_idx = sample_indices(class_latents.shape[0], batch_size, loop_gen).to(class_latents.device)
             with accelerator.accumulate(denoiser):
                 with accelerator.autocast():
                     loss = fam.training_loss(pipe, latents[idx], batch_cond, noise_gen, scheduler=scheduler)
+                    if class_idx is not None:
+                        # DreamBooth's prior-preservation term: the same objective on base-model
+                        # images of the class (noise drawn after the instance batch's).
+                        prior = fam.training_loss(pipe, class_latents[class_idx], class_cond[class_idx], noise_gen,
+                                                  scheduler=scheduler)
+                        prior_losses.append(prior.detach().float().item())
+                        loss = loss + cfg.prior_loss_weight * prior
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -657,6 +742,11 @@ def _train(
             step_loss = sum(micro) / len(micro)
             history.append(step_loss)
             step_metrics["loss"] = step_loss
+            if prior_losses:
+                prior = sum(prior_losses[-len(micro):]) / len(micro)
+                step_metrics["prior_loss"] = prior
+                step_metrics["instance_loss"] = step_loss - cfg.prior_loss_weight * prior
+                del prior_losses[:-len(micro)]
             check = guard(step)
             if check is not None:
                 step_metrics["thermal_throttled"] = float(check.throttled)
@@ -700,15 +790,16 @@ def _train(
 
     denoiser.eval()
     val_loss = base_val_loss = None
-    if val_latents is not None:
-        val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, batch)
+    if val_buckets is not None:
+        val_loss = evaluate_buckets(fam, pipe, scheduler, val_buckets, cfg.seed + 2, batch)
         denoiser.disable_adapters()
         try:
-            base_val_loss = evaluate_loss(fam, pipe, scheduler, val_latents, val_cond, cfg.seed + 2, batch)
+            base_val_loss = evaluate_buckets(fam, pipe, scheduler, val_buckets, cfg.seed + 2, batch)
         finally:
             denoiser.enable_adapters()
     accelerator.free_memory()
-    info = {"batch_size": batch, "batch_backoffs": backoffs, "images": images, "thermal": guard.metrics()}
+    info = {"batch_size": batch, "batch_backoffs": backoffs, "images": images, "thermal": guard.metrics(),
+            "buckets": len(buckets)}
     return pipe, history, start_step, loop_s, val_loss, base_val_loss, info
 
 
@@ -724,6 +815,98 @@ def _memory_now(dev: torch.device) -> str:
 
         used = psutil.Process().memory_info().rss
     return f"{used / 2**30:.2f} GB"
+
+
+def _class_dir(class_dir, cache_dir, checkpoint_dir) -> Path:
+    if class_dir is not None:
+        return Path(class_dir)
+    if cache_dir is not None:
+        return Path(cache_dir) / "class-images"
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir) / "class-images"
+    return Path(tempfile.mkdtemp(prefix="stunning-class-"))
+
+
+def class_images(fam, pipe, base_path: Path, cfg: TrainConfig, size: tuple[int, int], root: Path) -> list[Path]:
+    """The class images of DreamBooth prior preservation: `num_class_images` PNGs of `size`.
+
+    Images in `train.class_data_dir` come first (fitted to `size`); the rest are generated by
+    the frozen base model from `class_prompt`, one seed each, into a folder of `root` keyed by
+    base model, family, prompt, size and sampling settings. Each image is written atomically
+    as it is made, so an interrupted run keeps what it generated and the next run (or a
+    resume) reuses it: generation happens once.
+    """
+    import hashlib
+    import json
+
+    from PIL import Image, ImageOps
+
+    from stunning.io import atomic_write_bytes
+    from stunning.training.cache import encoder_key
+
+    key = hashlib.sha256(json.dumps({
+        "base": encoder_key(base_path), "family": fam.name, "prompt": cfg.class_prompt, "size": list(size),
+        "steps": cfg.class_sample_steps, "guidance": SAMPLE_GUIDANCE, "seed": cfg.seed,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    folder = root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    if cfg.class_data_dir:
+        given = Path(cfg.class_data_dir)
+        if not given.is_dir():
+            raise FileNotFoundError(f"train.class_data_dir={given}: not a folder of class images")
+        suffixes = (".png", ".jpg", ".jpeg", ".webp")
+        for src in sorted(p for p in given.iterdir() if p.suffix.lower() in suffixes)[: cfg.num_class_images]:
+            dst = folder / f"given-{src.stem}.png"
+            if not dst.is_file():
+                with Image.open(src) as img:
+                    fitted = ImageOps.fit(img.convert("RGB"), size, method=Image.Resampling.LANCZOS)
+                buf = io.BytesIO()
+                fitted.save(buf, format="PNG")
+                atomic_write_bytes(dst, buf.getvalue())
+            paths.append(dst)
+    missing = [i for i in range(cfg.num_class_images - len(paths)) if not (folder / f"gen-{i:05d}.png").is_file()]
+    if missing:
+        log.info("generating %d class image(s) for %r with the base model into %s", len(missing), cfg.class_prompt, folder)
+        w, h = size
+        with torch.random.fork_rng(devices=[]):
+            for i in missing:
+                gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + i)
+                image = pipe(cfg.class_prompt, generator=gen, num_inference_steps=cfg.class_sample_steps,
+                             guidance_scale=SAMPLE_GUIDANCE, height=h, width=w, output_type="pil",
+                             **_sampling_kwargs(fam, pipe)).images[0]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                atomic_write_bytes(folder / f"gen-{i:05d}.png", buf.getvalue())
+    paths += [folder / f"gen-{i:05d}.png" for i in range(cfg.num_class_images - len(paths))]
+    return paths
+
+
+def _sampling_kwargs(fam, pipe) -> dict[str, Any]:
+    """Pipeline-call arguments a family needs beyond the stock defaults (its T5 token count)."""
+    t5 = getattr(fam, "t5_tokens", None)
+    return {"max_sequence_length": t5(pipe)} if t5 is not None else {}
+
+
+class _Images:
+    """Class images as a dataset of ``{"pixels", "caption"}`` items for :func:`encode_dataset`."""
+
+    def __init__(self, paths: list[Path], caption: str):
+        self.paths, self.caption = paths, caption
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from stunning.training.dataset import load_pixels
+
+        return {"pixels": load_pixels(self.paths[i]), "caption": self.caption}
+
+
+def _class_set(fam, pipe, base_path, cfg, size, root: Path, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, conditioning) of the class images (made before the adapter exists: base model)."""
+    paths = class_images(fam, pipe, base_path, cfg, size, root)
+    return encode_dataset(fam, pipe, _Images(paths, cfg.class_prompt), cfg.seed + 3, cache)
 
 
 def _autocast(dev: torch.device, mixed_precision: str):
@@ -757,8 +940,12 @@ def _probe_batch_size(
     cfg: TrainConfig,
     dev: torch.device,
     mixed_precision: str,
+    per_step: int = 1,
 ) -> int:
     """Resolve `batch_size: auto` with trial steps that leave no trace on the run.
+
+    `per_step`: images a step trains on per unit of batch size (2 with prior preservation:
+    the instance batch plus as many class images); trials use that many.
 
     Runs before the run's optimizer, schedule and generators are created. Each trial is one
     forward/backward (in training mode, under the run's autocast, with gradient checkpointing
@@ -777,7 +964,7 @@ def _probe_batch_size(
     n = latents.shape[0]
 
     def trial(batch_size: int) -> None:
-        idx = (torch.arange(batch_size) % n).to(latents.device)
+        idx = (torch.arange(batch_size * per_step) % n).to(latents.device)
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         try:
             with _autocast(dev, mixed_precision):

@@ -1,0 +1,149 @@
+"""Aspect-ratio buckets: sizes, ingest into the nearest bucket, batches from one bucket, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_training import make_curated
+
+from stunning.config import DataConfig, TrainConfig
+from stunning.data.images import bucket_resize, bucket_sizes
+from stunning.families import get_family
+from stunning.training.lora import train_style
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize(("res", "step", "ratio"), [(1024, 64, 2.0), (512, 64, 1.5), (32, 8, 2.0)])
+def test_bucket_sizes_keep_area_step_and_ratio(res, step, ratio):
+    sizes = bucket_sizes(res, step, ratio)
+    assert (res, res) in sizes and len(sizes) == len(set(sizes)) >= 3
+    for w, h in sizes:
+        assert w % step == 0 and h % step == 0
+        assert w * h <= res * res
+        assert max(w / h, h / w) <= ratio + 1e-9
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)  # landscape and portrait
+    with pytest.raises(ValueError, match="bucket step"):
+        bucket_sizes(32, 64)
+
+
+def test_an_image_goes_to_the_bucket_nearest_its_aspect():
+    sizes = bucket_sizes(1024, 64)
+    for w, h in [(3000, 2000), (2000, 3000), (1000, 1000), (4000, 1000)]:
+        out = bucket_resize(Image.new("RGB", (w, h)), sizes)
+        best = min(abs(math.log(bw / bh) - math.log(w / h)) for bw, bh in sizes)
+        assert abs(math.log(out.width / out.height) - math.log(w / h)) == pytest.approx(best)
+        assert out.size in sizes
+
+
+def test_ingest_with_buckets_writes_bucket_sizes(tmp_path):
+    from stunning.data.ingest import ingest, read_manifest
+
+    raw = tmp_path / "raw" / "noir"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(90, 60), (60, 90), (64, 64)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(raw / f"p{i}.png")
+        (raw / f"p{i}.txt").write_text("a photo of a dress")
+    cfg = DataConfig(source="local", raw_dir=str(tmp_path / "raw"), styles=["noir"], resolution=32, min_size=24,
+                     buckets=True, bucket_step=8)
+    ingest(tmp_path / "raw", tmp_path / "ingested", cfg)
+    sizes = {(r["width"], r["height"]) for r in read_manifest(tmp_path / "ingested")}
+    assert sizes == {(40, 24), (24, 40), (32, 32)}
+    assert "bucket_step: 8" in (tmp_path / "ingested" / "data_config.yaml").read_text()
+    # The curation stage's data-quality suite accepts bucket sizes (and only those).
+    from stunning.config import CurateConfig
+    from stunning.data.curate import curate
+
+    result = curate(tmp_path / "ingested", tmp_path / "curated", cfg,
+                    CurateConfig(min_resolution=24, val_fraction=0.0, min_images_per_style=1, min_caption_words=2))
+    assert result.passed, result.problems
+
+
+def make_bucketed(root: Path) -> Path:
+    """make_curated's set with a third of the images landscape (40x24) and a third portrait (24x40)."""
+    make_curated(root, n_train=6, n_val=3)
+    with (root / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for i, r in enumerate(rows):
+        size = [(32, 32), (40, 24), (24, 40)][i % 3]
+        with Image.open(root / r["path"]) as img:
+            img.resize(size).save(root / r["path"])
+        r["width"], r["height"] = size
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory) -> Path:
+    return make_bucketed(tmp_path_factory.mktemp("bucketed"))
+
+
+class ShapeRecorder:
+    """The real family, recording the latent shape of every training batch it is given."""
+
+    def __init__(self, name: str):
+        self._fam = get_family(name)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __getattr__(self, attr):
+        return getattr(self._fam, attr)
+
+    def training_loss(self, pipe, latents, cond, generator, scheduler=None):
+        self.shapes.append(tuple(latents.shape))
+        return self._fam.training_loss(pipe, latents, cond, generator, scheduler=scheduler)
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd-unet"])
+def test_a_bucketed_set_trains_with_one_bucket_per_batch(name, bucketed, tmp_path, request):
+    base = request.getfixturevalue({"sd3": "tiny_base", "sd-unet": "tiny_sd_unet"}[name])
+    fam = ShapeRecorder(name)
+    cfg = TrainConfig(steps=10, batch_size=2, learning_rate=5e-3, target_modules=fam.default_lora_targets)
+    summary = train_style(base, fam, bucketed, "noir", cfg, tmp_path / "out", None, None, "cpu", sample_seeds=())
+    assert summary["val_loss"] is not None
+    train_shapes = fam.shapes[:10]  # the 10 steps (val evaluation follows)
+    assert len({s[2:] for s in train_shapes}) >= 2  # several buckets were drawn...
+    assert all(s[0] == 2 for s in train_shapes)  # ...each batch whole, from one bucket (a mix could not stack)
+    assert {s[2:] for s in fam.shapes} <= {(16, 16), (12, 20), (20, 12)}
+
+
+def test_bucketed_runs_resume_exactly(bucketed, tiny_base, tmp_path):
+    cfg = TrainConfig(steps=8, batch_size=2, checkpoint_every=4, learning_rate=5e-3, caption_dropout=0.2)
+    straight = train_style(tiny_base, "sd3", bucketed, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu",
+                           sample_seeds=())
+
+    def crash(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_style(tiny_base, "sd3", bucketed, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu",
+                    sample_seeds=(), on_step=crash)
+    resumed = train_style(tiny_base, "sd3", bucketed, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu",
+                          sample_seeds=())
+    assert resumed["resumed_from_step"] == 4
+    np.testing.assert_allclose(resumed["loss_history"], straight["loss_history"], rtol=1e-5, atol=1e-6)
+    a = load_file(tmp_path / "a" / "noir" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "noir" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_bucket_histogram_is_logged(bucketed, tiny_base, tmp_path):
+    from test_training import RecordingTracker
+
+    tracker = RecordingTracker()
+    train_style(tiny_base, "sd3", bucketed, "noir", TrainConfig(steps=2, batch_size=2), tmp_path / "o", tracker, None,
+                "cpu", sample_seeds=())
+    assert tracker.params["buckets"] == {"24x40": 2, "32x32": 2, "40x24": 2}
