@@ -245,6 +245,9 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available)")] = None,
     style: Annotated[str | None, typer.Option(help="style name (default: the folder's name)")] = None,
     trigger: Annotated[list[str] | None, typer.Option(help="trigger word(s), recorded in the adapter")] = None,
+    class_prompt: Annotated[str | None, typer.Option("--class-prompt", help="DreamBooth prior preservation: "
+                                                     "train with base-model images of this class too, e.g. "
+                                                     "'a photo'")] = None,
     export: Annotated[list[str] | None, typer.Option(help="also write the adapter in this layout: kohya "
                                                           "(webui/kohya/ComfyUI) or comfyui")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow", help="track the run in MLflow (<out>/mlruns)")] = False,
@@ -275,6 +278,8 @@ def train(
         if not isinstance(overrides, dict):
             fail(f"--config {config}: expected a mapping of train settings (e.g. `lr_scheduler: cosine`)")
         overrides = overrides.get("train", overrides)
+    if class_prompt:
+        overrides = {**overrides, "class_prompt": class_prompt, "prior_preservation": True}
     opts = OneOffOptions(
         model=model, data=data, out=out, prompt=prompt, resolution=resolution, batch_size=_batch_size(batch_size),
         steps=steps, rank=rank, learning_rate=lr, family=family, device=device, style=style, trigger=trigger or [],

@@ -1,0 +1,110 @@
+"""DreamBooth: instance prompt with a trigger word, class images made once, prior preservation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_training import RecordingTracker, make_curated
+
+from stunning.config import ConfigError, TrainConfig, load_params
+from stunning.families import get_family
+from stunning.training.lora import class_images, instance_caption_fn, train_style
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    return make_curated(tmp_path_factory.mktemp("curated"), n_train=4, n_val=2)
+
+
+def db_cfg(**kw) -> TrainConfig:
+    base = {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 5e-3, "instance_prompt": "a photo in sks style",
+            "class_prompt": "a photo", "prior_preservation": True, "num_class_images": 3, "class_sample_steps": 2}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_instance_prompt_replaces_or_wraps_captions():
+    assert instance_caption_fn(TrainConfig()) is None
+    fn = instance_caption_fn(TrainConfig(instance_prompt="a photo in sks style"))
+    assert fn("a red dress") == "a photo in sks style"
+    fn = instance_caption_fn(TrainConfig(instance_prompt="{caption}, in sks style"))
+    assert fn("a red dress") == "a red dress, in sks style"
+
+
+def test_dreambooth_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="prior_preservation needs train.class_prompt"):
+        TrainConfig(prior_preservation=True)
+    with pytest.raises(ValueError, match="instance_prompt is empty"):
+        TrainConfig(instance_prompt="  ")
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  prior_preservation: true\n")
+    with pytest.raises(ConfigError, match="class_prompt"):
+        load_params(params)
+
+
+def test_class_images_are_generated_once_then_reused(tiny_sd_unet, tmp_path):
+    fam = get_family("sd-unet")
+    pipe = fam.load_pipeline(tiny_sd_unet, torch.device("cpu"), torch.float32)
+    given = tmp_path / "given"
+    given.mkdir()
+    Image.fromarray(np.full((50, 40, 3), 200, np.uint8)).save(given / "mine.jpg")
+    cfg = db_cfg(class_data_dir=str(given))
+    paths = class_images(fam, pipe, tiny_sd_unet, cfg, (32, 32), tmp_path / "cache")
+    assert len(paths) == 3 and paths[0].name == "given-mine.png"  # the user's image first, fitted
+    assert all(Image.open(p).size == (32, 32) for p in paths)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    again = class_images(fam, pipe, tiny_sd_unet, cfg, (32, 32), tmp_path / "cache")
+    assert again == paths and [p.stat().st_mtime_ns for p in again] == stamps  # reused, not regenerated
+    # Generated images come from the base model, seeded: a fresh folder gets the same pixels.
+    fresh = class_images(fam, pipe, tiny_sd_unet, cfg, (32, 32), tmp_path / "elsewhere")
+    assert np.array_equal(np.asarray(Image.open(fresh[1])), np.asarray(Image.open(paths[1])))
+    # Another class prompt is another set.
+    other = class_images(fam, pipe, tiny_sd_unet, db_cfg(class_prompt="a painting"), (32, 32), tmp_path / "cache")
+    assert other[0].parent != paths[0].parent
+    with pytest.raises(FileNotFoundError, match="class_data_dir"):
+        class_images(fam, pipe, tiny_sd_unet, db_cfg(class_data_dir=str(tmp_path / "none")), (32, 32), tmp_path / "c")
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd-unet"])
+def test_prior_preservation_trains_logs_both_losses_and_resumes_exactly(name, curated, tmp_path, request):
+    base = request.getfixturevalue({"sd3": "tiny_base", "sd-unet": "tiny_sd_unet"}[name])
+    cfg = db_cfg(target_modules=get_family(name).default_lora_targets, trigger_words=["sks"])
+    tracker = RecordingTracker()
+    straight = train_style(base, name, curated, "noir", cfg, tmp_path / "a", tracker, tmp_path / "ck-a", "cpu",
+                           sample_seeds=())
+    logged = [m for m, _ in tracker.metrics if "prior_loss" in m]
+    assert len(logged) == cfg.steps
+    for m in logged:
+        assert m["loss"] == pytest.approx(m["instance_loss"] + cfg.prior_loss_weight * m["prior_loss"], rel=1e-5)
+    assert len(list((tmp_path / "ck-a" / "class-images").rglob("gen-*.png"))) == 3
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_style(base, name, curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu",
+                    sample_seeds=(), on_step=crash)
+    resumed = train_style(base, name, curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck-b", "cpu",
+                          sample_seeds=())
+    assert resumed["resumed_from_step"] == 2
+    np.testing.assert_allclose(resumed["loss_history"], straight["loss_history"], rtol=1e-5, atol=1e-6)
+    a = load_file(tmp_path / "a" / "noir" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "noir" / "pytorch_lora_weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+    # The prior term changes training: without it the same run ends elsewhere.
+    plain = train_style(base, name, curated, "noir", cfg.model_copy(update={"prior_preservation": False}),
+                        tmp_path / "c", None, None, "cpu", sample_seeds=())
+    assert plain["loss_history"] != straight["loss_history"]
+
+
+def test_batch_size_auto_counts_the_class_images(curated, tiny_base, tmp_path):
+    summary = train_style(tiny_base, "sd3", curated, "noir", db_cfg(batch_size="auto", max_batch_size=4, steps=2),
+                          tmp_path / "o", None, None, "cpu", sample_seeds=())
+    assert 1 <= summary["batch_size"] <= 4
