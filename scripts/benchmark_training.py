@@ -1,8 +1,9 @@
 """Benchmark the LoRA trainer: steps/s and peak memory per family, with and without the encoding cache.
 
-    python scripts/benchmark_training.py [--steps 60] [--batch-size 4] [--device cpu] [--out reports/benchmark_training.json]
+    python scripts/benchmark_training.py [--steps 60] [--batch-size 4] [--device cpu] [--families sdxl flux]
+                                         [--out reports/benchmark_training.json]
 
-For each family's tiny configuration (``stunning.embedded.build_tiny``) and for the shipped
+For each registered family's tiny configuration (``stunning.embedded.build_tiny``) and for the shipped
 micro model, it trains one style adapter on the embedded sample set three times: without
 the disk cache, with a cold cache (encodes and writes) and with a warm cache (reads). It
 prints and writes steps per second of the optimisation loop, wall seconds of the whole run
@@ -54,26 +55,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("reports/benchmark_training.json"))
+    ap.add_argument("--families", nargs="*", help="only these families (default: every registered one)")
     args = ap.parse_args(argv)
 
     import torch
 
     from stunning.config import TrainConfig
     from stunning.embedded import SHIPPED, build_tiny
+    from stunning.families import available, get_family
     from stunning.training.lora import train_style
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         data = curated_sample(tmp / "data")
-        models = {
-            "sd3 (tiny, random)": ("sd3", build_tiny(tmp / "sd3", "sd3")),
-            "sd-unet (tiny, random)": ("sd-unet", build_tiny(tmp / "sd-unet", "sd-unet")),
-            "sd3 (micro, shipped)": ("sd3", SHIPPED),
-        }
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, checkpoint_every=10**6)
+        families = args.families or available()
+        models = {f"{name} (tiny, random)": (name, build_tiny(tmp / name, name)) for name in families}
+        if "sd3" in families:
+            models["sd3 (micro, shipped)"] = ("sd3", SHIPPED)
         precision = "fp32" if args.device == "cpu" else "bf16"
         for label, (family, path) in models.items():
+            # Each family's default LoRA targets, as a user of that family would train.
+            cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, checkpoint_every=10**6,
+                              target_modules=get_family(family).default_lora_targets)
             for mode in ("no cache", "cache cold", "cache warm"):
                 cache = None if mode == "no cache" else tmp / f"cache-{family}-{path.name}"
                 t0 = time.perf_counter()

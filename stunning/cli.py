@@ -300,6 +300,25 @@ def train(
     console.print(f"summary: {out / 'summary.json'}", highlight=False, soft_wrap=True)
 
 
+@app.command("model-path")
+def model_path(
+    ref: Annotated[str, typer.Argument(help="a diffusers folder, a cached Hugging Face id (org/name[@rev]) or a "
+                                            "single-file checkpoint")],
+    family: Annotated[str | None, typer.Option(help="model family (needed for single files)")] = None,
+    model_config: Annotated[str | None, typer.Option("--model-config", help="for a single file: a folder or "
+                                                     "cached id of its architecture")] = None,
+) -> None:
+    """Print the local diffusers folder of a base model (for base.path in params.yaml)."""
+    from stunning.families import ModelNotFoundError
+    from stunning.families.source import resolve_base
+
+    try:
+        folder = resolve_base(ref, family, config=model_config)
+    except (ModelNotFoundError, KeyError) as exc:
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    typer.echo(str(folder))
+
+
 @app.command("convert-lora")
 def convert_lora(
     src: Annotated[Path, typer.Argument(help="a LoRA file in the diffusers layout (what training writes)")],

@@ -63,3 +63,16 @@ def test_single_file_errors_say_what_is_missing(tmp_path, tiny_sd_unet):
         resolve_base(tmp_path / "notes.txt", "sd-unet")
     with pytest.raises(ModelNotFoundError, match="neither an existing folder"):
         resolve_base(tmp_path / "nowhere", "sd-unet")
+
+
+def test_model_path_command_prints_the_folder(tiny_sd_unet, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stunning.cli import app
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = _fake_hub_cache(tmp_path / "hub", "studio/tiny-sd", tiny_sd_unet)
+    result = CliRunner().invoke(app, ["model-path", "studio/tiny-sd", "--family", "sd-unet"])
+    assert result.exit_code == 0 and result.output.strip() == str(snapshot)
+    result = CliRunner().invoke(app, ["model-path", "studio/elsewhere"])
+    assert result.exit_code == 2 and "hf download studio/elsewhere" in result.output
