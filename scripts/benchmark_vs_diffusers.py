@@ -10,11 +10,11 @@ What runs, for each model:
 
 - **diffusers**: `examples/text_to_image/train_text_to_image_lora.py` from a diffusers checkout
   (not shipped here; `git clone https://github.com/huggingface/diffusers` and pass the file —
-  the figures in docs/benchmarks.md name the commit used). It needs `datasets`, `torchvision`
-  and `tensorboard`-free logging, so it runs with `--report_to` set to a no-op; install the
-  first two in a *separate* virtualenv (they are not project dependencies) and pass its python
-  as `--diffusers-python`. It runs unmodified in a subprocess; a small runner only wraps
-  `tqdm.update` to timestamp every optimizer step.
+  the figures in docs/benchmarks.md name the commit used). It needs `datasets` (and
+  torchvision, see TORCHVISION_SHIM): install it in a *separate* virtualenv with the project
+  (it is not a project dependency) and pass that python as `--diffusers-python`. It runs
+  unmodified in a subprocess; a small runner only wraps `tqdm.update` to timestamp every
+  optimizer step.
 - **stunning**: `stunning.training.lora.train_style` (sd-unet family), in a subprocess too,
   timestamping steps with its `on_step` hook.
 
@@ -58,8 +58,21 @@ def update(self, n=1):
         stamps.append(time.perf_counter())
     return _update(self, n)
 tqdm.std.tqdm.update = update
-script, out = sys.argv[1], sys.argv[2]
-sys.argv = [script] + sys.argv[3:]
+script, out, shim = sys.argv[1], sys.argv[2], sys.argv[3]
+if shim:
+    # Libraries decide once whether torchvision exists; let them see it does not, then give
+    # the example script the transforms it imports.
+    import importlib.util, types
+    import accelerate, datasets, diffusers, peft, transformers
+    from transformers.utils import import_utils
+    import_utils.is_torchvision_available()
+    spec = importlib.util.spec_from_file_location("torchvision.transforms", shim)
+    transforms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transforms)
+    package = types.ModuleType("torchvision")
+    package.transforms = transforms
+    sys.modules["torchvision"], sys.modules["torchvision.transforms"] = package, transforms
+sys.argv = [script] + sys.argv[4:]
 try:
     runpy.run_path(script, run_name="__main__")
 finally:
@@ -79,6 +92,74 @@ train_style(Path(base), "sd-unet", Path(data), "noir", cfg, Path(out), None, Non
             progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter()))
 json.dump(stamps, open(stamps_file, "w"))
 """
+
+
+# The example script uses eight `torchvision.transforms` for its per-step image preprocessing.
+# torchvision's CPU wheel comes from download.pytorch.org, which an offline machine cannot
+# reach, and PyPI's (CUDA) wheel fails to load its operators beside a CPU torch. Where
+# `import torchvision` fails, the runner hands the example script this PIL/torch equivalent
+# of those transforms (the same operations; their cost is microseconds per batch next to a
+# UNet step). With a working torchvision installed, the real one is used.
+TORCHVISION_SHIM = r"""
+import enum, random
+import numpy as np
+import torch
+from PIL import Image
+
+class InterpolationMode(enum.Enum):
+    NEAREST = "nearest"; BILINEAR = "bilinear"; BICUBIC = "bicubic"; LANCZOS = "lanczos"
+    BOX = "box"; HAMMING = "hamming"; NEAREST_EXACT = "nearest-exact"
+
+_PIL = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
+        "box": Image.BOX, "hamming": Image.HAMMING, "nearest-exact": Image.NEAREST}
+
+class Compose:
+    def __init__(self, ts): self.ts = ts
+    def __call__(self, x):
+        for t in self.ts: x = t(x)
+        return x
+
+class Resize:
+    def __init__(self, size, interpolation=InterpolationMode.BILINEAR): self.size, self.mode = size, interpolation
+    def __call__(self, img):
+        w, h = img.size; s = self.size
+        nw, nh = (s, max(1, round(h * s / w))) if w <= h else (max(1, round(w * s / h)), s)
+        return img.resize((nw, nh), _PIL[self.mode.value])
+
+class CenterCrop:
+    def __init__(self, size): self.size = size
+    def __call__(self, img):
+        w, h = img.size; l, t = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((l, t, l + self.size, t + self.size))
+
+class RandomCrop(CenterCrop):
+    def __call__(self, img):
+        w, h = img.size; l, t = random.randint(0, w - self.size), random.randint(0, h - self.size)
+        return img.crop((l, t, l + self.size, t + self.size))
+
+class RandomHorizontalFlip:
+    def __call__(self, img): return img.transpose(Image.FLIP_LEFT_RIGHT) if random.random() < 0.5 else img
+
+class Lambda:
+    def __init__(self, f): self.f = f
+    def __call__(self, x): return self.f(x)
+
+class ToTensor:
+    def __call__(self, img): return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+class Normalize:
+    def __init__(self, mean, std): self.mean, self.std = mean[0], std[0]
+    def __call__(self, x): return (x - self.mean) / self.std
+"""
+
+
+def torchvision_shim(python: str, tmp: Path) -> str:
+    """The transforms shim's file when `python` cannot import torchvision, else ''."""
+    if subprocess.run([python, "-c", "import torchvision.transforms"], capture_output=True).returncode == 0:
+        return ""
+    shim = tmp / "torchvision_transforms_shim.py"
+    shim.write_text(TORCHVISION_SHIM)
+    return str(shim)
 
 
 def small_sd15(out: Path, seed: int = 0) -> Path:
@@ -174,20 +255,21 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-vs-") as tmp:
         tmp = Path(tmp)
+        shim = torchvision_shim(args.diffusers_python, tmp)
         for name in args.models:
             res = 32 if name == "tiny" else 64
             model = build_tiny(tmp / "tiny", "sd-unet") if name == "tiny" else small_sd15(tmp / "small")
             curated, folder = sample_data(tmp / f"data-{name}", res)
             ex_stamps = tmp / f"ex-{name}.json"
             example = timed([
-                args.diffusers_python, "-c", RUNNER, str(args.diffusers_script), str(ex_stamps),
+                args.diffusers_python, "-c", RUNNER, str(args.diffusers_script), str(ex_stamps), shim,
                 f"--pretrained_model_name_or_path={model}", f"--train_data_dir={folder}",
                 "--image_column=image", "--caption_column=text", f"--resolution={res}", "--center_crop",
                 f"--train_batch_size={args.batch_size}", f"--max_train_steps={args.steps}",
                 f"--learning_rate={args.lr}", f"--rank={args.rank}", f"--seed={args.seed}",
                 "--lr_scheduler=constant", "--lr_warmup_steps=0", "--mixed_precision=no",
                 "--dataloader_num_workers=0", f"--checkpointing_steps={10 * args.steps}",
-                f"--output_dir={tmp / f'ex-out-{name}'}", "--report_to=wandb",
+                f"--output_dir={tmp / f'ex-out-{name}'}", "--report_to=tensorboard",
             ], env, ex_stamps)
             st_stamps = tmp / f"st-{name}.json"
             ours = timed([
@@ -202,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "script": str(args.diffusers_script),
-              "rows": rows}
+              "torchvision": "shim (PIL/torch transforms)" if shim else "installed", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'model':6} {'diffusers st/s':>15} {'stunning st/s':>14} {'speedup':>8} {'wall s (d / s)':>16}")

@@ -391,11 +391,14 @@ class PeakMemory:
 
     - CUDA: `torch.cuda.max_memory_allocated` (exact, reset at entry);
     - MPS: `torch.mps.driver_allocated_memory`, sampled;
-    - CPU: the process resident set size (RSS), sampled.
+    - CPU: the process resident set size (RSS) peak.
 
-    The process RSS peak is sampled on every device (`pm.peak_rss_mb`, `pm.start_rss_mb`).
-    Sampling runs in a daemon thread every `interval_s` (5 ms), so a spike shorter than that
-    can be missed; the start and end of the block are always sampled.
+    The process RSS peak is kept on every device (`pm.peak_rss_mb`, `pm.start_rss_mb`). On
+    Linux it is the kernel's own high-water mark (`VmHWM`, reset at entry through
+    /proc/self/clear_refs): exact and free. Elsewhere, and for MPS, a daemon thread samples
+    every `interval_s` (5 ms), so a spike shorter than that can be missed; the start and end
+    of the block are always sampled. (A 5-ms Python sampler costs a CPU-bound training loop
+    on 2 cores about 13 % of its speed, which is why it only runs where it must.)
     """
 
     def __init__(self, device: torch.device | str | None = None, interval_s: float = 0.005) -> None:
@@ -406,6 +409,7 @@ class PeakMemory:
         self._proc = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hwm = False
         self._start_rss = 0
         self._peak_rss = 0
         self._start_dev = 0
@@ -433,6 +437,27 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
+    @staticmethod
+    def _reset_hwm() -> bool:
+        """Reset the kernel's RSS high-water mark (Linux); False where that is not possible."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _read_hwm() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -442,10 +467,14 @@ class PeakMemory:
             self._start_dev = self._mps_bytes()
         self._start_rss = self._peak_rss = self._proc.memory_info().rss
         self._peak_dev = self._start_dev
+        self._hwm = self._reset_hwm()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+        self._thread = None
+        if self.device.type == "mps" or not self._hwm:
+            self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
         self._t0 = time.perf_counter()
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(
@@ -460,6 +489,8 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self._sample()
+        if self._hwm:
+            self._peak_rss = max(self._peak_rss, self._read_hwm() or 0)
         self.elapsed_s = time.perf_counter() - self._t0
         self.peak_rss_mb = self._peak_rss / MB
         self.start_rss_mb = self._start_rss / MB
