@@ -154,7 +154,10 @@ def _train(base, curated, cfg, out, tracker=None, checkpoints=None, **kw):
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"steps": 4, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 5e-3, **kw})
+    # Precision pinned: with "auto" the CPU calibration's trial steps would meet the faked
+    # out-of-memory errors before the loop whose handling these tests check.
+    return TrainConfig(**{"steps": 4, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 5e-3,
+                          "mixed_precision": "no", **kw})
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -243,7 +246,7 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_half_the_batch(tmp_path, 
     from stunning.training.checkpoint import CheckpointStore
 
     store = CheckpointStore.for_run(tmp_path / "ck", "noir", summary["fingerprint"], 2)
-    assert store.latest().meta == {"batch_size": 2}
+    assert store.latest().meta["batch_size"] == 2
 
 
 @pytest.mark.usefixtures("one_torch_thread")

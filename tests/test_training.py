@@ -482,3 +482,29 @@ def test_encoding_cache_is_keyed_by_content_and_changes_nothing(tmp_path, tiny_b
         assert third.misses == 1 and third.hits == 2 * len(data) - 1
     finally:
         manifest.write_text(text)
+
+
+def test_cpu_calibration_measures_and_is_kept_for_resume(tmp_path, monkeypatch, tiny_base, curated):
+    """With mixed_precision auto on a CPU the trainer times trial steps; the choice is checkpointed."""
+    import stunning.training.lora as lora
+
+    # Tiny steps are overhead-bound: no trial of other settings, fp32 stays.
+    fast = train_style(tiny_base, "sd3", curated, "noir", tiny_cfg(steps=2), tmp_path / "a", None, None, "cpu",
+                       sample_seeds=())
+    assert fast["mixed_precision"] == "no"
+    # Treat every step as compute-bound and any speed-up as enough: bf16 is chosen where the CPU
+    # computes it natively, and the choice is what the checkpoint records and a resume reuses.
+    monkeypatch.setattr(lora, "CPU_BOUND_STEP_S", 0.0)
+    monkeypatch.setattr(lora, "MIN_SPEEDUP", 0.0)
+    cfg = tiny_cfg(steps=4, checkpoint_every=2)
+    tracker = RecordingTracker()
+    first = train_style(tiny_base, "sd3", curated, "noir", cfg, tmp_path / "b", tracker, tmp_path / "ck", "cpu",
+                        sample_seeds=())
+    expected = "bf16" if lora._cpu_has_native_bf16() else "no"
+    assert first["mixed_precision"] == expected == tracker.params["mixed_precision_chosen"]
+    store = CheckpointStore.for_run(tmp_path / "ck", "noir", first["fingerprint"], 2)
+    assert store.latest().meta["cpu_setup"][1] == expected
+    monkeypatch.setattr(lora, "_calibrate_cpu", lambda *a, **k: pytest.fail("a resume must not re-calibrate"))
+    again = train_style(tiny_base, "sd3", curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck", "cpu",
+                        sample_seeds=())
+    assert again["resumed_from_step"] == 4 and again["mixed_precision"] == expected

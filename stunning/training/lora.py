@@ -947,7 +947,14 @@ def _calibrate_cpu(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev,
     operation, which measured faster than bf16 weights).
     """
     threads = torch.get_num_threads()
-    timing = {(threads, "no"): _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")}
+    try:
+        timing = {(threads, "no"): _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")}
+    except Exception as exc:
+        if not is_oom_error(exc):
+            raise
+        free_memory(dev)  # the loop's own out-of-memory handling takes it from here
+        log.info("CPU calibration skipped: a trial step ran out of memory")
+        return threads, "no"
     if timing[(threads, "no")] < CPU_BOUND_STEP_S:
         return threads, "no"
     if more_threads and more_threads > threads:
