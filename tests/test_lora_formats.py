@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -17,21 +18,69 @@ STOCK_KWARGS = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}, "sdxl": {"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def saved_adapter(name, base, tmp_path, rank=4, alpha=8.0):
-    """A LoRA with non-zero up weights and alpha != rank, saved by the family in the diffusers layout."""
+def saved_adapter(name, base, tmp_path, rank=4, alpha=8.0, text_encoder=False):
+    """A LoRA with non-zero up weights and alpha != rank, saved by the family in the diffusers layout.
+
+    With `text_encoder`, the first text encoder gets its own LoRA (rank 2, alpha 6), saved the
+    way diffusers' training scripts save one.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from stunning.families import write_lora_metadata
 
     fam = get_family(name)
     pipe = fam.load_pipeline(base, torch.device("cpu"), torch.float32)
     denoiser = fam.denoiser(pipe)
-    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_v"],
-                                    init_lora_weights="gaussian"))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
+    denoiser.add_adapter(config)
+    modules = [denoiser]
+    if text_encoder:
+        te_config = LoraConfig(r=2, lora_alpha=6.0, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+        pipe.text_encoder.add_adapter(te_config)
+        modules.append(pipe.text_encoder)
     torch.manual_seed(0)
     with torch.no_grad():
-        for n, p in denoiser.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return fam.save_lora(pipe, tmp_path / "diffusers", metadata={"trigger_words": ["sks"], "rank": rank})
+        for module in modules:
+            for n, p in module.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    metadata = {"trigger_words": ["sks"], "rank": rank}
+    if not text_encoder:
+        return fam.save_lora(pipe, tmp_path / "diffusers", metadata=metadata)
+    layers = fam.lora_layers(pipe)
+    layers["text_encoder"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
+    fam.save_lora_layers(tmp_path / "diffusers", layers,
+                         {fam.lora_component: config.to_dict(), "text_encoder": te_config.to_dict()})
+    path = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
+    write_lora_metadata(path, metadata)
+    return path
+
+
+def comfyui_target(key: str, family: str) -> str:
+    """The diffusers module a kohya/ComfyUI key patches, by the rules of ComfyUI's comfy/lora.py.
+
+    model_lora_keys_unet: ``lora_unet_<diffusers UNet weight, "." -> "_">`` (via
+    unet_to_diffusers) and, for SD3/FLUX, ``lora_transformer_<diffusers weight>`` (OneTrainer);
+    model_lora_keys_clip: ``lora_te[1|2]_text_model_encoder_layers_<i>_<LORA_CLIP_MAP value>``.
+    """
+    clip_map = {"self_attn_q_proj": "self_attn.q_proj", "self_attn_k_proj": "self_attn.k_proj",
+                "self_attn_v_proj": "self_attn.v_proj", "self_attn_out_proj": "self_attn.out_proj",
+                "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2"}
+    te = {"sd-unet": {"lora_te": "text_encoder"}, "sdxl": {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
+          "sd3": {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}, "flux": {"lora_te1": "text_encoder"}}
+    name = key.split(".")[0]
+    m = re.fullmatch(r"(lora_te\d?)_text_model_encoder_layers_(\d+)_(\w+)", name)
+    if m:
+        return f"{te[family][m[1]]}.text_model.encoder.layers.{m[2]}.{clip_map[m[3]]}"
+    prefix = "lora_unet_" if family in ("sd-unet", "sdxl") else "lora_transformer_"
+    assert name.startswith(prefix), key
+    return name[len(prefix):]  # underscores: resolved against the model's module names below
+
+
+def _flat(module_name: str) -> str:
+    return module_name.replace(".", "_")
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -72,20 +121,65 @@ def test_kohya_layout_applies_the_same_weight_delta(name, request, tmp_path):
     assert meta["stunning.layout"] == "kohya" and json.loads(meta["stunning.trigger_words"]) == ["sks"]
 
 
-@pytest.mark.parametrize("name", ["sd-unet", "sdxl"])
-def test_diffusers_reads_the_kohya_file_back_for_unet_families(name, request, tmp_path):
+@pytest.mark.parametrize("name", ["sd-unet", "sdxl", "flux"])
+def test_diffusers_reads_the_converted_file_back(name, request, tmp_path):
+    """Stock diffusers loads the kohya/ComfyUI file (kohya SD/SDXL keys, OneTrainer FLUX keys) and
+    generates exactly what the diffusers-layout file generates."""
     base = request.getfixturevalue(TINY[name])
     fam = get_family(name)
     src = saved_adapter(name, base, tmp_path)
     dst = convert_lora_file(src, tmp_path / "out" / "comfy.safetensors", "comfyui", name)
     outputs = []
-    for lora in (src, dst):
+    for lora in (src, dst, None):
         pipe = fam.pipeline_class().from_pretrained(str(base), local_files_only=True, **STOCK_KWARGS.get(name, {}))
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
         out = pipe("a red dress", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                    output_type="np", height=32, width=32).images
         outputs.append(torch.from_numpy(out))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-3  # the adapter does change the image
+
+
+def test_text_encoder_layers_get_comfyui_clip_names_and_their_own_alpha(tiny_sd_unet, tmp_path):
+    """A LoRA on the UNet and the CLIP text encoder: every kohya key names, by ComfyUI's rules, a
+    module of the model, and W + (alpha / rank) up @ down is what diffusers fuses (both components,
+    each with its own alpha)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    src = saved_adapter("sd-unet", tiny_sd_unet, tmp_path, text_encoder=True)
+    kohya = load_file(str(convert_lora_file(src, tmp_path / "k.safetensors", "kohya", "sd-unet")))
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_sd_unet), local_files_only=True)
+    fused = StableDiffusionPipeline.from_pretrained(str(tiny_sd_unet), local_files_only=True)
+    fused.load_lora_weights(str(src.parent))
+    fused.fuse_lora(components=["unet", "text_encoder"])
+    fused.unload_lora_weights()
+
+    def weights(pipe):
+        out = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
+        te = pipe.text_encoder.state_dict()  # transformers >= 5.6 has no `text_model.` level
+        out.update({f"text_encoder.text_model.{k.removeprefix('text_model.')}": v for k, v in te.items()})
+        return out
+
+    base_w, fused_w = weights(plain), weights(fused)
+    unet_modules = {_flat(k.removesuffix(".weight")): k.removesuffix(".weight") for k in plain.unet.state_dict()}
+    names = {k.split(".")[0] for k in kohya}
+    assert {n.split("_", 2)[1] for n in names} == {"unet", "te"}
+    for name in names:
+        target = comfyui_target(name, "sd-unet")
+        target = f"unet.{unet_modules[target]}" if name.startswith("lora_unet_") else target
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        alpha = float(kohya[f"{name}.alpha"])
+        assert (down.shape[0], alpha) == ((4, 8.0) if target.startswith("unet.") else (2, 6.0))
+        expected = base_w[f"{target}.weight"] + (alpha / down.shape[0]) * up @ down
+        torch.testing.assert_close(fused_w[f"{target}.weight"], expected, rtol=1e-5, atol=1e-6)
+
+    # diffusers' own PEFT -> kohya helper names the UNet modules the same way (but writes alpha = rank)
+    peft_style = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+                  for k, v in load_file(str(src)).items() if k.startswith("unet.")}
+    theirs = convert_state_dict_to_kohya(peft_style)
+    assert {k for k in theirs if k.startswith("lora_unet_")} == {k for k in kohya if k.startswith("lora_unet_")}
 
 
 def test_layout_errors_are_clear(tiny_base, tmp_path):

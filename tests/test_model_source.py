@@ -1,13 +1,16 @@
-"""Base-model references: local folder, cached Hugging Face id, single-file checkpoint."""
+"""Base-model references: local folder, cached Hugging Face id, single-file checkpoint (a real round trip)."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+import torch
 
 from stunning.families import ModelNotFoundError
-from stunning.families.source import detect_family, resolve_base
+from stunning.families.source import detect_family, export_single_file, resolve_base
+
+SD15_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # what diffusers names for SD 1.x files
 
 
 def _fake_hub_cache(root, repo_id: str, model_dir, commit: str = "0123456789abcdef0123456789abcdef01234567"):
@@ -49,7 +52,6 @@ def test_a_cached_hub_id_resolves_offline(tiny_sd_unet, tmp_path, monkeypatch):
 
 def test_single_file_errors_say_what_is_missing(tmp_path, tiny_sd_unet):
     ckpt = tmp_path / "my-style.safetensors"
-    import torch
     from safetensors.torch import save_file
 
     save_file({"not.a.model": torch.zeros(2)}, str(ckpt))
@@ -63,6 +65,81 @@ def test_single_file_errors_say_what_is_missing(tmp_path, tiny_sd_unet):
         resolve_base(tmp_path / "notes.txt", "sd-unet")
     with pytest.raises(ModelNotFoundError, match="neither an existing folder"):
         resolve_base(tmp_path / "nowhere", "sd-unet")
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(tiny_sd_unet, tmp_path_factory):
+    """The tiny SD-1.5 model as one checkpoint in the original (webui/LDM) key layout."""
+    return export_single_file(tiny_sd_unet, tmp_path_factory.mktemp("single") / "tiny-sd15.safetensors")
+
+
+def _state_dicts(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    return {c: getattr(pipe, c).state_dict() for c in ("unet", "vae", "text_encoder")}
+
+
+def test_single_file_is_in_the_original_layout(tiny_single_file):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_single_file), framework="pt") as f:
+        keys = set(f.keys())
+        vae_q = f.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight")
+    # names webui checkpoints use (diffusers' own detection keys among them)
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+            "model.diffusion_model.out.2.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
+            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"} <= keys
+    assert vae_q.ndim == 4  # 1x1 convolutions, as in the original VAE
+    assert not any(".down_blocks." in k or ".resnets." in k or "conv_shortcut" in k for k in keys)
+    assert not any(k.startswith("first_stage_model.") and ".to_" in k for k in keys)
+
+
+def test_a_single_file_converts_once_to_the_same_model(tiny_single_file, tiny_sd_unet, tmp_path, caplog):
+    import logging
+
+    work = tmp_path / "work"
+    folder = resolve_base(tiny_single_file, "sd-unet", config=tiny_sd_unet, work_dir=work)
+    assert folder.parent == work and detect_family(folder) == "sd-unet"
+    original, converted = _state_dicts(tiny_sd_unet), _state_dicts(folder)
+    for component, weights in original.items():
+        assert set(converted[component]) == set(weights), component
+        for key, value in weights.items():
+            assert torch.equal(converted[component][key], value), f"{component}.{key}"
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="stunning.families.source"):
+        assert resolve_base(tiny_single_file, "sd-unet", config=tiny_sd_unet, work_dir=work) == folder
+    assert "reusing" in caplog.text and (folder / "model_index.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in work.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+def test_a_single_file_finds_its_configs_in_the_cache(tiny_single_file, tiny_sd_unet, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_base(tiny_single_file, "sd-unet", work_dir=tmp_path / "work")
+    message = str(err.value)
+    assert SD15_CONFIG_REPO in message and str(tmp_path / "hub") in message
+    assert f"hf download {SD15_CONFIG_REPO} --include" in message and "--model-config" in message
+    _fake_hub_cache(tmp_path / "hub", SD15_CONFIG_REPO, tiny_sd_unet)
+    with pytest.raises(ModelNotFoundError, match="asked to convert it as 'sd3'.*'sd-unet' model.*--family sd-unet"):
+        resolve_base(tiny_single_file, "sd3", work_dir=tmp_path / "work")
+    folder = resolve_base(tiny_single_file, "sd-unet", work_dir=tmp_path / "work")
+    unet = _state_dicts(folder)["unet"]
+    assert all(torch.equal(unet[k], v) for k, v in _state_dicts(tiny_sd_unet)["unet"].items())
+
+
+def test_single_file_family_and_lora_mistakes_are_named(tiny_single_file, tiny_sd_unet, tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ModelNotFoundError, match="lacks the component"):  # an SD-1.5 config named as sd3
+        resolve_base(tiny_single_file, "sd3", config=tiny_sd_unet, work_dir=tmp_path)
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 2), "lora_unet_conv_in.alpha": torch.ones(())},
+              str(lora))
+    with pytest.raises(ModelNotFoundError, match="holds LoRA weights, not a base model"):
+        resolve_base(lora, "sd-unet", work_dir=tmp_path)
+    with pytest.raises(ValueError, match="single-file export is implemented for"):
+        export_single_file(tiny_base, tmp_path / "x.safetensors", "sd3")
 
 
 def test_model_path_command_prints_the_folder(tiny_sd_unet, tmp_path, monkeypatch):

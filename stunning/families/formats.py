@@ -9,25 +9,40 @@ share one key layout, the one kohya's sd-scripts introduced:
     <prefix>_<module path with "." replaced by "_">.lora_up.weight     (= lora_B)
     <prefix>_<module path with "." replaced by "_">.alpha              (the LoRA alpha, a scalar)
 
-and apply ``W + (alpha / rank) · up @ down``. Prefixes per component and family (what
-ComfyUI's LoRA key mapping, `comfy/lora.py`, accepts; webui reads the same for SD 1.x/SDXL):
+and apply ``W + (alpha / rank) · up @ down``. The ``.alpha`` tensor is what carries the
+trained scale: a loader that finds none (e.g. ComfyUI on a diffusers-layout file) applies
+scale 1, wrong whenever lora_alpha != rank.
+
+Prefixes per component and family, from ComfyUI's LoRA key mapping (comfy/lora.py in
+comfyanonymous/ComfyUI: ``model_lora_keys_unet`` maps ``lora_unet_<diffusers UNet weight>``
+through ``comfy.utils.unet_to_diffusers`` for SD 1.x/SDXL, and ``lora_transformer_<diffusers
+weight>`` - commented there as the OneTrainer format - through ``mmdit_to_diffusers`` (SD3) and
+``flux_to_diffusers`` (FLUX), which also split diffusers' separate q/k/v onto the fused original
+weights; ``model_lora_keys_clip`` maps ``lora_te_`` (SD 1.x CLIP-L), ``lora_te1_``/``lora_te2_``
+(CLIP-L/CLIP-G of SDXL and SD3, CLIP-L of FLUX) + ``text_model_encoder_layers_<i>_<proj>``):
 
     sd-unet  unet → lora_unet, text_encoder → lora_te
     sdxl     unet → lora_unet, text_encoder → lora_te1, text_encoder_2 → lora_te2
-    sd3/flux transformer → lora_transformer (the OneTrainer naming ComfyUI maps for MMDiT
-             models), text_encoder → lora_te1, text_encoder_2 → lora_te2
+    sd3      transformer → lora_transformer, text_encoder → lora_te1, text_encoder_2 → lora_te2
+    flux     transformer → lora_transformer, text_encoder → lora_te1
 
-Module paths are the diffusers module names (ComfyUI maps the UNet's diffusers names onto its
-own, and diffusers' own loader reads this layout back for SD 1.x and SDXL). Layouts:
+ComfyUI also reads the diffusers ``transformer.*.lora_A`` layout for SD3/FLUX, but without
+alphas, and does not read diffusers' current ``unet.*.lora_A`` names for SD 1.x/SDXL (the version read maps
+only the older ``unet.*.processor.to_q`` form), so the kohya-style file is the one to share.
+Stock diffusers reads this layout back for SD 1.x/SDXL (kohya) and FLUX (OneTrainer keys);
+not for SD3. Layouts:
 
 - ``diffusers``: the file as trained (copied, metadata kept);
 - ``kohya``: the layout above, plus the ``ss_*`` header fields kohya's tools and webui show
   (``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``, ``ss_base_model_version``);
-- ``comfyui``: the same file as ``kohya`` — ComfyUI reads that layout for all four families;
+- ``comfyui``: the same tensors as ``kohya`` - ComfyUI reads that layout for all four families;
   the name exists so a user asking for "a ComfyUI LoRA" gets the right file.
 
-kohya's sd-scripts name SD3/FLUX modules by the original (non-diffusers) checkpoint keys with
-fused q/k/v projections; that variant is not written here (see the note on issue #3).
+Not written: kohya sd-scripts' own SD3/FLUX naming (``lora_unet_double_blocks_0_img_attn_qkv``,
+original checkpoint module names with fused q/k/v), which ComfyUI and diffusers also read.
+diffusers' ``convert_state_dict_to_kohya`` names UNet modules the same way (the tests check it)
+but writes alpha = rank, names the SD 1.x text encoder ``lora_te1`` and knows no transformer
+prefix, so the conversion is done here.
 """
 
 from __future__ import annotations
@@ -49,11 +64,16 @@ PREFIXES: dict[str, dict[str, str]] = {
     "flux": {"transformer": "lora_transformer", "text_encoder": "lora_te1"},
 }
 BASE_MODEL_VERSION = {"sd-unet": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
-# diffusers' own writer names attention projections the older way (`to_q.lora.down.weight`)
-# and everything else the PEFT way (`add_q_proj.lora_A.weight`); both mean the same.
+# diffusers' writers name the same two matrices three ways: PEFT's `lora_A`/`lora_B`, the older
+# `lora.down`/`lora.up`, and `lora_linear_layer.down`/`.up` (text encoders, through
+# `convert_state_dict_to_diffusers`); all mean down = A, up = B.
 DIFFUSERS_KEY = re.compile(
-    r"^(?P<component>[a-z_0-9]+?)\.(?P<module>.+)\.(lora_(?P<ab>[AB])|lora\.(?P<updown>down|up))\.weight$"
+    r"^(?P<component>[a-z_0-9]+?)\.(?P<module>.+)\."
+    r"(lora_(?P<ab>[AB])|lora\.(?P<updown>down|up)|lora_linear_layer\.(?P<lin>down|up))\.weight$"
 )
+# transformers >= 5.6 flattened `CLIPTextModel` (no `text_model.` level); the key layouts
+# (webui, ComfyUI's LORA_CLIP_MAP) name CLIP layers `..._text_model_encoder_layers_<i>_...`.
+CLIP_TOP_LEVEL = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 def adapter_alphas(header: dict[str, str]) -> dict[str, tuple[float, dict[str, float]]]:
@@ -95,10 +115,12 @@ def to_kohya(tensors: dict[str, torch.Tensor], header: dict[str, str], family: s
     for key, tensor in tensors.items():
         m = DIFFUSERS_KEY.match(key)
         if m is None:
-            raise ValueError(f"{key!r} is not a diffusers LoRA key (<component>.<module>.lora_A/B.weight "
-                             "or .lora.down/up.weight)")
+            raise ValueError(f"{key!r} is not a diffusers LoRA key (<component>.<module>.lora_A/B.weight, "
+                             ".lora.down/up.weight or .lora_linear_layer.down/up.weight)")
         component, module = m["component"], m["module"]
-        is_down = m["ab"] == "A" or m["updown"] == "down"
+        is_down = m["ab"] == "A" or "down" in (m["updown"], m["lin"])
+        if component.startswith("text_encoder") and module.startswith(CLIP_TOP_LEVEL):
+            module = "text_model." + module
         if component not in prefixes:
             raise ValueError(f"{family} LoRA files hold {sorted(prefixes)} layers; {key!r} belongs to {component!r}")
         name = f"{prefixes[component]}_{module.replace('.', '_')}"

@@ -10,21 +10,27 @@ diffusers folder every family loads:
   missing id fails with the command that fetches it on a machine with internet;
 - a **single-file checkpoint** (``.safetensors``/``.ckpt`` as shared on Civitai and the Hub):
   converted once with the family's stock ``from_single_file`` into a diffusers folder under
-  `work_dir`, keyed by the file's content hash, and reused on the next run. Conversion needs
-  the model's component configs; offline they come from `config` (a diffusers folder or a
-  cached Hub id of the same architecture, e.g. the base model the checkpoint was fine-tuned
-  from).
+  `work_dir`, keyed by the file's content hash (and the configs used), and reused on the next
+  run. Conversion needs the component configs of the checkpoint's architecture; offline they
+  come from `config` (a diffusers folder or a cached Hub id of the same architecture, e.g. the
+  base model the checkpoint was fine-tuned from) or, without it, from the cached repo diffusers
+  names for that architecture (``stable-diffusion-v1-5/stable-diffusion-v1-5`` for SD 1.x, ...);
+  the error says which repo and the command that fetches only its configs.
 
-:func:`detect_family` names the family of a diffusers folder from its pipeline class.
+:func:`detect_family` names the family of a diffusers folder from its pipeline class, and
+:func:`export_single_file` goes the other way for SD 1.x/2.x: a diffusers folder (a fine-tuned
+or LoRA-fused model) as one original-layout checkpoint that webui/ComfyUI load as a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from stunning.families import ModelNotFoundError, available, get_family
@@ -132,7 +138,82 @@ def _check(folder: Path, family: str) -> None:
     check_model_dir(folder, get_family(family).required_components)
 
 
+def _fingerprint(folder: Path) -> str:
+    """sha256 of a diffusers folder's configs (model_index.json and every component's config)."""
+    h = hashlib.sha256()
+    for f in sorted([folder / "model_index.json", *folder.glob("*/*.json")]):
+        if f.is_file():
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+class _LazyCheckpoint(Mapping):
+    """A safetensors checkpoint as a read-only mapping that loads a tensor only when asked.
+
+    diffusers names a checkpoint's architecture from a handful of keys and shapes; this
+    spares loading gigabytes just to look at them.
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key):
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._key_set
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _open_checkpoint(path: Path) -> Mapping:
+    """A single-file checkpoint's tensors (safetensors: lazily; pickled .ckpt: loaded)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+
+        try:
+            return _LazyCheckpoint(path)
+        except (SafetensorError, OSError) as exc:
+            raise ModelNotFoundError(f"{path}: not a readable safetensors file ({exc}); re-download it") from None
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    try:
+        return load_single_file_checkpoint(str(path), local_files_only=True)
+    except Exception as exc:  # torch.load raises many types for a damaged or foreign pickle
+        raise ModelNotFoundError(f"{path}: could not read this checkpoint ({exc}); re-download it") from None
+
+
+def _default_config(path: Path, checkpoint: Mapping) -> Path:
+    """The cached Hub repo whose configs diffusers names for this checkpoint's architecture."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+    repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    try:
+        return cached_snapshot(repo)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(
+            f"{path}: converting a single-file checkpoint needs its architecture's component configs "
+            f"(model_index.json, */config.json, tokenizer files); for this checkpoint diffusers takes them from "
+            f"{repo}, which is not in the Hugging Face cache {hub_cache_dir()}. Either pass config "
+            "(--model-config / base.config): a local diffusers folder or cached id of the model this checkpoint "
+            "was fine-tuned from; or, on a machine with internet, fetch the configs only (a few MB): "
+            f"`hf download {repo} --include '*.json' '*.txt'` (older huggingface_hub: `huggingface-cli download "
+            "...`), then copy the cache here or point HF_HOME / HF_HUB_CACHE at it."
+        ) from None
+
+
 def _convert_single_file(path: Path, family: str | None, config: str | Path | None, work_dir: Path) -> Path:
+    from stunning.families import absent_components, complete_model_index, model_settings
     from stunning.io import atomic_dir
 
     if family is None:
@@ -140,28 +221,177 @@ def _convert_single_file(path: Path, family: str | None, config: str | Path | No
             f"{path} is a single-file checkpoint: name its family (--family / base.family: {', '.join(available())}) "
             "so it can be converted with the right pipeline class"
         )
+    fam = get_family(family)
+    checkpoint = _open_checkpoint(path)
+    if len(checkpoint) and all(".lora" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha")
+                               for k in checkpoint):
+        raise ModelNotFoundError(
+            f"{path} holds LoRA weights, not a base model: pass the base model it was trained on as the base, "
+            "and this file as an adapter"
+        )
+    config_folder = resolve_base(config, family) if config is not None else _default_config(path, checkpoint)
+    del checkpoint
+    try:
+        config_family = detect_family(config_folder)
+    except ModelNotFoundError:
+        config_family = family  # an unregistered pipeline class: let from_single_file judge
+    if config_family != family:
+        raise ModelNotFoundError(
+            f"{path}: asked to convert it as {family!r}, but its configs ({config_folder}) are a {config_family!r} "
+            f"model. Pass --family {config_family}, or a config folder of the {family} model it was fine-tuned from."
+        )
+    # The conversion depends on the file, the family and the configs: key the cache by all three.
     digest = file_digest(path)
-    out = work_dir / f"{family}-{digest[:16]}"
+    key = hashlib.sha256(f"{digest}\0{family}\0{_fingerprint(config_folder)}".encode()).hexdigest()
+    out = work_dir / f"{family}-{path.stem[:40]}-{key[:16]}"
     if (out / "model_index.json").is_file():
         log.info("single-file checkpoint %s: reusing its conversion %s", path, out)
         return out
-    config_folder = None
-    if config is not None:
-        config_folder = resolve_base(config, family)
-    pipeline_class = get_family(family).pipeline_class()
-    kwargs = {"config": str(config_folder)} if config_folder is not None else {}
+    pipeline_class = fam.pipeline_class()
+    kwargs = dict(absent_components(config_folder))
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # webui checkpoints carry none
+    log.info("converting single-file checkpoint %s (%s, configs from %s)", path, family, config_folder)
     try:
-        pipe = pipeline_class.from_single_file(str(path), local_files_only=True, **kwargs)
-    except Exception as exc:  # diffusers raises several types for a missing config or a foreign layout
-        hint = (
-            "Conversion needs the component configs of the model's architecture, which are not available "
-            "offline: pass `config` (--config / base.config) as a diffusers folder or a cached Hugging Face id "
-            "of the same architecture (e.g. the base model this checkpoint was fine-tuned from)."
-            if config_folder is None
-            else f"Check that {path} is a {family} checkpoint of the same architecture as {config_folder}."
-        )
-        raise ModelNotFoundError(f"{path}: could not convert this single-file checkpoint ({exc}). {hint}") from exc
+        pipe = pipeline_class.from_single_file(str(path), config=str(config_folder), local_files_only=True, **kwargs)
+    except Exception as exc:  # diffusers raises several types for a foreign layout or a config mismatch
+        raise ModelNotFoundError(
+            f"{path}: could not convert this single-file checkpoint with the configs of {config_folder} "
+            f"({type(exc).__name__}: {exc}). Check that it is a {family} checkpoint of the same architecture "
+            "(same block sizes and text encoders) as that config."
+        ) from exc
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        complete_model_index(tmp, pipeline_class)
+        settings = model_settings(config_folder)
+        if settings:
+            from stunning.families import PROJECT_FILE
+
+            (tmp / PROJECT_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        (tmp / "stunning-source.json").write_text(json.dumps(
+            {"single_file": str(path.resolve()), "sha256": digest, "config": str(config_folder)},
+            indent=2) + "\n")
     log.info("single-file checkpoint %s converted to %s", path, out)
     return out
+
+
+# --- export: a diffusers folder as one original-layout checkpoint -------------------------------
+
+# diffusers' resnet parameter names -> the original (LDM) ones, for the UNet and the VAE.
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+               "text_encoder": "cond_stage_model.transformer."}
+EXPORTABLE = ("sd-unet",)
+
+
+def _rename(rest: str, table: dict[str, str]) -> str:
+    head, _, param = rest.rpartition(".")
+    return f"{table.get(head, head)}.{param}"
+
+
+def ldm_unet_key(key: str, layers_per_block: int, up_has_attention: dict[int, bool]) -> str:
+    """The original (LDM/webui) name of a diffusers SD-1.x/2.x UNet parameter.
+
+    Inverse of diffusers' ``convert_ldm_unet_checkpoint``: down block b, layer j is
+    ``input_blocks.{1 + b(L+1) + j}`` (resnet at .0, transformer at .1), its downsampler
+    ``input_blocks.{(b+1)(L+1)}.0.op``; the middle block is resnet/transformer/resnet; up block
+    b, layer j is ``output_blocks.{b(L+1) + j}`` with the upsampler after the block's last layer.
+    """
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in top:
+        return top[key]
+    per = layers_per_block + 1
+    parts = key.split(".")
+    if parts[0] == "down_blocks":
+        b, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":  # down_blocks.b.downsamplers.0.conv.<param>
+            return f"input_blocks.{(b + 1) * per}.0.op.{parts[-1]}"
+        j, rest = int(parts[3]), ".".join(parts[4:])
+        index = 1 + b * per + j
+        return (f"input_blocks.{index}.0.{_rename(rest, _UNET_RESNET)}" if kind == "resnets"
+                else f"input_blocks.{index}.1.{rest}")
+    if parts[0] == "mid_block":
+        k, rest = int(parts[2]), ".".join(parts[3:])
+        return (f"middle_block.{2 * k}.{_rename(rest, _UNET_RESNET)}" if parts[1] == "resnets"
+                else f"middle_block.1.{rest}")
+    if parts[0] == "up_blocks":
+        b, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            slot = 2 if up_has_attention[b] else 1
+            return f"output_blocks.{b * per + layers_per_block}.{slot}.conv.{parts[-1]}"
+        j, rest = int(parts[3]), ".".join(parts[4:])
+        index = b * per + j
+        return (f"output_blocks.{index}.0.{_rename(rest, _UNET_RESNET)}" if kind == "resnets"
+                else f"output_blocks.{index}.1.{rest}")
+    raise ValueError(f"UNet parameter {key!r} has no place in the original SD-1.x layout")
+
+
+def ldm_vae_key(key: str, num_blocks: int) -> str:
+    """The original (LDM) name of a diffusers AutoencoderKL parameter (inverse of ``convert_ldm_vae_checkpoint``).
+
+    The decoder's up blocks are numbered in reverse in the original layout.
+    """
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in top:
+        return top[key]
+    parts = key.split(".")
+    coder, where = parts[0], parts[1]
+    if where == "mid_block":
+        k, rest = int(parts[3]), ".".join(parts[4:])
+        if parts[2] == "resnets":
+            return f"{coder}.mid.block_{k + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{coder}.mid.attn_1.{_rename(rest, _VAE_ATTENTION)}"
+    if where in ("down_blocks", "up_blocks"):
+        i = int(parts[2])
+        block, name = (f"down.{i}", "downsample") if where == "down_blocks" else (f"up.{num_blocks - 1 - i}", "upsample")
+        if parts[3] in ("downsamplers", "upsamplers"):
+            return f"{coder}.{block}.{name}.conv.{parts[-1]}"
+        j, rest = int(parts[4]), ".".join(parts[5:])
+        return f"{coder}.{block}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+    raise ValueError(f"VAE parameter {key!r} has no place in the original layout")
+
+
+def export_single_file(folder: str | Path, dst: str | Path, family: str = "sd-unet") -> Path:
+    """Write a diffusers folder as one original-layout ``.safetensors`` checkpoint (atomically).
+
+    The file is what AUTOMATIC1111/Forge/ComfyUI load as a checkpoint and what
+    :func:`resolve_base` (diffusers' ``from_single_file``) converts back. For a fine-tuned or
+    LoRA-fused model saved with ``save_pretrained``. Only the SD-1.x/2.x layout (`sd-unet`)
+    is written; other families raise ValueError.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from stunning.families import check_model_dir
+
+    if family not in EXPORTABLE:
+        raise ValueError(f"single-file export is implemented for {list(EXPORTABLE)}, not {family!r}")
+    folder, dst = Path(folder), Path(dst)
+    check_model_dir(folder, get_family(family).required_components)
+    pipe = get_family(family).load_pipeline(folder, torch.device("cpu"), torch.float32)
+    unet_cfg = pipe.unet.config
+    up_attn = {b: "CrossAttn" in t for b, t in enumerate(unet_cfg.up_block_types)}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in pipe.unet.state_dict().items():
+        out[_LDM_PREFIX["unet"] + ldm_unet_key(k, unet_cfg.layers_per_block, up_attn)] = v
+    n_vae = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        name = ldm_vae_key(k, n_vae)
+        if ".mid.attn_1." in name and name.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
+        out[_LDM_PREFIX["vae"] + name] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        # transformers >= 5.6 flattened CLIPTextModel; the original checkpoints keep `text_model.`
+        out[_LDM_PREFIX["text_encoder"] + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp),
+              metadata={"format": "pt", "stunning.family": family, "stunning.exported_from": str(folder)})
+    os.replace(tmp, dst)
+    return dst
