@@ -227,13 +227,15 @@ def _batch_size(value: str) -> int | str:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="base model: a diffusers folder, a .safetensors checkpoint, or a "
                                             "Hugging Face id already in the local cache (org/name)")],
     data: Annotated[Path, typer.Option(help="folder of photos (one style), or one sub-folder per style; "
                                             "captions in same-name .txt files or metadata.jsonl")],
     prompt: Annotated[str | None, typer.Option(help="caption of every image without one, e.g. "
                                                     "'a photo in sks style' (the instance prompt)")] = None,
-    resolution: Annotated[int | None, typer.Option(help="training size in pixels (default: the model's own)")] = None,
+    resolution: Annotated[int | None, typer.Option(min=8, help="training size in pixels (default: the model's "
+                                                               "own)")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", help="images per step, or auto (the largest that "
                                                                  "fits in memory)")] = "auto",
     steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 1000,
@@ -253,7 +255,8 @@ def train(
     mlflow: Annotated[bool, typer.Option("--mlflow", help="track the run in MLflow (<out>/mlruns)")] = False,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in <out>/.work")] = True,
     config: Annotated[Path | None, typer.Option(help="YAML file of further train settings (params.yaml's "
-                                                     "train: keys, e.g. lr_scheduler, ema_decay)")] = None,
+                                                     "train: keys, e.g. lr_scheduler, ema_decay); options given "
+                                                     "on the command line win over its keys")] = None,
     model_config: Annotated[str | None, typer.Option("--model-config", help="for a single-file checkpoint: a "
                                                      "diffusers folder or cached id of its architecture")] = None,
 ) -> None:
@@ -262,11 +265,8 @@ def train(
 
     import yaml
 
-    from stunning.config import ConfigError
-    from stunning.families import ModelNotFoundError
-    from stunning.oneoff import OneOffError, OneOffOptions, train_oneoff
+    from stunning.oneoff import OneOffOptions, train_oneoff
     from stunning.training.batch import BatchSizeError
-    from stunning.training.dataset import DatasetError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
@@ -278,6 +278,13 @@ def train(
         if not isinstance(overrides, dict):
             fail(f"--config {config}: expected a mapping of train settings (e.g. `lr_scheduler: cosine`)")
         overrides = overrides.get("train", overrides)
+        if not isinstance(overrides, dict):
+            fail(f"--config {config}: its train: section must be a mapping of train settings")
+        # An option typed on the command line beats the file; the file beats the options' defaults.
+        given = {key for option, key in (("steps", "steps"), ("rank", "rank"), ("lr", "learning_rate"),
+                                         ("batch_size", "batch_size"), ("trigger", "trigger_words"))
+                 if (src := ctx.get_parameter_source(option)) is not None and src.name == "COMMANDLINE"}
+        overrides = {k: v for k, v in overrides.items() if k not in given}
     if class_prompt:
         overrides = {**overrides, "class_prompt": class_prompt, "prior_preservation": True}
     opts = OneOffOptions(
@@ -287,16 +294,26 @@ def train(
     )
     try:
         summary = train_oneoff(opts, echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    except (OneOffError, ModelNotFoundError, ConfigError, DatasetError, BatchSizeError, KeyError, ValueError) as exc:
-        fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    except KeyboardInterrupt:
+        fail(f"interrupted. Run the same command again to continue from the last checkpoint in {out / '.work'} "
+             "(--no-resume starts over)", code=130)
+    # The library's bad-input errors are ValueErrors (OneOffError, ConfigError, DataError,
+    # DatasetError, a device or precision the machine lacks) or FileNotFoundErrors (the model).
+    except (ValueError, FileNotFoundError, BatchSizeError) as exc:
+        fail(str(exc))
     table = Table(title="stunning train", header_style="bold")
-    for col in ("style", "adapter", "final loss", "steps/s", "batch", "peak memory", "device"):
+    for col in ("style", "images", "steps", "final loss", "steps/s", "batch", "peak memory", "device"):
         table.add_column(col)
     for name, r in summary["styles"].items():
         rate = "resumed, none run" if r["steps_per_s"] is None else f"{r['steps_per_s']:.2f}"
-        table.add_row(name, r["adapter"], f"{r['final_loss']:.4f}", rate, str(r["batch_size"]),
+        table.add_row(name, str(r["images"]), str(r["steps"]), f"{r['final_loss']:.4f}", rate, str(r["batch_size"]),
                       f"{r['peak_memory_mb']:.0f} MB", f"{r['device']} ({r['mixed_precision']})")
     console.print(table)
+    for name, r in summary["styles"].items():  # whole paths, outside the table, so they can be copied
+        for layout, path in {"diffusers": r["adapter"], **r["exports"]}.items():
+            console.print(f"adapter {name} ({layout}): {path}", highlight=False, soft_wrap=True)
+    if summary.get("mlflow_tracking_uri"):
+        console.print(f"MLflow: {summary['mlflow_tracking_uri']}", highlight=False, soft_wrap=True)
     console.print(f"summary: {out / 'summary.json'}", highlight=False, soft_wrap=True)
 
 

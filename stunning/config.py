@@ -74,13 +74,26 @@ class DataConfig(_Section):
     sample_images_per_style: int = 24
     sample_seed: int = 0
     # Aspect-ratio buckets: off = every image is centre-cropped to a square. On = each image
-    # is fitted to the nearest of stunning.data.images.bucket_sizes(resolution, bucket_step,
-    # bucket_max_ratio) and every training batch is drawn from one bucket. bucket_step must
-    # be a multiple of what the model needs (VAE factor x patch size: 64 for SD 1.x/SDXL
-    # UNets, 16 for SD3/FLUX; 4 for the embedded 32-px model).
+    # is fitted (cover, then centre crop) to the bucket nearest its aspect ratio among
+    # stunning.data.images.bucket_sizes(resolution, bucket_step, bucket_max_ratio): sides
+    # multiples of bucket_step, at most resolution² pixels, aspect up to bucket_max_ratio
+    # either way; every training batch is drawn from one bucket. bucket_step must be a
+    # multiple of what the model needs, VAE factor x patch size (x2 where latents are packed
+    # 2x2, x the UNet's own downsampling): 64 for SD 1.x, 32 for SDXL, 16 for SD3/FLUX, 4 for
+    # the embedded 32-px model; the trainer checks it (stunning.training.lora.size_multiple).
     buckets: bool = False
     bucket_step: int = Field(64, ge=1)
     bucket_max_ratio: float = Field(2.0, ge=1.0, le=4.0)
+
+    @model_validator(mode="after")
+    def _bucket_step(self) -> DataConfig:
+        if self.buckets and self.bucket_step > self.resolution:
+            raise ValueError(
+                f"data.bucket_step={self.bucket_step} is larger than data.resolution={self.resolution}: "
+                "set a smaller data.bucket_step (a multiple of the model's VAE factor x patch size, "
+                "e.g. 4 for the embedded 32-px model) or data.buckets: false"
+            )
+        return self
 
     @field_validator("styles")
     @classmethod
@@ -97,7 +110,7 @@ class CurateConfig(_Section):
     blur_threshold: float = 5.0  # variance of the Laplacian below which an image is blurry
     near_duplicate_distance: int = 2  # max perceptual-hash Hamming distance of a near-duplicate
     min_caption_words: int = 2
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # 0: no val split, every image trains
     split_seed: int = 0
     min_images_per_style: int = 4
 

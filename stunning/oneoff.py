@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_FILE = "metadata.jsonl"
 # A personal set is small: below this many images every image trains (no val split).
 MIN_IMAGES_FOR_VAL = 10
+MLFLOW_EXPERIMENT = "stunning-oneoff"
 DEFAULT_RESOLUTION = 1024  # FLUX/SDXL/SD3 native size when the model folder does not say
 
 
@@ -70,6 +72,12 @@ class StagedData:
     styles: list[str]
     images: dict[str, int]
     prompted: dict[str, int]  # images per style whose caption is the instance prompt
+    sources: dict[str, Path] = field(default_factory=dict)  # style -> the user's folder
+
+    def user_path(self, rel: str) -> str:
+        """The user's own file for a path relative to `raw_dir` (`<style>/<name>`), for messages."""
+        style, _, name = rel.partition("/")
+        return str(self.sources[style] / name) if style in self.sources and name else rel
 
 
 def style_name(text: str) -> str:
@@ -113,7 +121,13 @@ def stage_data(data: Path, work: Path, prompt: str | None, style: str | None = N
     if _images(data):
         sources = {style_name(style or data.name): data}
     else:
-        sources = {style_name(d.name): d for d in sorted(data.iterdir()) if d.is_dir() and _images(d)}
+        sources = {}
+        for d in sorted(data.iterdir()):
+            if d.is_dir() and _images(d):
+                if style_name(d.name) in sources:
+                    raise OneOffError(f"--data {data}: sub-folders {sources[style_name(d.name)].name!r} and "
+                                      f"{d.name!r} both make the style name {style_name(d.name)!r}; rename one")
+                sources[style_name(d.name)] = d
         if style is not None:
             if style_name(style) not in sources:
                 raise OneOffError(f"--style {style}: no sub-folder of {data} with that name holds images "
@@ -148,7 +162,7 @@ def stage_data(data: Path, work: Path, prompt: str | None, style: str | None = N
                 (dest / sidecar.name).write_text(prompt + "\n", encoding="utf-8")
                 prompted[name] += 1
         images[name] = len(files)
-    return StagedData(raw, sorted(sources), images, prompted)
+    return StagedData(raw, sorted(sources), images, prompted, dict(sources))
 
 
 def default_resolution(model_dir: Path) -> int:
@@ -170,37 +184,118 @@ def default_resolution(model_dir: Path) -> int:
     return DEFAULT_RESOLUTION
 
 
+def size_multiple(model_dir: Path, family) -> int:
+    """What the training size must be a multiple of for this model, read from its configs.
+
+    The same rule as :func:`stunning.training.lora.size_multiple` (VAE factor x patch size, x2
+    where latents are packed 2x2, x a UNet's own downsampling), without loading the weights, so
+    a bad --resolution is refused before anything is staged.
+    """
+    import json
+
+    def config(component: str) -> dict:
+        path = model_dir / component / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    vae = config("vae")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+    denoiser = config("transformer") or config("unet")
+    patch = denoiser.get("patch_size") or 1
+    factor *= patch if isinstance(patch, int) else 1
+    down = denoiser.get("down_block_types")
+    if isinstance(down, list) and down:
+        factor *= 2 ** (len(down) - 1)
+    if hasattr(family.pipeline_class(), "_pack_latents"):
+        factor *= 2
+    return factor
+
+
 def train_config(opts: OneOffOptions, family) -> TrainConfig:
-    """The TrainConfig of a one-off run: the options, the family's LoRA targets, then --config keys."""
+    """The TrainConfig of a one-off run: the options, the family's LoRA targets, then `config_overrides`.
+
+    `alpha` follows the final rank and the checkpoint interval the final step count unless
+    the overrides set them.
+    """
+    from pydantic import ValidationError
+
     from stunning.config import ConfigError
 
     values: dict[str, Any] = {
         "rank": opts.rank,
-        "alpha": float(opts.rank),
         "learning_rate": opts.learning_rate,
         "steps": opts.steps,
         "batch_size": opts.batch_size,
         "target_modules": list(family.default_lora_targets),
         "trigger_words": list(opts.trigger),
-        "checkpoint_every": max(1, min(100, opts.steps // 4 or 1)),
         "keep_checkpoints": 2,
+        **opts.config_overrides,
     }
-    values.update(opts.config_overrides)
+    if isinstance(values["rank"], int) and "alpha" not in values:
+        values["alpha"] = float(values["rank"])
+    if isinstance(values["steps"], int) and "checkpoint_every" not in values:
+        values["checkpoint_every"] = max(1, min(100, values["steps"] // 4))
     try:
         return TrainConfig(**values)
-    except Exception as exc:  # pydantic's ValidationError names the key
-        raise ConfigError(f"train settings (options or --config): {exc}") from None
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+            msg = "unknown key (see the train: section of params.yaml)" if err["type"] == "extra_forbidden" \
+                else err["msg"]
+            problems.append(f"{key}: {msg}")
+        raise ConfigError("train settings (options or --config): " + "; ".join(problems)) from None
 
 
 def _tracker(opts: OneOffOptions):
-    """MLflow (a SQLite store in `<out>/mlruns/`, experiment `stunning-oneoff`) with --mlflow, else none."""
+    """(tracker, tracking URI): MLflow in a SQLite store under `<out>/mlruns/` with --mlflow, else (None, None).
+
+    The project's conventions (:class:`~stunning.config.RegistryConfig`: ``sqlite:///mlruns/mlflow.db``
+    and ``mlruns/artifacts``), resolved against the output folder instead of the project root.
+    """
     if not opts.mlflow:
-        return None  # train_style uses a NullTracker
+        return None, None  # train_style uses a NullTracker
+    import mlflow
+
     from stunning.config import RegistryConfig
     from stunning.tracking import MlflowTracker, configure_mlflow
 
-    configure_mlflow(RegistryConfig(experiment="stunning-oneoff"), root=Path(opts.out))
-    return MlflowTracker()
+    configure_mlflow(RegistryConfig(experiment=MLFLOW_EXPERIMENT), root=Path(opts.out))
+    return MlflowTracker(), mlflow.get_tracking_uri()
+
+
+def check_options(opts: OneOffOptions) -> str:
+    """Refuse bad options before any work (a typo must not cost a training run); return the device.
+
+    The device is resolved here ("auto" -> cuda/mps/cpu) so the plan names the one used.
+    """
+    from stunning.device import select_device
+    from stunning.families import available
+    from stunning.families.formats import LAYOUTS
+
+    if opts.family is not None and opts.family not in available():
+        raise OneOffError(f"--family {opts.family}: not a model family this project trains; use one of "
+                          f"{', '.join(available())}, or leave it out to detect it from the model")
+    for layout in opts.formats:
+        if layout not in LAYOUTS:
+            raise OneOffError(f"--export {layout}: unknown LoRA layout; use one of {', '.join(LAYOUTS)}")
+    try:
+        return str(select_device(opts.device))
+    except ValueError as exc:
+        raise OneOffError(f"--device {opts.device}: {exc}") from None
+
+
+def _unusable(staged: StagedData, style: str, reasons: list[str], stage: str, resolution: int) -> OneOffError:
+    """The error for a style none of whose photos survived `stage` (ingest or curation)."""
+    counts = ", ".join(f"{n} {r}" for r, n in sorted(Counter(reasons).items())) or "none left"
+    hint = ""
+    if "too_small" in reasons or "low_resolution" in reasons:
+        hint = f" Use photos at least {max(8, resolution // 2)} px on the shorter side, or a smaller --resolution."
+    elif "near_duplicate" in reasons or "duplicate_file" in reasons:
+        hint = " Add photos that differ from each other."
+    return OneOffError(
+        f"--data {staged.sources[style]}: no photo of style {style!r} is left to train on after {stage} "
+        f"({counts}; each is listed above).{hint}"
+    )
 
 
 def train_oneoff(
@@ -214,56 +309,87 @@ def train_oneoff(
 
     `echo` receives the plan and the curation outcome as lines of text (the CLI prints them).
     `on_step(step, loss)` is passed to the trainer (an exception there stops the run; the
-    next call resumes from the last checkpoint).
+    next call resumes from the last checkpoint). Bad input raises :class:`OneOffError`,
+    :class:`~stunning.families.ModelNotFoundError`, :class:`~stunning.config.ConfigError` or
+    :class:`~stunning.data.DataError` before training starts.
     """
-    from stunning.data.curate import curate
+    from stunning.data.curate import CurationFailed, curate
     from stunning.data.ingest import ingest
-    from stunning.families import get_family
+    from stunning.families import check_model_dir, get_family
     from stunning.families.source import detect_family, resolve_base
     from stunning.training.lora import train_style
 
+    device = check_options(opts)
     out = Path(opts.out)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_base(opts.model, opts.family, config=opts.model_config, work_dir=work / "models")
     family_name = opts.family or detect_family(model_dir)
     family = get_family(family_name)
-    from stunning.families import check_model_dir
-
     check_model_dir(model_dir, family.required_components)
     resolution = opts.resolution or default_resolution(model_dir)
+    multiple = size_multiple(model_dir, family)
+    if resolution % multiple:
+        lower, upper = max(multiple, resolution // multiple * multiple), (resolution // multiple + 1) * multiple
+        raise OneOffError(f"--resolution {resolution}: this {family_name} model needs a multiple of {multiple} "
+                          f"px; use {lower} or {upper}")
     cfg = train_config(opts, family)
 
     staged = stage_data(Path(opts.data), work, opts.prompt, opts.style)
-    n_min = min(staged.images.values())
+    min_size = max(8, resolution // 2)  # at most 2x upscaling
     data_cfg = DataConfig(source="local", raw_dir=str(staged.raw_dir), styles=staged.styles, resolution=resolution,
-                          min_size=max(8, resolution // 2))
+                          min_size=min_size)
+    detected = "" if opts.family else ", detected"
+    own = "" if opts.resolution else " (the model's own)"
+    echo(f"model {model_dir} (family {family_name}{detected}), resolution {resolution} px{own}, device {device}")
+    for s in staged.styles:
+        echo(f"style {s}: {staged.images[s]} image(s) in {staged.sources[s]}, {staged.prompted[s]} captioned "
+             "with the prompt")
+    report = ingest(staged.raw_dir, work / "ingested", data_cfg)
+    for r in report.rejections:
+        echo(f"  skipped {staged.user_path(r.file)}: {r.reason} ({r.detail})")
+    accepted = {s: c["accepted"] for s, c in report.by_style().items()}
+    for s, n in accepted.items():
+        if n == 0:
+            raise _unusable(staged, s, [r.reason for r in report.rejections if r.file.startswith(f"{s}/")],
+                            "loading", resolution)
+    n_min = min(accepted.values())
     curate_cfg = CurateConfig(
-        min_resolution=max(8, resolution // 2),
+        min_resolution=min_size,
         val_fraction=0.1 if n_min >= MIN_IMAGES_FOR_VAL else 0.0,
         min_images_per_style=1,
         min_caption_words=1,
     )
-    echo(f"model {model_dir} (family {family_name}), resolution {resolution} px, device {opts.device or 'auto'}")
-    for s in staged.styles:
-        echo(f"style {s}: {staged.images[s]} image(s), {staged.prompted[s]} captioned with the prompt")
-    report = ingest(staged.raw_dir, work / "ingested", data_cfg)
-    for r in report.rejections:
-        echo(f"  skipped {r.file}: {r.reason} ({r.detail})")
-    result = curate(work / "ingested", work / "curated", data_cfg, curate_cfg, validate=False)
+    try:
+        result = curate(work / "ingested", work / "curated", data_cfg, curate_cfg, validate=False)
+    except CurationFailed as exc:
+        result = exc.result
+        for d in result.drops:
+            echo(f"  curation dropped {staged.user_path(d.source)}: {d.reason} ({d.detail})")
+        kept = {s: sum(1 for r in result.rows if r["style"] == s) for s in staged.styles}
+        empty = next(s for s in staged.styles if kept[s] == 0)
+        raise _unusable(staged, empty, [d.reason for d in result.drops if d.style == empty], "curation",
+                        resolution) from None
     for d in result.drops:
-        echo(f"  curation dropped {d.source}: {d.reason} ({d.detail})")
+        echo(f"  curation dropped {staged.user_path(d.source)}: {d.reason} ({d.detail})")
     kept = {s: sum(1 for r in result.rows if r["style"] == s) for s in staged.styles}
-    echo("kept for training: " + ", ".join(f"{s} {n}" for s, n in kept.items()))
-    echo(f"training {cfg.steps} steps, rank {cfg.rank}, lr {cfg.learning_rate:g}, batch size {cfg.batch_size}")
+    val = {s: sum(1 for r in result.rows if r["style"] == s and r["split"] == "val") for s in staged.styles}
+    echo("kept: " + ", ".join(f"{s} {n} ({n - val[s]} train, {val[s]} val)" for s, n in kept.items())
+         + ("" if curate_cfg.val_fraction else f"; a val split is asked for from {MIN_IMAGES_FOR_VAL} images a style"))
+    echo(f"training {cfg.steps} steps, rank {cfg.rank}, lr {cfg.learning_rate:g}, batch size {cfg.batch_size}"
+         f"{' (probed on the first step)' if cfg.batch_size == 'auto' else ''}, checkpoints every "
+         f"{cfg.checkpoint_every} steps in {work / 'checkpoints'}")
 
     if not opts.resume and (work / "checkpoints").exists():
         shutil.rmtree(work / "checkpoints")
-    tracker = _tracker(opts)
+    tracker, tracking_uri = _tracker(opts)
+    if tracking_uri:
+        echo(f"tracking in MLflow: {tracking_uri} (experiment {MLFLOW_EXPERIMENT}; `mlflow ui --backend-store-uri "
+             f"{tracking_uri}`)")
     styles: dict[str, Any] = {}
     for s in staged.styles:
         summary = train_style(
-            model_dir, family, work / "curated", s, cfg, out, tracker, work / "checkpoints", opts.device,
+            model_dir, family, work / "curated", s, cfg, out, tracker, work / "checkpoints", device,
             sample_seeds=[0], samples_dir=out / "samples", run_name=f"oneoff-{s}",
             tags={"stage": "oneoff"}, on_step=on_step, progress=progress, cache_dir=work / "cache",
         )
@@ -280,9 +406,10 @@ def train_oneoff(
             "images": kept[s],
             **{k: summary[k] for k in ("steps", "final_loss", "val_loss", "steps_per_s", "images_per_s",
                                        "peak_memory_mb", "batch_size", "batch_backoffs", "thermal_paused_s",
-                                       "resumed_from_step", "seconds", "device", "mixed_precision")},
+                                       "resumed_from_step", "seconds", "device", "mixed_precision",
+                                       "mlflow_run_id")},
         }
     summary = {"model": str(model_dir), "family": family_name, "resolution": resolution, "styles": styles,
-               "train": cfg.model_dump()}
+               "train": cfg.model_dump(), "mlflow_tracking_uri": tracking_uri}
     write_json(out / "summary.json", summary)
     return summary

@@ -301,9 +301,28 @@ def _first(value: Any, default: int) -> int:
     return int(value) if value is not None else default
 
 
-def denoiser_shape(config: Mapping[str, Any]) -> DenoiserShape:
-    """Read the activation-relevant sizes from a UNet or transformer config."""
-    size = _first(config.get("sample_size"), 64)
+# Transformers whose pipelines pack 2x2 latent patches into one token (patch_size 1 in the
+# config) and ship no sample_size: their native latent size and text tokens per prompt.
+PACKED_TRANSFORMERS = {"FluxTransformer2DModel": {"latent_size": 128, "text_tokens": 512}}
+# Joint-attention (MMDiT) transformers attend over image and text tokens together.
+JOINT_TEXT_TOKENS = {"SD3Transformer2DModel": 77 + 256, "FluxTransformer2DModel": 512}
+
+
+def denoiser_shape(
+    config: Mapping[str, Any], class_name: str | None = None, settings: Mapping[str, Any] | None = None,
+    vae_factor: int = 8,
+) -> DenoiserShape:
+    """Read the activation-relevant sizes from a UNet or transformer config.
+
+    `class_name` is the denoiser's class (FLUX packs 2x2 patches and has no sample_size;
+    MMDiTs attend over text tokens too); `settings` is the folder's ``stunning.json``, whose
+    ``resolution`` and ``t5_tokens`` (the project's tiny models) override the defaults.
+    """
+    settings = settings or {}
+    packed = PACKED_TRANSFORMERS.get(class_name or "")
+    size = _first(config.get("sample_size"), packed["latent_size"] if packed else 64)
+    if settings.get("resolution"):
+        size = int(settings["resolution"]) // vae_factor
     if "block_out_channels" in config:  # a UNet
         width = _first(config["block_out_channels"], 320)
         tokens = size * size
@@ -316,11 +335,14 @@ def denoiser_shape(config: Mapping[str, Any]) -> DenoiserShape:
                 break
         heads = int(heads_list[min(level, len(heads_list) - 1)]) if heads_list else int(heads_cfg)
         return DenoiserShape(tokens, width, heads, tokens // (4**level), size)
-    patch = int(config.get("patch_size") or 1)
+    patch = 2 if packed else int(config.get("patch_size") or 1)
     heads = int(config.get("num_attention_heads") or 8)
     width = heads * int(config.get("attention_head_dim") or 64)
     tokens = (size // patch) ** 2
-    return DenoiserShape(tokens, width, heads, tokens, size)
+    text = JOINT_TEXT_TOKENS.get(class_name or "", 0)
+    if packed and settings.get("t5_tokens"):
+        text = int(settings["t5_tokens"])
+    return DenoiserShape(tokens, width, heads, tokens + text, size)
 
 
 def vae_scale_factor(vae_config: Mapping[str, Any] | None) -> int:
@@ -389,7 +411,10 @@ def size_candidate(candidate: ResearchCandidate, lora_rank: int, targets=DEFAULT
         del model
     assert denoiser is not None  # read_diffusers_folder / presets guarantee one
     vae = next((c.config for c in components if c.name == "vae"), None)
-    shape = denoiser_shape(denoiser.config)
+    from stunning.families import model_settings  # the project's own per-model settings file
+
+    settings = model_settings(Path(candidate.path)) if candidate.path is not None else {}
+    shape = denoiser_shape(denoiser.config, denoiser.class_name, settings, vae_scale_factor(vae))
     resolution = shape.latent_size * vae_scale_factor(vae)
     return {
         "name": candidate.name,

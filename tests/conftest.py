@@ -138,3 +138,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fixed_batch_losses():
+    """`run(fam, pipe, latents, cond, steps=15, lr=1e-2) -> (loss before, loss after)`: AdamW on
+    the denoiser's trainable (LoRA) parameters, with the same noise and timesteps every step."""
+    import torch
+
+    def run(fam, pipe, latents, cond, steps: int = 15, lr: float = 1e-2) -> tuple[float, float]:
+        params = [p for p in fam.denoiser(pipe).parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr)
+
+        def fixed_loss():
+            return fam.training_loss(pipe, latents, cond, torch.Generator().manual_seed(1))
+
+        with torch.no_grad():
+            before = float(fixed_loss())
+        for _ in range(steps):
+            loss = fixed_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return before, float(fixed_loss())
+
+    return run

@@ -1,4 +1,8 @@
-"""Aspect-ratio buckets: sizes, ingest into the nearest bucket, batches from one bucket, exact resume."""
+"""Aspect-ratio buckets: sizes, ingest into the nearest bucket, batches from one bucket, exact resume.
+
+Also that every family trains on non-square latents, and that mixed sizes are only accepted
+from a set curated with buckets.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_training import make_curated
 
-from stunning.config import DataConfig, TrainConfig
+from stunning.config import ConfigError, DataConfig, TrainConfig, load_params
 from stunning.data.images import bucket_resize, bucket_sizes
 from stunning.families import get_family
-from stunning.training.lora import train_style
+from stunning.training.dataset import CuratedDataset, DatasetError
+from stunning.training.lora import check_bucket_sizes, size_multiple, train_style
+
+TINY = {"sd3": "tiny_base", "sd-unet": "tiny_sd_unet", "sdxl": "tiny_sdxl", "flux": "tiny_flux"}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,6 +39,13 @@ def test_bucket_sizes_keep_area_step_and_ratio(res, step, ratio):
     assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)  # landscape and portrait
     with pytest.raises(ValueError, match="bucket step"):
         bucket_sizes(32, 64)
+
+
+def test_bucket_step_larger_than_the_resolution_is_a_config_error(tmp_path):
+    DataConfig(resolution=32, bucket_step=64)  # fine while buckets are off (the shipped default)
+    (tmp_path / "params.yaml").write_text("data:\n  resolution: 32\n  buckets: true\n  bucket_step: 64\n")
+    with pytest.raises(ConfigError, match=r"data.bucket_step=64 is larger than data.resolution=32"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_an_image_goes_to_the_bucket_nearest_its_aspect():
@@ -65,11 +79,20 @@ def test_ingest_with_buckets_writes_bucket_sizes(tmp_path):
     result = curate(tmp_path / "ingested", tmp_path / "curated", cfg,
                     CurateConfig(min_resolution=24, val_fraction=0.0, min_images_per_style=1, min_caption_words=2))
     assert result.passed, result.problems
+    # ...and the trainer accepts the curated set's mixed sizes (recorded as bucketed).
+    assert "bucket_step: 8" in (tmp_path / "curated" / "curate_config.yaml").read_text()
+    splits = [CuratedDataset(tmp_path / "curated", "noir", split) for split in ("train", "val")]
+    assert sorted(size for ds in splits for size in ds.buckets()) == [(24, 40), (32, 32), (40, 24)]
 
 
 def make_bucketed(root: Path) -> Path:
-    """make_curated's set with a third of the images landscape (40x24) and a third portrait (24x40)."""
+    """make_curated's set with a third of the images landscape (40x24) and a third portrait (24x40),
+    recorded as curated with buckets (resolution 32, step 8) like the curation stage does."""
     make_curated(root, n_train=6, n_val=3)
+    (root / "curate_config.yaml").write_text(
+        "data:\n  styles: [impressionist, noir]\n  resolution: 32\n  buckets: true\n  bucket_step: 8\n"
+        "  bucket_max_ratio: 2.0\n"
+    )
     with (root / "manifest.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     for i, r in enumerate(rows):
@@ -89,6 +112,36 @@ def bucketed(tmp_path_factory) -> Path:
     return make_bucketed(tmp_path_factory.mktemp("bucketed"))
 
 
+def test_mixed_sizes_only_from_a_bucketed_set(tmp_path):
+    root = make_bucketed(tmp_path / "set")
+    assert sorted(CuratedDataset(root, "noir").buckets()) == [(24, 40), (32, 32), (40, 24)]
+    (root / "curate_config.yaml").unlink()  # a hand-made or stale set: sizes differ by accident
+    with pytest.raises(DatasetError, match=r"different sizes \(24x40, 32x32, 40x24\).*data.buckets: true"):
+        CuratedDataset(root, "noir")
+    # Recorded as bucketed, but with a step whose buckets do not include 40x24 and 24x40.
+    (root / "curate_config.yaml").write_text("data:\n  resolution: 32\n  buckets: true\n  bucket_step: 16\n"
+                                             "  bucket_max_ratio: 2.0\n")
+    with pytest.raises(DatasetError, match=r"24x40, 40x24, which are not buckets of data.resolution=32"):
+        CuratedDataset(root, "noir")
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_every_family_trains_on_non_square_latents(name, request):
+    fam = get_family(name)
+    pipe = fam.load_pipeline(request.getfixturevalue(TINY[name]), torch.device("cpu"), torch.float32)
+    assert size_multiple(fam, pipe) == 4  # VAE factor 2 x patch 2 (sd3), x 2x2 packing (flux), 2 x 2 (UNets)
+    cond = fam.encode_prompts(pipe, ["a hat", "a dress"])
+    for w, h in [(40, 24), (24, 40)]:
+        latents = fam.encode_images(pipe, torch.rand(2, 3, h, w) * 2 - 1, torch.Generator().manual_seed(0))
+        assert latents.shape[2:] == (h // 2, w // 2)
+        loss = fam.training_loss(pipe, latents, cond, torch.Generator().manual_seed(0),
+                                 scheduler=fam.noise_scheduler(pipe))
+        assert loss.ndim == 0 and torch.isfinite(loss)
+    check_bucket_sizes(fam, pipe, [(40, 24), (32, 32)], "set")
+    with pytest.raises(DatasetError, match=r"30x32 are not multiples of 4.*data.bucket_step"):
+        check_bucket_sizes(fam, pipe, [(30, 32), (32, 32)], "set")
+
+
 class ShapeRecorder:
     """The real family, recording the latent shape of every training batch it is given."""
 
@@ -102,6 +155,26 @@ class ShapeRecorder:
     def training_loss(self, pipe, latents, cond, generator, scheduler=None):
         self.shapes.append(tuple(latents.shape))
         return self._fam.training_loss(pipe, latents, cond, generator, scheduler=scheduler)
+
+
+def test_training_refuses_buckets_the_model_cannot_take(tiny_base, tmp_path):
+    root = make_bucketed(tmp_path / "set")
+    # Step 6: 30x30 and 36x24 are buckets of 32 px, but the model needs multiples of 4 (30 is not).
+    (root / "curate_config.yaml").write_text("data:\n  resolution: 32\n  buckets: true\n  bucket_step: 6\n"
+                                             "  bucket_max_ratio: 2.0\n")
+    with (root / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for i, r in enumerate(rows):
+        r["width"], r["height"] = [(30, 30), (36, 24)][i % 2]
+        with Image.open(root / r["path"]) as img:
+            img.resize((int(r["width"]), int(r["height"]))).save(root / r["path"])
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DatasetError, match=r"size\(s\) 30x30 are not multiples of 4, which the sd3 model needs"):
+        train_style(tiny_base, "sd3", root, "noir", TrainConfig(steps=1), tmp_path / "o", None, None, "cpu",
+                    sample_seeds=())
 
 
 @pytest.mark.parametrize("name", ["sd3", "sd-unet"])

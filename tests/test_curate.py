@@ -129,8 +129,9 @@ def test_assign_splits_is_deterministic_and_stable():
     assert assign_splits(ids, 0.2, seed=1) != first
     # small styles: at least one val and one train image
     for n in (2, 3, 5):
-        small = assign_splits(ids[:n], 0.0, seed=0)
+        small = assign_splits(ids[:n], 0.01, seed=0)
         assert list(small.values()).count("val") == 1
+        assert set(assign_splits(ids[:n], 0.0, seed=0).values()) == {"train"}  # 0: no val split
         assert "train" in assign_splits(ids[:n], 0.99, seed=0).values()
     assert assign_splits(ids[:1], 0.5, seed=0) in ({ids[0]: "train"}, {ids[0]: "val"})
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_training import RecordingTracker, make_curated
 
 from stunning.config import ConfigError, TrainConfig, load_params
 from stunning.families import get_family
-from stunning.training.lora import class_images, instance_caption_fn, train_style
+from stunning.training.lora import class_images, instance_caption_fn, sample_prompt, train_style, trigger_words
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,6 +36,26 @@ def test_instance_prompt_replaces_or_wraps_captions():
     assert fn("a red dress") == "a photo in sks style"
     fn = instance_caption_fn(TrainConfig(instance_prompt="{caption}, in sks style"))
     assert fn("a red dress") == "a red dress, in sks style"
+
+
+def test_the_instance_prompts_trigger_word_is_recorded():
+    assert trigger_words(TrainConfig(trigger_words=["noir"])) == ["noir"]  # no instance prompt: as listed
+    assert trigger_words(TrainConfig(instance_prompt="a photo in sks style")) == ["sks"]
+    assert trigger_words(TrainConfig(instance_prompt="{caption}, in the style of ohwx")) == ["ohwx"]
+    # The class prompt's words are not the trigger (DreamBooth's "a photo of sks dog" / "a photo of dog").
+    assert trigger_words(TrainConfig(instance_prompt="a photo of sks dog", class_prompt="a photo of dog")) == ["sks"]
+    # Listed and in the prompt: kept as listed; listed but not in the prompt: the prompt's trigger is added.
+    assert trigger_words(TrainConfig(instance_prompt="a photo in sks style", trigger_words=["sks"])) == ["sks"]
+    assert trigger_words(TrainConfig(instance_prompt="a photo in sks style", trigger_words=["noir"])) == ["noir", "sks"]
+    # Only common words: the whole prompt is the trigger phrase.
+    assert trigger_words(TrainConfig(instance_prompt="a photo, {caption}")) == ["a photo"]
+
+
+def test_samples_are_prompted_like_the_training_images():
+    assert sample_prompt(TrainConfig(), "noir") == "a red dress on a white background, noir style"
+    cfg = TrainConfig(instance_prompt="{caption}, in sks style")
+    assert sample_prompt(cfg, "noir") == "a red dress on a white background, in sks style"
+    assert sample_prompt(TrainConfig(instance_prompt="a photo in sks style"), "noir") == "a photo in sks style"
 
 
 def test_dreambooth_settings_are_validated(tmp_path):
@@ -72,7 +95,7 @@ def test_class_images_are_generated_once_then_reused(tiny_sd_unet, tmp_path):
 @pytest.mark.parametrize("name", ["sd3", "sd-unet"])
 def test_prior_preservation_trains_logs_both_losses_and_resumes_exactly(name, curated, tmp_path, request):
     base = request.getfixturevalue({"sd3": "tiny_base", "sd-unet": "tiny_sd_unet"}[name])
-    cfg = db_cfg(target_modules=get_family(name).default_lora_targets, trigger_words=["sks"])
+    cfg = db_cfg(target_modules=get_family(name).default_lora_targets)  # trigger_words left empty
     tracker = RecordingTracker()
     straight = train_style(base, name, curated, "noir", cfg, tmp_path / "a", tracker, tmp_path / "ck-a", "cpu",
                            sample_seeds=())
@@ -97,14 +120,35 @@ def test_prior_preservation_trains_logs_both_losses_and_resumes_exactly(name, cu
     b = load_file(tmp_path / "b" / "noir" / "pytorch_lora_weights.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+    with safe_open(tmp_path / "a" / "noir" / "pytorch_lora_weights.safetensors", "pt") as fh:
+        assert json.loads(fh.metadata()["stunning.trigger_words"]) == ["sks"]  # from the instance prompt
 
     # The prior term changes training: without it the same run ends elsewhere.
-    plain = train_style(base, name, curated, "noir", cfg.model_copy(update={"prior_preservation": False}),
+    plain = train_style(base, name, curated, "noir", cfg.model_copy(update={"prior_preservation": False, "steps": 2}),
                         tmp_path / "c", None, None, "cpu", sample_seeds=())
-    assert plain["loss_history"] != straight["loss_history"]
+    assert plain["loss_history"] != straight["loss_history"][:2]
 
 
 def test_batch_size_auto_counts_the_class_images(curated, tiny_base, tmp_path):
     summary = train_style(tiny_base, "sd3", curated, "noir", db_cfg(batch_size="auto", max_batch_size=4, steps=2),
                           tmp_path / "o", None, None, "cpu", sample_seeds=())
     assert 1 <= summary["batch_size"] <= 4
+
+
+def test_prior_preservation_on_a_bucketed_set(tiny_base, tmp_path):
+    from test_buckets import ShapeRecorder, make_bucketed
+
+    root = make_bucketed(tmp_path / "set")
+    fam = ShapeRecorder("sd3")
+    tracker = RecordingTracker()
+    # mixed_precision "no": no CPU calibration steps before the recorded training steps.
+    train_style(tiny_base, fam, root, "noir", db_cfg(steps=4, mixed_precision="no"), tmp_path / "o", tracker,
+                tmp_path / "ck", "cpu", sample_seeds=())
+    # Class images are squares of the resolution; each step: one instance bucket, then the class batch.
+    made = sorted((tmp_path / "ck" / "class-images").rglob("*.png"))
+    assert [p.name for p in made] == [f"gen-{i:05d}.png" for i in range(3)]
+    assert all(Image.open(p).size == (32, 32) for p in made)
+    steps = fam.shapes[:8]
+    assert [s[2:] for s in steps[1::2]] == [(16, 16)] * 4 and all(s[0] == 2 for s in steps)
+    assert {s[2:] for s in steps[0::2]} <= {(16, 16), (12, 20), (20, 12)}
+    assert len([m for m, _ in tracker.metrics if "prior_loss" in m and "instance_loss" in m]) == 4

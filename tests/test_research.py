@@ -286,3 +286,18 @@ def test_environment_stage_writes_probe(tmp_path):
     out = tmp_path / "env" / "environment.json"
     stage.main(["--out", str(out)])
     assert json.loads(out.read_text())["device"] in ("cpu", "cuda", "mps")
+
+
+def test_flux_and_sd3_shapes_count_packed_patches_and_joint_text_tokens():
+    flux = {"patch_size": 1, "in_channels": 64, "num_attention_heads": 24, "attention_head_dim": 128}
+    shape = rs.denoiser_shape(flux, "FluxTransformer2DModel")
+    # No sample_size: FLUX's native 128-latent (1024 px), 2x2 packed, plus 512 T5 tokens.
+    assert (shape.latent_size, shape.tokens, shape.attn_tokens, shape.width) == (128, 4096, 4096 + 512, 3072)
+    tiny = rs.denoiser_shape(flux, "FluxTransformer2DModel", {"resolution": 32, "t5_tokens": 8}, vae_factor=4)
+    assert (tiny.latent_size, tiny.tokens, tiny.attn_tokens) == (8, 16, 24)
+    sd3 = rs.denoiser_shape({"sample_size": 128, "patch_size": 2, "num_attention_heads": 24,
+                             "attention_head_dim": 64}, "SD3Transformer2DModel")
+    assert (sd3.tokens, sd3.attn_tokens) == (4096, 4096 + 333)
+    unet = rs.denoiser_shape({"sample_size": 64, "block_out_channels": [320, 640],
+                              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]})
+    assert (unet.tokens, unet.attn_tokens) == (4096, 4096)  # no settings, no class: as before

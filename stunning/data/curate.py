@@ -101,13 +101,14 @@ def split_key(image_id: str, seed: int) -> float:
 def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
     """Train/val assignment for one style's ids.
 
-    An id goes to val when its key is below ``val_fraction``. With two or more ids the
-    result has at least one val and one train id: the lowest key is forced to val, the
-    highest to train, so small styles still get validated without starving training.
+    An id goes to val when its key is below ``val_fraction``. With two or more ids and a
+    val fraction above zero the result has at least one val and one train id: the lowest
+    key is forced to val, the highest to train, so small styles still get validated without
+    starving training. A val fraction of zero means no val split: every image trains.
     """
     keys = {i: split_key(i, seed) for i in ids}
     splits = {i: ("val" if k < val_fraction else "train") for i, k in keys.items()}
-    if len(ids) >= 2:
+    if len(ids) >= 2 and val_fraction > 0:
         ordered = sorted(ids, key=lambda i: keys[i])
         if "val" not in splits.values():
             splits[ordered[0]] = "val"
@@ -304,7 +305,7 @@ def curate(
         atomic_write_text(
             tmp / "curate_config.yaml",
             yaml.safe_dump(
-                {"data": data_cfg.model_dump(include={"styles", "resolution"}), "curate": cfg.model_dump()},
+                {"data": _data_keys(data_cfg), "curate": cfg.model_dump()},
                 sort_keys=False,
             ),
         )
@@ -313,6 +314,13 @@ def curate(
         stats["kept"], stats["train"], stats["val"], stats["dropped"], out_dir,
     )
     return result
+
+
+def _data_keys(data_cfg: DataConfig) -> dict[str, Any]:
+    """The data settings recorded with a curated set; the bucket keys only with data.buckets on
+    (the trainer accepts images of several sizes only from a set recorded as bucketed)."""
+    keys = {"styles", "resolution"} | ({"buckets", "bucket_step", "bucket_max_ratio"} if data_cfg.buckets else set())
+    return data_cfg.model_dump(include=keys)
 
 
 def manifest_frame(rows: list[dict[str, Any]]) -> Any:

@@ -1,4 +1,8 @@
-"""Ingest: raw style folders -> normalised square PNGs, a manifest, and a rejection report.
+"""Ingest: raw style folders -> normalised PNGs, a manifest, and a rejection report.
+
+Images are centre-cropped to ``data.resolution`` squares, or with ``data.buckets`` fitted to
+the aspect-ratio bucket nearest their own aspect (``stunning.data.images.bucket_sizes``:
+cover the bucket, then centre-crop); the manifest records each image's width and height.
 
 Input layout: ``<raw_dir>/<style>/`` per style in ``data.styles``, each image with a
 caption from a same-name ``.txt`` sidecar or from a ``metadata.jsonl`` in its folder

@@ -148,11 +148,20 @@ class LoraSavingMixin:
     lora_components: tuple[str, ...]
 
     def lora_layers(self, pipe) -> dict:
+        """The denoiser's active adapter, keyed the way the family's stock loader reads it.
+
+        UNet adapters get the diffusers names (``to_q.lora.down``) that the diffusers UNet
+        scripts save. Transformer adapters (sd3, flux) keep PEFT's own names
+        (``to_q.lora_A``): the sd3/flux loaders silently skip attention layers under the
+        UNet names, so a stock pipeline would load such a file without them.
+        """
         import torch
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, self.lora_component)))
+        layers = get_peft_model_state_dict(getattr(pipe, self.lora_component))
+        if self.lora_component == "unet":
+            layers = convert_state_dict_to_diffusers(layers)
         return {self.lora_component: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}}
 
     def save_lora(self, pipe, out_dir, metadata=None):

@@ -22,8 +22,13 @@ What FLUX needs that the other families do not:
 
 The T5 sequence length is the stock pipeline's ``max_sequence_length`` (512) unless the
 folder's ``stunning.json`` names another ``t5_tokens`` (the project's tiny model does).
-Adapters are saved in the diffusers FLUX LoRA layout, which stock
-`FluxPipeline.load_lora_weights(dir)` loads.
+Adapters are saved in the diffusers FLUX LoRA layout (PEFT's ``transformer.<module>.lora_A/B``
+keys, as diffusers' FLUX LoRA scripts write them), which stock `FluxPipeline.load_lora_weights(dir)`
+loads completely (`LoraSavingMixin.lora_layers` says why UNet names are not used).
+
+Samplers (:data:`SAMPLERS`): ``euler`` (flow-matching Euler, the model's own scheduler),
+``euler-ancestral`` (the same with stochastic re-noising) and ``dpm++`` (DPM-Solver++ 2M on
+flow sigmas, for models with dynamic shifting).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from stunning.families import (
 
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 DEFAULT_T5_TOKENS = 512  # FluxPipeline's max_sequence_length
+SAMPLERS = ("euler", "euler-ancestral", "dpm++")
 
 
 def unpack(pipe, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +64,10 @@ def shift_sigmas(sigmas: torch.Tensor, scheduler_config, image_seq_len: int) -> 
     """Shift sigmas in (0, 1) as the FLUX sampler does for an image of `image_seq_len` patches.
 
     Dynamic shifting: ``mu`` grows linearly with the sequence length between
-    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), and sigmas map through
-    ``e^mu / (e^mu + 1/σ − 1)``. Without dynamic shifting, the scheduler's constant ``shift``.
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), exactly as
+    `FluxPipeline` computes it before sampling, and sigmas map through the scheduler's time
+    shift, ``e^mu / (e^mu + 1/σ − 1)`` (``time_shift_type`` "exponential", FLUX's) or
+    ``mu / (mu + 1/σ − 1)`` ("linear"). Without dynamic shifting, the constant ``shift``.
     """
     cfg = dict(scheduler_config)
     if cfg.get("use_dynamic_shifting"):
@@ -69,9 +77,39 @@ def shift_sigmas(sigmas: torch.Tensor, scheduler_config, image_seq_len: int) -> 
             image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
         )
-        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        kind = cfg.get("time_shift_type", "exponential")
+        if kind == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        if kind == "linear":
+            return mu / (mu + (1 / sigmas - 1))
+        raise ValueError(f"scheduler config time_shift_type={kind!r}: expected 'exponential' or 'linear'")
     shift = float(cfg.get("shift", 1.0))
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) latents → (the (N, H/2·W/2, 4C) 2x2-patch sequence, its (H/2·W/2, 3) position ids).
+
+    The layout and ids `FluxPipeline.prepare_latents` makes for sampling at that size, so
+    training sees what sampling sees, for any even H and W (aspect buckets included).
+    """
+    from diffusers import FluxPipeline
+
+    n, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latent size {h}x{w} must be even on both sides")
+    packed = FluxPipeline._pack_latents(latents, n, c, h, w)
+    ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype)
+    return packed, ids
+
+
+def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for an (h, w) latent."""
+    n, seq, c4 = packed.shape
+    if seq != (h // 2) * (w // 2):
+        raise ValueError(f"{seq} patches do not make a {h}x{w} latent")
+    x = packed.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c4 // 4, h, w)
 
 
 class FluxFamily(LoraSavingMixin):
@@ -81,8 +119,9 @@ class FluxFamily(LoraSavingMixin):
     required_components = REQUIRED_COMPONENTS
     lora_component = "transformer"
     lora_components = ("transformer", "text_encoder")
-    # Every linear layer of the blocks, as FLUX LoRA trainers do by default (attention alone
-    # learns a style far more slowly here: measured 1.3 % vs 18 % lower loss after 15 steps):
+    # Every linear layer of the blocks, as FLUX LoRA trainers do by default (the diffusers FLUX
+    # script adds the MLPs to attention too). Attention alone learns far more slowly: on the tiny
+    # model, a fixed batch, rank 4, 15 AdamW steps at 1e-2, 6 % vs 16 % lower loss (measured):
     # both streams' attention (to_*, add_*_proj, to_add_out) and MLPs (ff, ff_context) of the
     # double blocks; the single blocks' shared attention, MLP input (proj_mlp) and output
     # (proj_out, which also names the model's final projection).
@@ -91,9 +130,14 @@ class FluxFamily(LoraSavingMixin):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
     ]
     # Block-wise selection (train.target_blocks): "transformer_blocks.N" (double stream) or
-    # "single_transformer_blocks.N".
+    # "single_transformer_blocks.N" (single stream). `target_modules()` in training/lora.py anchors
+    # a block name at a "." boundary, so "transformer_blocks.0" never selects the single block 0.
     block_pattern = "transformer_blocks.{i}."
-    train_guidance = 1.0
+    # The guidance value fed to a guidance-distilled transformer (`guidance_embeds`, FLUX.1-dev)
+    # while training. 1.0, as the diffusers FLUX LoRA scripts default to: the adapter learns the
+    # style, not a guidance strength, and sampling still takes any `guidance_scale`. Ignored by
+    # models without a guidance embedding (FLUX.1-schnell).
+    train_guidance: float = 1.0
 
     def pipeline_class(self):
         from diffusers import FluxPipeline
@@ -108,15 +152,25 @@ class FluxFamily(LoraSavingMixin):
         pipe.set_progress_bar_config(disable=True)
         settings = model_settings(Path(path))
         pipe._stunning_t5_tokens = int(settings.get("t5_tokens", DEFAULT_T5_TOKENS))
-        if "resolution" in settings:  # the stock default is 1024 px; a small model names its own
-            pipe.default_sample_size = int(settings["resolution"]) // pipe.vae_scale_factor
+        self._apply_resolution(pipe, settings)
         return pipe.to(device)
 
+    @staticmethod
+    def _settings_of(pipe) -> dict:
+        source = getattr(pipe, "name_or_path", None)
+        return model_settings(Path(source)) if source else {}
+
+    def _apply_resolution(self, pipe, settings: dict) -> None:
+        # The stock default is 1024 px; a small model names its own in stunning.json.
+        if "resolution" in settings:
+            pipe.default_sample_size = int(settings["resolution"]) // pipe.vae_scale_factor
+        pipe._stunning_resolution_set = True
+
     def t5_tokens(self, pipe) -> int:
+        """T5 tokens per prompt: set at load, else from the folder the pipeline came from."""
         n = getattr(pipe, "_stunning_t5_tokens", None)
         if n is None:
-            source = getattr(pipe, "name_or_path", None)
-            n = model_settings(Path(source)).get("t5_tokens", DEFAULT_T5_TOKENS) if source else DEFAULT_T5_TOKENS
+            n = self._settings_of(pipe).get("t5_tokens", DEFAULT_T5_TOKENS)
             pipe._stunning_t5_tokens = int(n)
         return int(n)
 
@@ -127,6 +181,10 @@ class FluxFamily(LoraSavingMixin):
         return [pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
 
     def resolution(self, pipe) -> int:
+        """Square sampling size in pixels; also right for a pipeline loaded outside
+        :meth:`load_pipeline` (e.g. `stunning.quantize.load_quantized`), from its folder."""
+        if not getattr(pipe, "_stunning_resolution_set", False):
+            self._apply_resolution(pipe, self._settings_of(pipe))
         return int(pipe.default_sample_size * pipe.vae_scale_factor)
 
     @torch.no_grad()
@@ -152,49 +210,91 @@ class FluxFamily(LoraSavingMixin):
     def noise_scheduler(self, pipe):
         return pipe.scheduler
 
-    def training_loss(self, pipe, latents, cond, generator, scheduler=None):
-        """Flow-matching loss on packed latents (see the module docstring)."""
-        from diffusers import FluxPipeline
+    def training_loss(self, pipe, latents, cond, generator, scheduler=None, reduce=True):
+        """Flow-matching loss on packed latents (see the module docstring).
 
-        n, c, h, w = latents.shape
-        if h % 2 or w % 2:
-            raise ValueError(f"FLUX packs 2x2 latent patches: latent size {h}x{w} must be even on both sides")
+        `latents` are (N, C, H, W) with even H and W; `cond` is :meth:`encode_prompts`' packing.
+        With ``reduce=False``, one loss per image.
+        """
+        n, _, h, w = latents.shape
+        packed, img_ids = pack_latents(latents)  # also refuses odd sizes before any RNG draw
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        # Logit-normal density (Esser et al. 2024, sec. 3.1), shifted for this image size.
         u = torch.randn(n, generator=generator, device=latents.device)
-        seq_len = (h // 2) * (w // 2)
-        sigma = shift_sigmas(torch.sigmoid(u), (scheduler or pipe.scheduler).config, seq_len).to(latents.dtype)
+        sigma = shift_sigmas(torch.sigmoid(u), (scheduler or pipe.scheduler).config, packed.shape[1])
+        sigma = sigma.to(latents.dtype)
         s = sigma.view(-1, 1, 1, 1)
-        noisy = (1 - s) * latents + s * noise
+        noisy, _ = pack_latents((1 - s) * latents + s * noise)
         embeds, pooled = unpack(pipe, cond)
         transformer = pipe.transformer
         guidance = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full((n,), self.train_guidance, device=latents.device, dtype=latents.dtype)
+            guidance = torch.full((n,), float(self.train_guidance), device=latents.device, dtype=latents.dtype)
         pred = transformer(
-            hidden_states=FluxPipeline._pack_latents(noisy, n, c, h, w),
+            hidden_states=noisy,
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
             timestep=sigma,  # FLUX's transformer scales (0, 1] timesteps by 1000 itself
-            img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype),
+            img_ids=img_ids,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype),
             guidance=guidance,
             return_dict=False,
         )[0]
-        pred = FluxPipeline._unpack_latents(pred, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
-                                            pipe.vae_scale_factor)
-        return F.mse_loss(pred.float(), (noise - latents).float())
+        err = (unpack_latents(pred, h, w).float() - (noise - latents).float()) ** 2
+        return err.mean() if reduce else err.mean(dim=(1, 2, 3))
+
+    def set_sampler(self, pipe, sampler: str) -> None:
+        """Swap the pipeline's scheduler for one of :data:`SAMPLERS` (same sigma shifting)."""
+        from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+        config = dict(pipe.scheduler.config)
+        dynamic = bool(config.get("use_dynamic_shifting"))
+        if sampler in ("euler", "euler-ancestral"):
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                config, stochastic_sampling=sampler == "euler-ancestral"
+            )
+        elif sampler == "dpm++":
+            # FluxPipeline hands DPM-Solver only `mu` (e^mu becomes its flow shift, the same
+            # sigmas as FLUX's exponential time shift); a constant-shift model has no mu to match.
+            if not dynamic or config.get("time_shift_type", "exponential") != "exponential":
+                raise ValueError("sampler 'dpm++' needs a scheduler with exponential dynamic shifting "
+                                 "(FLUX.1-dev/schnell have it); use euler or euler-ancestral")
+            dpm = DPMSolverMultistepScheduler(
+                num_train_timesteps=int(config.get("num_train_timesteps", 1000)), use_flow_sigmas=True,
+                prediction_type="flow_prediction", use_dynamic_shifting=True, algorithm_type="dpmsolver++",
+                solver_order=2,
+            )
+            # The pipeline reads mu's line from the scheduler config: keep the model's, not defaults.
+            keys = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+            dpm.register_to_config(**{k: config[k] for k in keys if k in config})
+            pipe.scheduler = dpm
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
 
     @torch.no_grad()
     def generate(self, pipe, prompts, seeds, steps, guidance_scale):
-        """One image per (prompt, seed), seeded per image; `guidance_scale` feeds the guidance
-        embedding of guidance-distilled models (FLUX.1-dev) and is ignored by the others."""
-        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        """One image per (prompt, seed), seeded per image so results are reproducible.
+
+        `guidance_scale` feeds the guidance embedding of guidance-distilled models (FLUX.1-dev);
+        models without one ignore it, as the stock pipeline does. A stochastic sampler
+        (euler-ancestral) draws its step noise from the global RNG, which `FluxPipeline` gives no
+        generator for: each image is then sampled alone with that RNG forked and seeded.
+        """
         res = self.resolution(pipe)
-        out = pipe(
-            list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
-            height=res, width=res, output_type="pil", max_sequence_length=self.t5_tokens(pipe),
-        )
-        return list(out.images)
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=res, width=res,
+                      output_type="pil", max_sequence_length=self.t5_tokens(pipe))
+        if not pipe.scheduler.config.get("stochastic_sampling", False):
+            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            return list(pipe(list(prompts), generator=gens, **kwargs).images)
+        dev = pipe.transformer.device
+        fork = {"devices": [dev], "device_type": dev.type} if dev.type in ("cuda", "mps") else {"devices": []}
+        images = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            with torch.random.fork_rng(**fork):
+                torch.manual_seed(int(seed))
+                gen = torch.Generator(device="cpu").manual_seed(int(seed))
+                images += pipe([prompt], generator=[gen], **kwargs).images
+        return images
 
 
 # --------------------------------------------------------------------------- tiny model
@@ -260,4 +360,7 @@ def tiny_pipeline(seed: int = 0, guidance_embeds: bool = True):
 
 
 FAMILY = register(FluxFamily())
-__all__ = ["FAMILY", "FluxFamily", "ModelNotFoundError", "unpack", "shift_sigmas", "tiny_pipeline"]
+__all__ = [
+    "FAMILY", "SAMPLERS", "FluxFamily", "ModelNotFoundError", "pack_latents", "shift_sigmas", "tiny_pipeline",
+    "unpack", "unpack_latents",
+]

@@ -19,6 +19,16 @@ aspect-ratio bucket gets the conditioning the stock pipeline gives that size at 
 
 Adapters are saved in the diffusers SDXL LoRA layout, which stock
 `StableDiffusionXLPipeline.load_lora_weights(dir)` loads.
+
+Precision: SDXL's VAE overflows in float16 (its config sets ``force_upcast``), so
+:meth:`SDXLFamily.load_pipeline` keeps it in float32 under float16, and
+:meth:`SDXLFamily.generate` denoises with the stock pipeline but decodes the latents itself in
+the VAE's dtype (the stock pipeline, given a float32 VAE and float16 latents, fails on CUDA
+and casts the VAE down to float16 on MPS).
+
+Samplers (:data:`SAMPLERS`, ``validate.sampler``): ``euler`` (the model's own Euler),
+``euler-ancestral`` and ``dpm++`` (DPM-Solver++ 2M), each built from the model's scheduler
+config so its betas and ``prediction_type`` carry over.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from stunning.families import (
 )
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+SAMPLERS = ("euler", "euler-ancestral", "dpm++")
 
 
 def unpack(pipe, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +66,28 @@ def time_ids(latents: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
     h, w = latents.shape[-2] * vae_scale_factor, latents.shape[-1] * vae_scale_factor
     ids = torch.tensor([h, w, 0, 0, h, w], device=latents.device, dtype=latents.dtype)
     return ids.expand(latents.shape[0], 6)
+
+
+def _latent_stats(vae, like: torch.Tensor):
+    """(mean, std) per latent channel where the VAE config gives them (else None): the stock
+    pipeline denormalises with them before decoding, so encoding normalises with them too."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
+
+
+def decode(pipe, latents: torch.Tensor) -> list:
+    """Scaled latents → PIL images, decoded in the VAE's own dtype (float32 where it must be)."""
+    vae = pipe.vae
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    stats = _latent_stats(vae, latents)
+    if stats is None:
+        latents = latents / vae.config.scaling_factor
+    else:
+        latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
+    images = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 class SDXLFamily(LoraSavingMixin):
@@ -117,7 +150,11 @@ class SDXLFamily(LoraSavingMixin):
         return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
 
     def latents_from_moments(self, pipe, mean, std, generator):
-        return sample_posterior(mean, std, generator) * pipe.vae.config.scaling_factor
+        z = sample_posterior(mean, std, generator)
+        stats = _latent_stats(pipe.vae, z)
+        if stats is not None:  # the inverse of what `decode` (and the stock pipeline) does
+            z = (z - stats[0]) / stats[1]
+        return z * pipe.vae.config.scaling_factor
 
     def noise_scheduler(self, pipe):
         from diffusers import DDPMScheduler
@@ -144,20 +181,45 @@ class SDXLFamily(LoraSavingMixin):
         pred = pipe.unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
         return F.mse_loss(pred.float(), target.float())
 
+    def set_sampler(self, pipe, sampler: str) -> None:
+        """Swap the pipeline's scheduler for one of :data:`SAMPLERS` (same betas and prediction type)."""
+        from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+        config = pipe.scheduler.config
+        if sampler == "euler":
+            pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+        elif sampler == "euler-ancestral":
+            pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
+        elif sampler == "dpm++":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+                config, algorithm_type="dpmsolver++", solver_order=2
+            )
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+
     @torch.no_grad()
     def generate(self, pipe, prompts, seeds, steps, guidance_scale):
-        """One image per (prompt, seed), seeded per image so results are reproducible."""
+        """One image per (prompt, seed), seeded per image so results are reproducible.
+
+        The stock pipeline denoises; :func:`decode` turns its latents into images (see the
+        module docstring on precision).
+        """
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         res = self.resolution(pipe)
-        out = pipe(
+        latents = pipe(
             list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
-            height=res, width=res, output_type="pil",
-        )
-        return list(out.images)
+            height=res, width=res, output_type="latent",
+        ).images
+        return decode(pipe, latents)
 
 
 def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
-    """Configs of a tiny SDXL-layout model (32 px; for tests and benchmarks)."""
+    """Configs of a tiny SDXL-layout model (32 px; for tests and benchmarks).
+
+    Shaped like SDXL base, scaled down: the first down block (and the last up block) has no
+    attention, deeper blocks stack more transformer layers (SDXL: 1, 2, 10; here 1, 2), the
+    mid block attends, and the UNet's cross-attention width is both encoders' widths together.
+    """
     from stunning.embedded import RESOLUTION, _clip
     from stunning.embedded import tiny_configs as sd_configs
 
@@ -169,12 +231,12 @@ def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
             "in_channels": 4,
             "out_channels": 4,
             "layers_per_block": 1,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [16, 32],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
             "cross_attention_dim": te1["hidden_size"] + te2["hidden_size"],
             "attention_head_dim": [2, 4],
-            "transformer_layers_per_block": [1, 1],
+            "transformer_layers_per_block": [1, 2],
             "use_linear_projection": True,
             "addition_embed_type": "text_time",
             "addition_time_embed_dim": time_dim,
@@ -215,4 +277,4 @@ def tiny_pipeline(seed: int = 0):
 
 
 FAMILY = register(SDXLFamily())
-__all__ = ["FAMILY", "SDXLFamily", "ModelNotFoundError", "unpack", "time_ids", "tiny_pipeline"]
+__all__ = ["FAMILY", "SDXLFamily", "ModelNotFoundError", "SAMPLERS", "decode", "unpack", "time_ids", "tiny_pipeline"]

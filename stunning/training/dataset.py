@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
+CURATE_CONFIG = "curate_config.yaml"  # written by the curation stage next to the manifest
 REQUIRED_COLUMNS = ("id", "style", "split", "path", "caption", "width", "height")
 
 
@@ -55,6 +56,21 @@ def style_rows(curated_dir: Path, style: str, split: str | None = None) -> list[
     return sorted(rows, key=lambda r: r["id"])
 
 
+def curated_data_config(curated_dir: Path) -> dict[str, Any]:
+    """The `data` settings recorded in a curated set's `curate_config.yaml` ({} if none)."""
+    import yaml
+
+    path = Path(curated_dir) / CURATE_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path}: not valid YAML ({exc}). Re-run the curation stage.") from None
+    data = recorded.get("data") if isinstance(recorded, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def load_pixels(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     """An image file as a float32 CHW tensor in [-1, 1]."""
     try:
@@ -80,8 +96,11 @@ class CuratedDataset(Dataset):
     """Manifest rows of one style and split; items are ``{"id", "caption", "pixels"}``.
 
     Images are read lazily; the manifest is validated eagerly so a bad path fails before any
-    model is loaded. Images may come in several sizes (aspect-ratio buckets, `data.buckets`):
-    :meth:`buckets` groups them, and the trainer draws each batch from one group.
+    model is loaded. Images may come in several sizes only from a set curated with
+    aspect-ratio buckets (`data.buckets`, recorded in the set's `curate_config.yaml`): each
+    size must then be one of its buckets; :meth:`buckets` groups them, and the trainer draws
+    each batch from one group. Mixed sizes in any other set are an error (stale images, or a
+    changed `data.resolution`).
     """
 
     def __init__(self, curated_dir: str | Path, style: str, split: str = "train", *, allow_empty: bool = False):
@@ -97,12 +116,42 @@ class CuratedDataset(Dataset):
                 f"{manifest}: no rows with style={style!r} and split={split!r} (styles present: {styles}). "
                 "Check data.styles in params.yaml and that the curation stage kept images of this style."
             )
+        self._check_sizes(manifest)
         for r in self.rows:
             if not (self.root / r["path"]).is_file():
                 raise DatasetError(
                     f"{self.root / r['path']}: listed in {manifest} (id {r['id']}) but missing on disk. "
                     "Re-run the curation stage (`dvc repro curate`)."
                 )
+
+    def _check_sizes(self, manifest: Path) -> None:
+        sizes = set(self.sizes)
+        if len(sizes) < 2:
+            return
+        data = curated_data_config(self.root)
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
+        if not data.get("buckets"):
+            raise DatasetError(
+                f"{manifest}: images of style {self.style!r} ({self.split}) have different sizes ({shown}) but "
+                f"the set was not curated with aspect-ratio buckets ({self.root / CURATE_CONFIG} does not say "
+                "data.buckets: true). Re-run ingest and curation with one data.resolution, or with data.buckets: true."
+            )
+        from stunning.data.images import bucket_sizes
+
+        try:
+            allowed = set(bucket_sizes(int(data["resolution"]), int(data["bucket_step"]), float(data["bucket_max_ratio"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(
+                f"{self.root / CURATE_CONFIG}: data.buckets is true but its resolution/bucket_step/bucket_max_ratio "
+                f"are missing or invalid ({exc}). Re-run the curation stage."
+            ) from None
+        stray = sorted(sizes - allowed)
+        if stray:
+            raise DatasetError(
+                f"{manifest}: style {self.style!r} ({self.split}) has images of size(s) "
+                f"{', '.join(f'{w}x{h}' for w, h in stray)}, which are not buckets of data.resolution="
+                f"{data['resolution']} with data.bucket_step={data['bucket_step']}. Re-run ingest and curation."
+            )
 
     def __len__(self) -> int:
         return len(self.rows)

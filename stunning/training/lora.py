@@ -16,6 +16,15 @@ batch that fits before training (`stunning.training.batch`), and any step that r
 memory halves the batch and is redone; a thermal guard (`stunning.training.thermal`) pauses
 while the OS reports the machine throttling. The batch size in use is checkpointed, so a
 resumed run continues with it (never re-probed) and stays exact.
+
+Two data options change what a step sees. With aspect-ratio buckets (`data.buckets`) the
+curated images come in several sizes: each bucket is encoded on its own and every batch is
+drawn from one bucket, chosen with probability proportional to its image count on the loop
+generator (so bucketed runs are reproducible and resume exactly); val loss is evaluated per
+bucket. DreamBooth (`train.instance_prompt`, `train.prior_preservation`, Ruiz et al. 2023,
+arXiv:2208.12242): the instance prompt replaces (or wraps) the captions, and with prior
+preservation each step adds the same objective on as many class images, made once by the
+frozen base model and cached, weighted by `train.prior_loss_weight`.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from stunning.tracking import NullTracker, Tracker
 from stunning.training.batch import BatchSizeError, find_batch_size, free_memory, is_oom_error
 from stunning.training.cache import EncodingCache
 from stunning.training.checkpoint import CheckpointStore, fingerprint
-from stunning.training.dataset import CuratedDataset, style_rows
+from stunning.training.dataset import CuratedDataset, DatasetError, curated_data_config, style_rows
 from stunning.training.thermal import ThermalGuard, ThermalProbe, describe
 
 log = logging.getLogger(__name__)
@@ -255,6 +264,49 @@ def encode_buckets(
     ]
 
 
+def size_multiple(fam, pipe) -> int:
+    """What every image side must be a multiple of for this model: the VAE's downsampling factor
+    times the denoiser's patch size, times 2 where the pipeline packs 2x2 latent patches (FLUX);
+    for a UNet times its own downsampling (2 per down block but the last), so that no level
+    of it has to resample a skip connection to an odd size.
+
+    Real models: 16 for SD3 and FLUX, 64 for SD 1.x, 32 for SDXL; the embedded 32-px models: 4.
+    """
+    factor = int(getattr(pipe, "vae_scale_factor", None) or 8)
+    config = dict(getattr(fam.denoiser(pipe), "config", {}) or {})
+    patch = config.get("patch_size") or 1
+    factor *= patch if isinstance(patch, int) else 1
+    down = config.get("down_block_types")
+    if isinstance(down, list | tuple) and down:
+        factor *= 2 ** (len(down) - 1)
+    if hasattr(type(pipe), "_pack_latents"):
+        factor *= 2
+    return factor
+
+
+def check_bucket_sizes(fam, pipe, sizes, where: str) -> None:
+    """Raise :class:`DatasetError` naming the sizes that this model cannot train on."""
+    multiple = size_multiple(fam, pipe)
+    bad = sorted({(w, h) for w, h in sizes if w % multiple or h % multiple})
+    if bad:
+        raise DatasetError(
+            f"{where}: image size(s) {', '.join(f'{w}x{h}' for w, h in bad)} are not multiples of {multiple}, "
+            f"which the {fam.name} model needs (VAE factor x patch size; for a UNet x its downsampling). "
+            f"Set data.bucket_step to a multiple of {multiple} (and data.resolution too) and re-run ingest and curation."
+        )
+
+
+def class_image_size(train_set: CuratedDataset, sizes: Sequence[tuple[int, int]], largest: int) -> tuple[int, int]:
+    """(width, height) of DreamBooth class images: the training size of a single-size set; with
+    aspect-ratio buckets the square bucket of the resolution (the largest bucket, and one that
+    every family's pipeline can sample)."""
+    data = curated_data_config(train_set.root)
+    if data.get("buckets"):
+        res, step = int(data["resolution"]), int(data["bucket_step"])
+        return res - res % step, res - res % step
+    return sizes[largest]
+
+
 def evaluate_buckets(family, pipe, scheduler, buckets, seed: int, batch_size: int) -> float:
     """:func:`evaluate_loss` over several buckets, weighted by their image counts."""
     total = sum(lat.shape[0] for lat, _ in buckets)
@@ -272,6 +324,38 @@ def instance_caption_fn(cfg: TrainConfig) -> Callable[[str], str] | None:
     if "{caption}" in prompt:
         return lambda caption: prompt.replace("{caption}", caption)
     return lambda caption: prompt
+
+
+# Words of an instance prompt that are never its trigger: articles, prepositions and the
+# usual class nouns of a style or subject prompt ("a photo in sks style").
+COMMON_PROMPT_WORDS = frozenset({
+    "a", "an", "the", "in", "of", "on", "at", "by", "with", "and", "or", "for", "to", "from", "as", "style",
+    "photo", "photograph", "picture", "image", "painting", "drawing", "illustration", "art", "artwork",
+})
+_WORD = re.compile(r"[^\s,.;:!?()\[\]{}\"]+")
+
+
+def trigger_words(cfg: TrainConfig) -> list[str]:
+    """The trigger words recorded in the adapter's metadata.
+
+    `train.trigger_words` as listed; with an instance prompt that contains none of them (or
+    with none listed), also the instance prompt's own trigger: its words that are neither in
+    `class_prompt` nor common prompt words (COMMON_PROMPT_WORDS), e.g. "sks" for "a photo in
+    sks style" (or "a photo of sks dog" with class prompt "a photo of dog"); if no word is
+    left, the whole instance prompt without its `{caption}` placeholder.
+    """
+    words = list(cfg.trigger_words)
+    if not cfg.instance_prompt:
+        return words
+    text = cfg.instance_prompt.replace("{caption}", " ")
+    if any(w.lower() in text.lower() for w in words):
+        return words
+    known = {w.lower() for w in _WORD.findall(cfg.class_prompt or "")} | COMMON_PROMPT_WORDS
+    found: list[str] = []
+    for w in _WORD.findall(text):
+        if w.lower() not in known and w not in found:
+            found.append(w)
+    return words + (found or [" ".join(text.split()).strip(" ,")])
 
 
 def _moments(pipe, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,7 +529,7 @@ def train_style(
                 "alpha": cfg.alpha,
                 "target_modules": cfg.target_modules,
                 "target_blocks": cfg.target_blocks,
-                "trigger_words": cfg.trigger_words,
+                "trigger_words": trigger_words(cfg),
                 "steps": cfg.steps,
                 "batch_size": info["batch_size"],
             })
@@ -551,21 +635,26 @@ def _train(
         module.requires_grad_(False)
     scheduler = fam.noise_scheduler(pipe)
 
+    if len(set(train_set.sizes) | set(val_set.sizes)) > 1 or curated_data_config(train_set.root).get("buckets"):
+        check_bucket_sizes(fam, pipe, set(train_set.sizes) | set(val_set.sizes), str(train_set.root / "manifest.csv"))
     cache = EncodingCache(cache_dir, base_path) if cache_dir is not None else None
     captions = instance_caption_fn(cfg)
     buckets = encode_buckets(fam, pipe, train_set, cfg.seed, cache, captions)
     val_buckets = encode_buckets(fam, pipe, val_set, cfg.seed + 1, cache, captions) if len(val_set) else None
     sizes = list(train_set.buckets())
     counts = torch.tensor([float(lat.shape[0]) for lat, _ in buckets])
+    # The biggest bucket (most pixels, then most images): the batch-size probe and the memory cap use it.
+    largest = max(range(len(buckets)), key=lambda i: (sizes[i][0] * sizes[i][1], counts[i]))
+    class_size = class_image_size(train_set, sizes, largest) if cfg.prior_preservation else None
+    if class_size is not None:
+        check_bucket_sizes(fam, pipe, [class_size], "train.prior_preservation class images")
     if len(buckets) > 1:
         log.info("%s: %d aspect-ratio buckets: %s", style, len(buckets),
                  ", ".join(f"{w}x{h}: {int(n)}" for (w, h), n in zip(sizes, counts, strict=True)))
         tracker.log_params({"buckets": {f"{w}x{h}": int(n) for (w, h), n in zip(sizes, counts, strict=True)}})
-    # The batch-size probe and the memory cap use the biggest bucket (most pixels, then most images).
-    largest = max(range(len(buckets)), key=lambda i: (sizes[i][0] * sizes[i][1], counts[i]))
     class_latents = class_cond = None
-    if cfg.prior_preservation:
-        class_latents, class_cond = _class_set(fam, pipe, base_path, cfg, sizes[largest], class_dir, cache)
+    if class_size is not None:
+        class_latents, class_cond = _class_set(fam, pipe, base_path, cfg, class_size, class_dir, cache)
         log.info("%s: prior preservation with %d class images (%r)", style, class_latents.shape[0], cfg.class_prompt)
     if cache is not None:
         log.info("%s: encoding cache %s: %d hits, %d misses", style, cache.root, cache.hits, cache.misses)
@@ -593,7 +682,10 @@ def _train(
     elif cfg.batch_size == "auto":
         probe_latents, probe_cond = buckets[largest]
         if class_latents is not None:  # each step trains on as many class images as instance images
-            probe_latents, probe_cond = torch.cat([probe_latents, class_latents]), torch.cat([probe_cond, class_cond])
+            if class_latents.shape[1:] == probe_latents.shape[1:]:
+                probe_latents, probe_cond = torch.cat([probe_latents, class_latents]), torch.cat([probe_cond, class_cond])
+            elif class_latents[0].numel() > probe_latents[0].numel():
+                probe_latents, probe_cond = class_latents, class_cond  # trials of the bigger size bound both
         batch = _probe_batch_size(fam, pipe, params, scheduler, probe_latents, probe_cond, cfg, dev, mixed_precision,
                                   per_step=2 if class_latents is not None else 1)
         batch_source = "probe"
@@ -659,7 +751,8 @@ def _train(
         accelerator.scaler.load_state_dict(ckpt.optimizer["scaler"])
     optimizer = accelerator.prepare(optimizer)
 
-    prior_losses: list[float] = []
+    # (instance loss, prior loss) of each micro-batch, with prior preservation.
+    loss_parts: list[tuple[float, float]] = []
 
     def run_step(batch_size: int, updated: list[bool]) -> list[float]:
         """One optimizer step (all its micro-batches); the micro-batch losses."""
@@ -683,11 +776,12 @@ def _train(
                 with accelerator.autocast():
                     loss = fam.training_loss(pipe, latents[idx], batch_cond, noise_gen, scheduler=scheduler)
                     if class_idx is not None:
-                        # DreamBooth's prior-preservation term: the same objective on base-model
-                        # images of the class (noise drawn after the instance batch's).
+                        # DreamBooth's prior-preservation loss (Ruiz et al. 2023, eq. 2): the same
+                        # objective on base-model images of the class, weighted, added to the
+                        # instance loss (noise drawn after the instance batch's).
                         prior = fam.training_loss(pipe, class_latents[class_idx], class_cond[class_idx], noise_gen,
                                                   scheduler=scheduler)
-                        prior_losses.append(prior.detach().float().item())
+                        loss_parts.append((loss.detach().float().item(), prior.detach().float().item()))
                         loss = loss + cfg.prior_loss_weight * prior
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -759,11 +853,11 @@ def _train(
             step_loss = sum(micro) / len(micro)
             history.append(step_loss)
             step_metrics["loss"] = step_loss
-            if prior_losses:
-                prior = sum(prior_losses[-len(micro):]) / len(micro)
-                step_metrics["prior_loss"] = prior
-                step_metrics["instance_loss"] = step_loss - cfg.prior_loss_weight * prior
-                del prior_losses[:-len(micro)]
+            if loss_parts:
+                parts = loss_parts[-len(micro):]
+                step_metrics["instance_loss"] = sum(i for i, _ in parts) / len(parts)
+                step_metrics["prior_loss"] = sum(p for _, p in parts) / len(parts)
+                loss_parts.clear()
             check = guard(step)
             if check is not None:
                 step_metrics["thermal_throttled"] = float(check.throttled)
@@ -1139,7 +1233,10 @@ def _code_identity(fam) -> dict[str, str]:
 
 
 def sample_prompt(cfg: TrainConfig, style: str) -> str:
-    """The sample prompt in the captions' convention (`..., <style> style`)."""
+    """The sample prompt in the captions' convention (`..., <style> style`), or with DreamBooth's
+    instance prompt that prompt (its `{caption}` filled with `train.sample_prompt`)."""
+    if cfg.instance_prompt:
+        return cfg.instance_prompt.replace("{caption}", cfg.sample_prompt)
     return f"{cfg.sample_prompt}, {style} style"
 
 
