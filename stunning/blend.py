@@ -57,6 +57,7 @@ class LoraFile:
     layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # comp -> module -> (A, B)
     configs: dict[str, dict[str, Any]]  # comp -> LoraConfig dict (empty if the file has none)
     naming: tuple[str, str] = ("lora.down", "lora.up")
+    family: str | None = None  # the `stunning.family` metadata of adapters this project trained
 
     def scale(self, comp: str, module: str) -> float:
         """The factor PEFT multiplies ``B A`` by for this module once diffusers loads the file."""
@@ -143,7 +144,10 @@ def read_lora(adapter_dir: str | Path) -> LoraFile:
                 "only Linear LoRA layers can be blended."
             )
         layers.setdefault(comp, {})[module] = (a.float(), b.float())
-    return LoraFile(path=path, layers=layers, configs=configs, naming=naming or ("lora.down", "lora.up"))
+    from stunning.families import METADATA_PREFIX
+
+    return LoraFile(path=path, layers=layers, configs=configs, naming=naming or ("lora.down", "lora.up"),
+                    family=meta.get(f"{METADATA_PREFIX}family") or None)
 
 
 def _check_weights(adapter_dirs: Mapping[str, Path], weights: Mapping[str, float]) -> None:
@@ -234,7 +238,7 @@ def blend_adapters(
     _check_weights(adapter_dirs, weights)
     loras = {style: read_lora(adapter_dirs[style]) for style in weights}
     blended, templates = blend_loras(loras, weights)
-    family = _family_of(blended)
+    family = _family_of(blended, loras)
     naming = next(iter(loras.values())).naming
 
     layers_by_comp: dict[str, dict[str, torch.Tensor]] = {}
@@ -259,19 +263,36 @@ def blend_adapters(
         "rank": ranks,
         "combination": "cat (exact weighted sum of LoRA deltas, scale folded into B, alpha = r)",
     }
+    from stunning.families import write_lora_metadata
+
     with atomic_dir(out_dir) as tmp:
         family.save_lora_layers(tmp, layers_by_comp, configs)
+        write_lora_metadata(tmp / LORA_FILE, {"family": family.name, "blend": spec["name"]})
         atomic_write_text(tmp / "blend.yaml", yaml.safe_dump(spec, sort_keys=False))
     n_layers = sum(len(m) for m in blended.values())
     log.info("blend %s (%s) -> %s: %d layers, rank %s", spec["name"], weights, out_dir, n_layers, ranks)
     return BlendResult(path=out_dir / LORA_FILE, rank=ranks, layers=n_layers, weights=weights, sources=sources)
 
 
-def _family_of(blended: Mapping[str, Any]):
-    """The model family whose LoRA layout holds these components (`transformer`: sd3, `unet`: sd-unet)."""
+def _family_of(blended: Mapping[str, Any], loras: Mapping[str, LoraFile]):
+    """The model family whose LoRA layout the blend is saved in.
+
+    The sources' `stunning.family` metadata where they have it (they must agree); otherwise
+    from the components: `transformer` is saved like sd3 (flux's layout is the same), `unet`
+    like sd-unet.
+    """
     from stunning.families import get_family
 
-    if "transformer" in blended:
+    named = {style: lora.family for style, lora in loras.items() if lora.family}
+    if len(set(named.values())) > 1:
+        raise BlendError(f"adapters were trained for different model families ({named}); blend adapters of one "
+                         "family only.")
+    if named:
+        family = get_family(next(iter(named.values())))
+        if family.lora_component not in blended:
+            raise BlendError(f"adapters say family {family.name} but hold no {family.lora_component} LoRA weights "
+                             f"(components: {sorted(blended)}).")
+    elif "transformer" in blended:
         family = get_family("sd3")
     elif "unet" in blended:
         family = get_family("sd-unet")

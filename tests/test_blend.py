@@ -131,3 +131,25 @@ def test_missing_adapter_is_a_clear_error(adapters, tmp_path):
     with pytest.raises(BlendError, match="watercolour"):
         blend_adapters(adapters, {"watercolour": 1.0}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_family_comes_from_the_adapters_metadata(adapters, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    from stunning.blend import BlendError
+    from stunning.families import write_lora_metadata
+
+    tagged = {}
+    for style, family in (("impressionist", "sd-unet"), ("noir", "sd-unet"), ("sketch", "sdxl")):
+        tagged[style] = tmp_path / style
+        shutil.copytree(adapters[style], tagged[style])
+        write_lora_metadata(tagged[style] / "pytorch_lora_weights.safetensors", {"family": family})
+    blend_adapters(tagged, {"impressionist": 0.5, "noir": 0.5}, tmp_path / "mix")
+    with safe_open(str(tmp_path / "mix" / "pytorch_lora_weights.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["stunning.family"] == "sd-unet" and meta["stunning.blend"] == "mix"
+    with pytest.raises(BlendError, match="different model families"):
+        blend_adapters(tagged, {"noir": 0.5, "sketch": 0.5}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -485,23 +485,44 @@ def test_encoding_cache_is_keyed_by_content_and_changes_nothing(tmp_path, tiny_b
 
 
 def test_cpu_calibration_measures_and_is_kept_for_resume(tmp_path, monkeypatch, tiny_base, curated):
-    """With mixed_precision auto on a CPU the trainer times trial steps; the choice is checkpointed."""
+    """With mixed_precision auto on a CPU the trainer times trial steps to choose the thread
+    count, stays fp32, and checkpoints the choice."""
     import stunning.training.lora as lora
 
-    # Tiny steps are overhead-bound: no trial of other settings, fp32 stays.
+    timed: list[tuple[int, str]] = []
+    time_steps = lora._time_steps
+
+    def recording(*args):
+        timed.append((torch.get_num_threads(), args[-1]))
+        return time_steps(*args)
+
+    monkeypatch.setattr(lora, "_time_steps", recording)
+    monkeypatch.setattr(lora, "cpu_threads_for", lambda model, dev: 1)  # the small-model rule: one thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the default count the calibration may return to
+    try:
+        _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, lora, timed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, lora, timed):
+    # Tiny steps are overhead-bound: one trial, no other thread count tried.
     fast = train_style(tiny_base, "sd3", curated, "noir", tiny_cfg(steps=2), tmp_path / "a", None, None, "cpu",
                        sample_seeds=())
-    assert fast["mixed_precision"] == "no"
-    # Treat every step as compute-bound and any speed-up as enough: bf16 is chosen where the CPU
-    # computes it natively, and the choice is what the checkpoint records and a resume reuses.
+    assert fast["mixed_precision"] == "no" and timed == [(1, "no")]
+    # Every step compute-bound and any speed-up enough: the default thread count is tried and
+    # chosen, precision stays fp32, and the checkpoint records what a resume reuses.
     monkeypatch.setattr(lora, "CPU_BOUND_STEP_S", 0.0)
     monkeypatch.setattr(lora, "MIN_SPEEDUP", 0.0)
+    timed.clear()
     cfg = tiny_cfg(steps=4, checkpoint_every=2)
     tracker = RecordingTracker()
     first = train_style(tiny_base, "sd3", curated, "noir", cfg, tmp_path / "b", tracker, tmp_path / "ck", "cpu",
                         sample_seeds=())
-    expected = "bf16" if lora._cpu_has_native_bf16() else "no"
-    assert first["mixed_precision"] == expected == tracker.params["mixed_precision_chosen"]
+    assert timed == [(1, "no"), (2, "no")] and tracker.params["cpu_threads_chosen"] == 2
+    assert first["mixed_precision"] == "no" == tracker.params["mixed_precision_chosen"]
+    expected = "no"
     store = CheckpointStore.for_run(tmp_path / "ck", "noir", first["fingerprint"], 2)
     assert store.latest().meta["cpu_setup"][1] == expected
     monkeypatch.setattr(lora, "_calibrate_cpu", lambda *a, **k: pytest.fail("a resume must not re-calibrate"))

@@ -88,9 +88,8 @@ def resolve_mixed_precision(requested: str, device: torch.device, mps_choice: st
     """The accelerate `mixed_precision` for `train.mixed_precision` on `device`.
 
     "auto":
-    - CPU: "no" here; the trainer then times a few steps (:func:`_calibrate_cpu`) and
-      switches to bf16 autocast (and more threads) only where that is measurably faster:
-      compute-bound steps on a CPU with native bf16 (AVX512-BF16/AMX);
+    - CPU: "no" (fp32); the trainer then times a few steps (:func:`_calibrate_cpu`) to
+      choose the thread count. bf16 autocast only when asked for (`bf16`);
     - CUDA: "bf16" where supported (Ampere and newer; no loss scaling needed), else "fp16";
     - MPS: the choice of :func:`stunning.device.mps_half_precision` (what the Mac trainers
       use): "bf16" on M2-or-newer with macOS 14+ and torch 2.6+, else "fp16" with a gradient
@@ -1033,46 +1032,31 @@ MIN_SPEEDUP = 1.15  # switch only for a clear gain: timings on a shared machine 
 def _calibrate_cpu(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, more_threads: int | None):
     """(threads, mixed_precision) for a CPU run with `train.mixed_precision: auto`.
 
-    Times a few trial steps (leaving no trace, like the batch probe): fp32 at the current
-    thread count; if a step is compute-bound (>= CPU_BOUND_STEP_S), also with `more_threads`
-    (the default count, where the small-model rule chose one) and with bf16 autocast where
-    the CPU computes bf16 natively (oneDNN: AVX512-BF16 or AMX). A setting must be
-    MIN_SPEEDUP faster to be chosen. Frozen weights stay fp32 on the CPU (autocast casts per
-    operation, which measured faster than bf16 weights).
+    Times a few trial steps (leaving no trace, like the batch probe) at the current thread
+    count; if a step is compute-bound (>= CPU_BOUND_STEP_S) and the small-model rule chose
+    fewer threads than the default (`more_threads`), also with the default, which must be
+    MIN_SPEEDUP faster to be chosen. Precision stays fp32 ("no"): bf16 autocast on a CPU
+    with native bf16 (AVX512-BF16/AMX) measured up to 1.5x faster on compute-bound steps,
+    but it changes the numerics, so it is only used when `train.mixed_precision: bf16` asks.
     """
     threads = torch.get_num_threads()
     try:
-        timing = {(threads, "no"): _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")}
+        timing = {threads: _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")}
     except Exception as exc:
         if not is_oom_error(exc):
             raise
         free_memory(dev)  # the loop's own out-of-memory handling takes it from here
         log.info("CPU calibration skipped: a trial step ran out of memory")
         return threads, "no"
-    if timing[(threads, "no")] < CPU_BOUND_STEP_S:
-        return threads, "no"
-    if more_threads and more_threads > threads:
+    if timing[threads] >= CPU_BOUND_STEP_S and more_threads and more_threads > threads:
         torch.set_num_threads(more_threads)
-        t = _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")
-        if timing[(threads, "no")] / t >= MIN_SPEEDUP:
+        timing[more_threads] = _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")
+        if timing[threads] / timing[more_threads] >= MIN_SPEEDUP:
             threads = more_threads
-            timing[(threads, "no")] = t
         torch.set_num_threads(threads)
-    best = (threads, "no")
-    if _cpu_has_native_bf16():
-        timing[(threads, "bf16")] = _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "bf16")
-        if timing[best] / timing[(threads, "bf16")] >= MIN_SPEEDUP:
-            best = (threads, "bf16")
-    log.info("CPU calibration: %s", ", ".join(f"{n} thread(s) {mp}: {t:.3f} s/step" for (n, mp), t in timing.items()))
-    log.info("CPU training with %d thread(s), mixed precision %s", *best)
-    return best
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    log.info("CPU calibration: %s", ", ".join(f"{n} thread(s): {t:.3f} s/step" for n, t in timing.items()))
+    log.info("CPU training with %d thread(s), fp32", threads)
+    return threads, "no"
 
 
 def _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, mixed_precision) -> float:
