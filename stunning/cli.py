@@ -336,6 +336,27 @@ def model_path(
     typer.echo(str(folder))
 
 
+@app.command("export-checkpoint")
+def export_checkpoint(
+    folder: Annotated[Path, typer.Argument(help="a diffusers model folder, e.g. the merge stage's models/merged/fused")],
+    out: Annotated[Path, typer.Argument(help="the .safetensors file to write")],
+    family: Annotated[str | None, typer.Option(help="model family (default: read from the folder)")] = None,
+    vae: Annotated[bool, typer.Option(help="sd3 only: include the VAE (--no-vae: a diffusion-model-only file)")] = True,
+) -> None:
+    """Write a model folder as one original-layout checkpoint (AUTOMATIC1111/Forge, ComfyUI)."""
+    from stunning.families import ModelNotFoundError
+    from stunning.families.original import export_single_file
+    from stunning.families.source import detect_family
+
+    if out.suffix != ".safetensors":
+        fail(f"{out}: name the output file *.safetensors")
+    try:
+        written = export_single_file(folder, out, family or detect_family(folder), vae=vae)
+    except (ModelNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(str(written))
+
+
 @app.command("convert-lora")
 def convert_lora(
     src: Annotated[Path, typer.Argument(help="a LoRA file in the diffusers layout (what training writes)")],

@@ -57,7 +57,7 @@ def batch(fam, pipe, h=32, w=32, n=4):
     return latents, fam.encode_prompts(pipe, [PROMPTS[i % 2] for i in range(n)])
 
 
-def train(fam, pipe, latents, cond, steps=15, scheduler=None, cfg=None):
+def train(fam, pipe, latents, cond, steps=30, scheduler=None, cfg=None):
     """Train a fresh adapter on a fixed batch (same noise each step); (loss before, loss after)."""
     torch.manual_seed(0)
     pipe.unet.add_adapter(lora_config(cfg or TrainConfig(rank=4, alpha=4, target_modules=fam.default_lora_targets)))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stunning.families import ModelNotFoundError
-from stunning.families.source import detect_family, export_single_file, resolve_base
+from stunning.families.original import export_single_file
+from stunning.families.source import detect_family, resolve_base
 
 SD15_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # what diffusers names for SD 1.x files
 
@@ -138,8 +139,8 @@ def test_single_file_family_and_lora_mistakes_are_named(tiny_single_file, tiny_s
               str(lora))
     with pytest.raises(ModelNotFoundError, match="holds LoRA weights, not a base model"):
         resolve_base(lora, "sd-unet", work_dir=tmp_path)
-    with pytest.raises(ValueError, match="single-file export is implemented for"):
-        export_single_file(tiny_base, tmp_path / "x.safetensors", "sd3")
+    with pytest.raises(ValueError, match="single-file export is implemented for.*FLUX.1.s full width"):
+        export_single_file(tiny_base, tmp_path / "x.safetensors", "flux")
 
 
 def test_model_path_command_prints_the_folder(tiny_sd_unet, tmp_path, monkeypatch):
@@ -153,3 +154,95 @@ def test_model_path_command_prints_the_folder(tiny_sd_unet, tmp_path, monkeypatc
     assert result.exit_code == 0 and result.output.strip() == str(snapshot)
     result = CliRunner().invoke(app, ["model-path", "studio/elsewhere"])
     assert result.exit_code == 2 and "hf download studio/elsewhere" in result.output
+
+
+def _components(family: str, folder) -> dict[str, dict[str, torch.Tensor]]:
+    from stunning.families import get_family
+
+    pipe = get_family(family).load_pipeline(folder, torch.device("cpu"), torch.float32)
+    names = [n for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+    return {n: getattr(pipe, n).state_dict() for n in names}
+
+
+@pytest.mark.parametrize("family, fixture, vae, in_file", [
+    ("sdxl", "tiny_sdxl", True, {"unet", "vae", "text_encoder", "text_encoder_2"}),
+    ("sd3", "tiny_base", True, {"transformer", "vae"}),
+    ("sd3", "tiny_base", False, {"transformer"}),  # a "diffusion model only" file
+])
+def test_sdxl_and_sd3_single_files_round_trip(family, fixture, vae, in_file, request, tmp_path):
+    """Export, then convert back with the configs of a *differently seeded* model of the same
+    architecture: what the file holds must come back bit for bit, the rest from the config folder."""
+    from safetensors import safe_open
+
+    from stunning.embedded import build_tiny
+
+    folder = request.getfixturevalue(fixture)
+    ckpt = export_single_file(folder, tmp_path / f"{family}.safetensors", family, vae=vae)
+    with safe_open(str(ckpt), framework="pt") as f:
+        keys = set(f.keys())
+    expected = {"sdxl": {"model.diffusion_model.label_emb.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+                         "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                         "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+                         "conditioner.embedders.1.model.text_projection"},
+                "sd3": {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.pos_embed",
+                        "model.diffusion_model.final_layer.adaLN_modulation.1.weight",
+                        "model.diffusion_model.joint_blocks.1.context_block.adaLN_modulation.1.bias"}}[family]
+    assert expected <= keys and any(k.startswith("first_stage_model.") for k in keys) == vae
+    other = build_tiny(tmp_path / "other", family, seed=1)
+    converted = resolve_base(ckpt, family, config=other, work_dir=tmp_path / "work")
+    original, config_side, back = (_components(family, f) for f in (folder, other, converted))
+    assert set(back) == set(original) and in_file <= set(back)
+    for component, weights in back.items():
+        source = original if component in in_file else config_side
+        assert set(weights) == set(source[component]), component
+        for key, value in weights.items():
+            assert torch.equal(value, source[component][key]), f"{component}.{key}"
+    assert any(not torch.equal(v, original["vae"][k]) for k, v in config_side["vae"].items())  # seeds differ
+
+
+def test_a_transformer_only_file_needs_a_config_with_weights(tiny_base, tmp_path):
+    import shutil
+
+    ckpt = export_single_file(tiny_base, tmp_path / "dm.safetensors", "sd3", vae=False)
+    configs_only = tmp_path / "configs"
+    shutil.copytree(tiny_base, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises(ModelNotFoundError, match=r"(?s)holds no (vae|text_encoder).*no (vae|text_encoder) weights either.*--model-config"):
+        resolve_base(ckpt, "sd3", config=configs_only, work_dir=tmp_path / "work")
+
+
+def test_export_checkpoint_command(tiny_sd_unet, tmp_path):
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from stunning.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-checkpoint", str(tiny_sd_unet), str(tmp_path / "look.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "look.safetensors")
+    with safe_open(str(tmp_path / "look.safetensors"), framework="pt") as f:
+        assert f.metadata()["stunning.family"] == "sd-unet" and "model.diffusion_model.out.2.weight" in f.keys()
+    bad = runner.invoke(app, ["export-checkpoint", str(tmp_path), str(tmp_path / "x.safetensors")])
+    assert bad.exit_code == 2 and "not a diffusers model folder" in bad.output
+
+
+def test_sd35_blocks_map_to_the_mmdit_layout_and_back():
+    """SD3.5's extras (RMS q/k norms, dual attention in early blocks) survive diffusers' own converter."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from stunning.families.original import mmdit_tensors
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12,
+        pos_embed_max_size=8, dual_attention_layers=(0, 1), qk_norm="rms_norm",
+    )
+    original = dict(mmdit_tensors(model))
+    assert {"joint_blocks.1.x_block.attn2.qkv.weight", "joint_blocks.2.context_block.attn.ln_k.weight"} <= set(original)
+    assert "joint_blocks.2.context_block.attn.proj.weight" not in original  # the last block's text side ends early
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    weights = model.state_dict()
+    assert set(back) == set(weights)
+    assert all(torch.equal(back[k], v) for k, v in weights.items())

@@ -218,12 +218,14 @@ def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
 
     Shaped like SDXL base, scaled down: the first down block (and the last up block) has no
     attention, deeper blocks stack more transformer layers (SDXL: 1, 2, 10; here 1, 2), the
-    mid block attends, and the UNet's cross-attention width is both encoders' widths together.
+    mid block attends, the second text encoder is wider than the first, and the UNet's
+    cross-attention width is both encoders' widths together.
     """
     from stunning.embedded import RESOLUTION, _clip
     from stunning.embedded import tiny_configs as sd_configs
 
-    te1, te2 = _clip(vocab_size, hidden=32, layers=2, heads=4), _clip(vocab_size, hidden=32, layers=2, heads=4)
+    # Two widths, as in SDXL (768 and 1280): single-file loading tells the encoders apart by width.
+    te1, te2 = _clip(vocab_size, hidden=32, layers=2, heads=4), _clip(vocab_size, hidden=48, layers=2, heads=4)
     time_dim = 8
     return {
         "unet": {

@@ -17,14 +17,18 @@ diffusers folder every family loads:
   names for that architecture (``stable-diffusion-v1-5/stable-diffusion-v1-5`` for SD 1.x, ...);
   the error says which repo and the command that fetches only its configs.
 
-:func:`detect_family` names the family of a diffusers folder from its pipeline class, and
-:func:`export_single_file` goes the other way for SD 1.x/2.x: a diffusers folder (a fine-tuned
-or LoRA-fused model) as one original-layout checkpoint that webui/ComfyUI load as a model.
+A checkpoint may hold only some components: a transformer-only file (how FLUX.1 and SD3.5
+fine-tunes are often shared) takes the components it lacks (VAE, text encoders) from the
+config folder.
+
+:func:`detect_family` names the family of a diffusers folder from its pipeline class;
+:mod:`stunning.families.original` goes the other way (a diffusers folder as one checkpoint).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "stunning" / "single-file"
+VAE_KEY_PREFIXES = ("first_stage_model.", "vae.")  # where original checkpoints keep the VAE (diffusers' LDM_VAE_KEYS)
 
 
 def hub_cache_dir() -> Path:
@@ -212,6 +217,51 @@ def _default_config(path: Path, checkpoint: Mapping) -> Path:
         ) from None
 
 
+def _components_not_in(checkpoint: Mapping, folder: Path) -> list[str]:
+    """The VAE and text encoders of `folder`'s pipeline whose weights the checkpoint lacks.
+
+    Transformer-only files (FLUX.1 and SD3.5 fine-tunes, ComfyUI's "diffusion models") carry
+    neither. diffusers' ``from_single_file`` fails on such a file (it will not take a text
+    encoder from a folder in the transformers layout), so these come from the config folder.
+    The denoiser is never on the list: a file without one is not a base model.
+    """
+    from diffusers.loaders.single_file_utils import is_clip_model_in_single_file, is_t5_in_single_file
+
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[1] is None:
+            continue
+        library, class_name = spec
+        if name == "vae":
+            present = any(k.startswith(VAE_KEY_PREFIXES) for k in checkpoint)
+        elif class_name.startswith("CLIPTextModel"):
+            present = is_clip_model_in_single_file(getattr(importlib.import_module(library), class_name), checkpoint)
+        elif class_name.startswith("T5"):
+            present = is_t5_in_single_file(checkpoint)
+        else:
+            continue
+        if not present:
+            missing.append(name)
+    return missing
+
+
+def _component_from(folder: Path, name: str, checkpoint: Path):
+    """Component `name` with its weights from a diffusers folder (for a checkpoint that lacks it)."""
+    library, class_name = json.loads((folder / "model_index.json").read_text())[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    try:
+        component = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"{checkpoint} holds no {name} (a transformer-only file), so it comes from the config folder {folder}, "
+            f"which has no {name} weights either ({type(exc).__name__}: {exc}). Pass the full diffusers base model "
+            "this checkpoint was fine-tuned from as the config (--model-config / base.config)."
+        ) from None
+    log.info("single-file checkpoint %s has no %s: taking it from %s", checkpoint, name, folder)
+    return component
+
+
 def _convert_single_file(path: Path, family: str | None, config: str | Path | None, work_dir: Path) -> Path:
     from stunning.families import absent_components, complete_model_index, model_settings
     from stunning.io import atomic_dir
@@ -230,6 +280,7 @@ def _convert_single_file(path: Path, family: str | None, config: str | Path | No
             "and this file as an adapter"
         )
     config_folder = resolve_base(config, family) if config is not None else _default_config(path, checkpoint)
+    missing = _components_not_in(checkpoint, config_folder)
     del checkpoint
     try:
         config_family = detect_family(config_folder)
@@ -249,6 +300,8 @@ def _convert_single_file(path: Path, family: str | None, config: str | Path | No
         return out
     pipeline_class = fam.pipeline_class()
     kwargs = dict(absent_components(config_folder))
+    for name in missing:
+        kwargs.setdefault(name, _component_from(config_folder, name, path))
     if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # webui checkpoints carry none
     log.info("converting single-file checkpoint %s (%s, configs from %s)", path, family, config_folder)
@@ -273,125 +326,3 @@ def _convert_single_file(path: Path, family: str | None, config: str | Path | No
             indent=2) + "\n")
     log.info("single-file checkpoint %s converted to %s", path, out)
     return out
-
-
-# --- export: a diffusers folder as one original-layout checkpoint -------------------------------
-
-# diffusers' resnet parameter names -> the original (LDM) ones, for the UNet and the VAE.
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-               "text_encoder": "cond_stage_model.transformer."}
-EXPORTABLE = ("sd-unet",)
-
-
-def _rename(rest: str, table: dict[str, str]) -> str:
-    head, _, param = rest.rpartition(".")
-    return f"{table.get(head, head)}.{param}"
-
-
-def ldm_unet_key(key: str, layers_per_block: int, up_has_attention: dict[int, bool]) -> str:
-    """The original (LDM/webui) name of a diffusers SD-1.x/2.x UNet parameter.
-
-    Inverse of diffusers' ``convert_ldm_unet_checkpoint``: down block b, layer j is
-    ``input_blocks.{1 + b(L+1) + j}`` (resnet at .0, transformer at .1), its downsampler
-    ``input_blocks.{(b+1)(L+1)}.0.op``; the middle block is resnet/transformer/resnet; up block
-    b, layer j is ``output_blocks.{b(L+1) + j}`` with the upsampler after the block's last layer.
-    """
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
-    if key in top:
-        return top[key]
-    per = layers_per_block + 1
-    parts = key.split(".")
-    if parts[0] == "down_blocks":
-        b, kind = int(parts[1]), parts[2]
-        if kind == "downsamplers":  # down_blocks.b.downsamplers.0.conv.<param>
-            return f"input_blocks.{(b + 1) * per}.0.op.{parts[-1]}"
-        j, rest = int(parts[3]), ".".join(parts[4:])
-        index = 1 + b * per + j
-        return (f"input_blocks.{index}.0.{_rename(rest, _UNET_RESNET)}" if kind == "resnets"
-                else f"input_blocks.{index}.1.{rest}")
-    if parts[0] == "mid_block":
-        k, rest = int(parts[2]), ".".join(parts[3:])
-        return (f"middle_block.{2 * k}.{_rename(rest, _UNET_RESNET)}" if parts[1] == "resnets"
-                else f"middle_block.1.{rest}")
-    if parts[0] == "up_blocks":
-        b, kind = int(parts[1]), parts[2]
-        if kind == "upsamplers":
-            slot = 2 if up_has_attention[b] else 1
-            return f"output_blocks.{b * per + layers_per_block}.{slot}.conv.{parts[-1]}"
-        j, rest = int(parts[3]), ".".join(parts[4:])
-        index = b * per + j
-        return (f"output_blocks.{index}.0.{_rename(rest, _UNET_RESNET)}" if kind == "resnets"
-                else f"output_blocks.{index}.1.{rest}")
-    raise ValueError(f"UNet parameter {key!r} has no place in the original SD-1.x layout")
-
-
-def ldm_vae_key(key: str, num_blocks: int) -> str:
-    """The original (LDM) name of a diffusers AutoencoderKL parameter (inverse of ``convert_ldm_vae_checkpoint``).
-
-    The decoder's up blocks are numbered in reverse in the original layout.
-    """
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
-    if key in top:
-        return top[key]
-    parts = key.split(".")
-    coder, where = parts[0], parts[1]
-    if where == "mid_block":
-        k, rest = int(parts[3]), ".".join(parts[4:])
-        if parts[2] == "resnets":
-            return f"{coder}.mid.block_{k + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
-        return f"{coder}.mid.attn_1.{_rename(rest, _VAE_ATTENTION)}"
-    if where in ("down_blocks", "up_blocks"):
-        i = int(parts[2])
-        block, name = (f"down.{i}", "downsample") if where == "down_blocks" else (f"up.{num_blocks - 1 - i}", "upsample")
-        if parts[3] in ("downsamplers", "upsamplers"):
-            return f"{coder}.{block}.{name}.conv.{parts[-1]}"
-        j, rest = int(parts[4]), ".".join(parts[5:])
-        return f"{coder}.{block}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
-    raise ValueError(f"VAE parameter {key!r} has no place in the original layout")
-
-
-def export_single_file(folder: str | Path, dst: str | Path, family: str = "sd-unet") -> Path:
-    """Write a diffusers folder as one original-layout ``.safetensors`` checkpoint (atomically).
-
-    The file is what AUTOMATIC1111/Forge/ComfyUI load as a checkpoint and what
-    :func:`resolve_base` (diffusers' ``from_single_file``) converts back. For a fine-tuned or
-    LoRA-fused model saved with ``save_pretrained``. Only the SD-1.x/2.x layout (`sd-unet`)
-    is written; other families raise ValueError.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from stunning.families import check_model_dir
-
-    if family not in EXPORTABLE:
-        raise ValueError(f"single-file export is implemented for {list(EXPORTABLE)}, not {family!r}")
-    folder, dst = Path(folder), Path(dst)
-    check_model_dir(folder, get_family(family).required_components)
-    pipe = get_family(family).load_pipeline(folder, torch.device("cpu"), torch.float32)
-    unet_cfg = pipe.unet.config
-    up_attn = {b: "CrossAttn" in t for b, t in enumerate(unet_cfg.up_block_types)}
-    out: dict[str, torch.Tensor] = {}
-    for k, v in pipe.unet.state_dict().items():
-        out[_LDM_PREFIX["unet"] + ldm_unet_key(k, unet_cfg.layers_per_block, up_attn)] = v
-    n_vae = len(pipe.vae.config.block_out_channels)
-    for k, v in pipe.vae.state_dict().items():
-        name = ldm_vae_key(k, n_vae)
-        if ".mid.attn_1." in name and name.endswith(".weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
-        out[_LDM_PREFIX["vae"] + name] = v
-    for k, v in pipe.text_encoder.state_dict().items():
-        # transformers >= 5.6 flattened CLIPTextModel; the original checkpoints keep `text_model.`
-        out[_LDM_PREFIX["text_encoder"] + (k if k.startswith("text_model.") else "text_model." + k)] = v
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp),
-              metadata={"format": "pt", "stunning.family": family, "stunning.exported_from": str(folder)})
-    os.replace(tmp, dst)
-    return dst
