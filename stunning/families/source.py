@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "stunning" / "single-file"
-VAE_KEY_PREFIXES = ("first_stage_model.", "vae.")  # where original checkpoints keep the VAE (diffusers' LDM_VAE_KEYS)
 
 
 def hub_cache_dir() -> Path:
@@ -217,39 +216,36 @@ def _default_config(path: Path, checkpoint: Mapping) -> Path:
         ) from None
 
 
-def _components_not_in(checkpoint: Mapping, folder: Path) -> list[str]:
-    """The VAE and text encoders of `folder`'s pipeline whose weights the checkpoint lacks.
+def _components_not_in(checkpoint: Mapping, folder: Path) -> dict[str, type]:
+    """The VAE and text encoders of `folder`'s pipeline whose weights the checkpoint lacks, with their classes.
 
     Transformer-only files (FLUX.1 and SD3.5 fine-tunes, ComfyUI's "diffusion models") carry
     neither. diffusers' ``from_single_file`` fails on such a file (it will not take a text
     encoder from a folder in the transformers layout), so these come from the config folder.
     The denoiser is never on the list: a file without one is not a base model.
     """
-    from diffusers.loaders.single_file_utils import is_clip_model_in_single_file, is_t5_in_single_file
+    from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_model_in_single_file, is_t5_in_single_file
 
-    index = json.loads((folder / "model_index.json").read_text())
-    missing = []
-    for name, spec in index.items():
+    missing = {}
+    for name, spec in json.loads((folder / "model_index.json").read_text()).items():
         if name.startswith("_") or not isinstance(spec, list) or spec[1] is None:
             continue
-        library, class_name = spec
-        if name == "vae":
-            present = any(k.startswith(VAE_KEY_PREFIXES) for k in checkpoint)
-        elif class_name.startswith("CLIPTextModel"):
-            present = is_clip_model_in_single_file(getattr(importlib.import_module(library), class_name), checkpoint)
-        elif class_name.startswith("T5"):
-            present = is_t5_in_single_file(checkpoint)
-        else:
+        if name != "vae" and not spec[1].startswith(("CLIPTextModel", "T5")):
             continue
+        cls = getattr(importlib.import_module(spec[0]), spec[1])
+        if name == "vae":
+            present = any(k.startswith(tuple(LDM_VAE_KEYS)) for k in checkpoint)
+        elif spec[1].startswith("CLIPTextModel"):
+            present = is_clip_model_in_single_file(cls, checkpoint)
+        else:
+            present = is_t5_in_single_file(checkpoint)
         if not present:
-            missing.append(name)
+            missing[name] = cls
     return missing
 
 
-def _component_from(folder: Path, name: str, checkpoint: Path):
-    """Component `name` with its weights from a diffusers folder (for a checkpoint that lacks it)."""
-    library, class_name = json.loads((folder / "model_index.json").read_text())[name]
-    cls = getattr(importlib.import_module(library), class_name)
+def _component_from(folder: Path, name: str, cls: type, checkpoint: Path):
+    """Component `name` (a `cls`) with its weights from a diffusers folder, for a checkpoint that lacks it."""
     try:
         component = cls.from_pretrained(str(folder), subfolder=name, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -300,8 +296,8 @@ def _convert_single_file(path: Path, family: str | None, config: str | Path | No
         return out
     pipeline_class = fam.pipeline_class()
     kwargs = dict(absent_components(config_folder))
-    for name in missing:
-        kwargs.setdefault(name, _component_from(config_folder, name, path))
+    for name, cls in missing.items():
+        kwargs.setdefault(name, _component_from(config_folder, name, cls, path))
     if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # webui checkpoints carry none
     log.info("converting single-file checkpoint %s (%s, configs from %s)", path, family, config_folder)
