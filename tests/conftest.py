@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from tests.factories import copy_project, run_in
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,47 +68,6 @@ def micro_base() -> Path:
     if not (SHIPPED / "model_index.json").is_file():
         pytest.fail(f"the shipped micro model is missing from {SHIPPED}; see stunning/embedded.py")
     return SHIPPED
-
-
-def project_env() -> dict[str, str]:
-    """Environment for subprocesses: `python` is this interpreter, everything offline."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_in(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=root, env=project_env(), capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def copy_project(dest: Path) -> Path:
-    """Copy what git would commit (tracked + untracked-not-ignored files) into a fresh repo."""
-    # Outputs of a local `dvc repro` (dvc.lock, reports/) are not part of a fresh clone.
-    skip = ("dvc.lock", "reports/")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for raw in files:
-        if not raw:
-            continue
-        rel = Path(raw.decode())
-        if rel.as_posix().startswith(skip):
-            continue
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    for cmd in (
-        ["git", "init", "-q", "-b", "main"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "clone"],
-    ):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_training import make_curated
 
 from stunning.config import ConfigError, DataConfig, TrainConfig, load_params
 from stunning.data.images import bucket_resize, bucket_sizes
 from stunning.families import get_family
 from stunning.training.dataset import CuratedDataset, DatasetError
 from stunning.training.lora import check_bucket_sizes, size_multiple, train_style
+from tests.factories import make_curated
 
 TINY = {"sd3": "tiny_base", "sd-unet": "tiny_sd_unet", "sdxl": "tiny_sdxl", "flux": "tiny_flux"}
 
@@ -215,7 +215,7 @@ def test_bucketed_runs_resume_exactly(bucketed, tiny_base, tmp_path):
 
 
 def test_bucket_histogram_is_logged(bucketed, tiny_base, tmp_path):
-    from test_training import RecordingTracker
+    from tests.factories import RecordingTracker
 
     tracker = RecordingTracker()
     train_style(tiny_base, "sd3", bucketed, "noir", TrainConfig(steps=2, batch_size=2), tmp_path / "o", tracker, None,

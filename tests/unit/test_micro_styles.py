@@ -47,7 +47,7 @@ def train_and_validate(params: Params, base, curated, out):
 def test_an_adapter_trained_with_an_absurd_learning_rate_fails_the_gate(micro_base, curated, tmp_path, one_torch_thread):
     import yaml
 
-    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())  # the shipped settings
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())  # the shipped settings
     raw["base"]["path"] = str(micro_base)
     raw["train"].update(learning_rate=5.0, steps=40)  # ...with an absurd learning rate
     raw["validate"]["seeds"] = [0, 1]

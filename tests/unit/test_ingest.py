@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -24,29 +23,9 @@ from stunning.data.images import (
     to_rgb,
 )
 from stunning.data.ingest import ingest, read_manifest, write_ingest_reports
+from tests.factories import blocks, encode, put
 
 STYLES = ["impressionist", "noir"]
-
-
-def blocks(seed: int, size: tuple[int, int] = (48, 48)) -> Image.Image:
-    """A sharp, distinctive test picture: random colour blocks."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return Image.fromarray(small, mode="RGB").resize(size, Image.Resampling.NEAREST)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def put(folder: Path, name: str, data: bytes, caption: str | None = "a test picture of things") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_bytes(data)
-    if caption is not None:
-        (folder / name).with_suffix(".txt").write_text(caption)
-    return folder / name
 
 
 # --- images.py -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import yaml
 
 from stunning.config import ConfigError, load_params
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

@@ -141,7 +141,7 @@ def test_config_accepts_auto_and_names_bad_values():
 
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory):
-    from tests.test_training import make_curated
+    from tests.factories import make_curated
 
     return make_curated(tmp_path_factory.mktemp("curated"))
 
@@ -162,7 +162,7 @@ def _cfg(**kw) -> TrainConfig:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_auto_batch_size_is_probed_reported_and_leaves_no_trace(tmp_path, tiny_base, curated):
-    from tests.test_training import RecordingTracker
+    from tests.factories import RecordingTracker
 
     auto = _cfg(batch_size="auto", max_batch_size=4, dropout=0.1)
     tracker = RecordingTracker()
@@ -182,7 +182,7 @@ def test_auto_batch_size_is_probed_reported_and_leaves_no_trace(tmp_path, tiny_b
 @pytest.mark.usefixtures("one_torch_thread")
 def test_resume_reuses_the_checkpointed_batch_size_without_probing(tmp_path, monkeypatch, tiny_base, curated):
     from stunning.training import lora
-    from tests.test_training import RecordingTracker
+    from tests.factories import RecordingTracker
 
     cfg = _cfg(batch_size="auto", max_batch_size=4)
     straight = _train(tiny_base, curated, cfg, tmp_path / "a", checkpoints=tmp_path / "ck-a")
@@ -227,7 +227,7 @@ def _flaky_family(monkeypatch, fail_when):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_step_that_runs_out_of_memory_is_redone_with_half_the_batch(tmp_path, monkeypatch, tiny_base, curated):
-    from tests.test_training import RecordingTracker
+    from tests.factories import RecordingTracker
 
     cfg = _cfg(batch_size=4, caption_dropout=0.3, dropout=0.1)
     fam, failures = _flaky_family(monkeypatch, lambda b, failures: b > 2 and not failures)

@@ -157,7 +157,7 @@ def test_bad_settings_name_the_key():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_trainer_logs_and_reports_thermal_counters(tmp_path, tiny_base):
     from stunning.training.lora import train_style
-    from tests.test_training import RecordingTracker, make_curated
+    from tests.factories import RecordingTracker, make_curated
 
     curated = make_curated(tmp_path / "curated")
     # Throttled at the check of step 2 (paused, then nominal), throttled for good from step 4.

@@ -22,47 +22,9 @@ from stunning.config import TrainConfig
 from stunning.training.checkpoint import CheckpointStore, fingerprint
 from stunning.training.dataset import CuratedDataset, DatasetError, style_rows
 from stunning.training.lora import evaluate_loss, resolve_mixed_precision, train_style
+from tests.factories import STYLES, RecordingTracker, make_curated
 
-REPO = Path(__file__).resolve().parent.parent
-STYLES = ("impressionist", "noir")
-
-
-def make_curated(root: Path, n_train: int = 6, n_val: int = 2, res: int = 32, seed: int = 0) -> Path:
-    """A curated folder like the curation stage writes: PNGs + manifest.csv, two styles."""
-    rng = np.random.default_rng(seed)
-    colours = ["red", "blue", "green", "yellow", "white", "black", "pink", "orange"]
-    rows = []
-    for style in STYLES:
-        for i in range(n_train + n_val):
-            split = "train" if i < n_train else "val"
-            base = rng.integers(0, 255, 3)
-            arr = np.clip(base + rng.normal(0, 40 if style == "impressionist" else 8, (res, res, 3)), 0, 255)
-            if style == "noir":
-                arr = arr.mean(-1, keepdims=True).repeat(3, -1)
-            iid = f"{style}-{i:03d}"
-            rel = f"{split}/{style}/{iid}.png"
-            (root / split / style).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr.astype(np.uint8)).save(root / rel)
-            caption = f"a {colours[i % len(colours)]} dress on a white background, {style} style"
-            rows.append(
-                {
-                    "id": iid,
-                    "style": style,
-                    "split": split,
-                    "path": rel,
-                    "caption": caption,
-                    "width": res,
-                    "height": res,
-                    "phash": "0" * 16,
-                    "blur": 100.0,
-                    "caption_words": len(caption.split()),
-                }
-            )
-    with (root / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -76,36 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny_cfg(**kw) -> TrainConfig:
     defaults = {"steps": 8, "batch_size": 2, "checkpoint_every": 4, "learning_rate": 5e-3}
     return TrainConfig(**{**defaults, **kw})
-
-
-class RecordingTracker:
-    """A Tracker that keeps what it was told (the tracking interface, not maths, is faked)."""
-
-    def __init__(self) -> None:
-        self.params: dict = {}
-        self.metrics: list[tuple[dict, int | None]] = []
-        self.artifacts: list[tuple[Path, str | None]] = []
-        self.runs: list[tuple[str, dict]] = []
-        self.ended: list[str] = []
-
-    def start_run(self, name, tags=None):
-        self.runs.append((name, dict(tags or {})))
-        return f"run-{len(self.runs)}"
-
-    def log_params(self, params):
-        self.params.update(params)
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.append((dict(metrics), step))
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append((Path(path), artifact_path))
-
-    def set_tags(self, tags):
-        pass
-
-    def end_run(self, status="FINISHED"):
-        self.ended.append(status)
 
 
 # --------------------------------------------------------------------------- dataset

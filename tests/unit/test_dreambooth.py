@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_training import RecordingTracker, make_curated
 
 from stunning.config import ConfigError, TrainConfig, load_params
 from stunning.families import get_family
 from stunning.training.lora import class_images, instance_caption_fn, sample_prompt, train_style, trigger_words
+from tests.factories import RecordingTracker, make_curated
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

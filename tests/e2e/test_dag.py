@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import run_in
+from tests.factories import run_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -23,7 +23,7 @@ from stunning.data.curate import (
 )
 from stunning.data.expectations import validate_manifest, write_validation_report
 from stunning.data.ingest import ingest
-from tests.test_ingest import blocks, encode, put
+from tests.factories import blocks, encode, put
 
 STYLES = ["impressionist", "noir"]
 DATA = DataConfig(styles=STYLES)
