@@ -320,7 +320,7 @@ def test_the_trainer_trains_flux(flux_base, tmp_path):
     """`train_style` (the pipeline's trainer) end to end on the tiny FLUX model."""
     from diffusers import FluxPipeline
     from safetensors import safe_open
-    from test_training import make_curated
+    from tests.factories import make_curated
 
     from stunning.config import TrainConfig
     from stunning.training.lora import train_style
