@@ -111,6 +111,45 @@ class RecordingTracker:
         self.ended.append(status)
 
 
+def make_bucketed(root: Path) -> Path:
+    """make_curated's set with a third of the images landscape (40x24) and a third portrait (24x40),
+    recorded as curated with buckets (resolution 32, step 8) like the curation stage does."""
+    make_curated(root, n_train=6, n_val=3)
+    (root / "curate_config.yaml").write_text(
+        "data:\n  styles: [impressionist, noir]\n  resolution: 32\n  buckets: true\n  bucket_step: 8\n"
+        "  bucket_max_ratio: 2.0\n"
+    )
+    with (root / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for i, r in enumerate(rows):
+        size = [(32, 32), (40, 24), (24, 40)][i % 3]
+        with Image.open(root / r["path"]) as img:
+            img.resize(size).save(root / r["path"])
+        r["width"], r["height"] = size
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+class ShapeRecorder:
+    """The real family, recording the latent shape of every training batch it is given."""
+
+    def __init__(self, name: str):
+        from stunning.families import get_family
+
+        self._fam = get_family(name)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __getattr__(self, attr):
+        return getattr(self._fam, attr)
+
+    def training_loss(self, pipe, latents, cond, generator, scheduler=None):
+        self.shapes.append(tuple(latents.shape))
+        return self._fam.training_loss(pipe, latents, cond, generator, scheduler=scheduler)
+
+
 # --------------------------------------------------------------------------- project clones
 
 

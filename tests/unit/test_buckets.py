@@ -21,7 +21,7 @@ from stunning.data.images import bucket_resize, bucket_sizes
 from stunning.families import get_family
 from stunning.training.dataset import CuratedDataset, DatasetError
 from stunning.training.lora import check_bucket_sizes, size_multiple, train_style
-from tests.factories import make_curated
+from tests.factories import ShapeRecorder, make_bucketed
 
 TINY = {"sd3": "tiny_base", "sd-unet": "tiny_sd_unet", "sdxl": "tiny_sdxl", "flux": "tiny_flux"}
 
@@ -86,28 +86,6 @@ def test_ingest_with_buckets_writes_bucket_sizes(tmp_path):
     assert sorted(CuratedDataset(tmp_path / "curated", "noir", "train").buckets()) == [(24, 40), (32, 32), (40, 24)]
 
 
-def make_bucketed(root: Path) -> Path:
-    """make_curated's set with a third of the images landscape (40x24) and a third portrait (24x40),
-    recorded as curated with buckets (resolution 32, step 8) like the curation stage does."""
-    make_curated(root, n_train=6, n_val=3)
-    (root / "curate_config.yaml").write_text(
-        "data:\n  styles: [impressionist, noir]\n  resolution: 32\n  buckets: true\n  bucket_step: 8\n"
-        "  bucket_max_ratio: 2.0\n"
-    )
-    with (root / "manifest.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    for i, r in enumerate(rows):
-        size = [(32, 32), (40, 24), (24, 40)][i % 3]
-        with Image.open(root / r["path"]) as img:
-            img.resize(size).save(root / r["path"])
-        r["width"], r["height"] = size
-    with (root / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
-
-
 @pytest.fixture(scope="module")
 def bucketed(tmp_path_factory) -> Path:
     return make_bucketed(tmp_path_factory.mktemp("bucketed"))
@@ -141,21 +119,6 @@ def test_every_family_trains_on_non_square_latents(name, request):
     check_bucket_sizes(fam, pipe, [(40, 24), (32, 32)], "set")
     with pytest.raises(DatasetError, match=r"30x32 are not multiples of 4.*data.bucket_step"):
         check_bucket_sizes(fam, pipe, [(30, 32), (32, 32)], "set")
-
-
-class ShapeRecorder:
-    """The real family, recording the latent shape of every training batch it is given."""
-
-    def __init__(self, name: str):
-        self._fam = get_family(name)
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __getattr__(self, attr):
-        return getattr(self._fam, attr)
-
-    def training_loss(self, pipe, latents, cond, generator, scheduler=None):
-        self.shapes.append(tuple(latents.shape))
-        return self._fam.training_loss(pipe, latents, cond, generator, scheduler=scheduler)
 
 
 def test_training_refuses_buckets_the_model_cannot_take(tiny_base, tmp_path):

@@ -136,7 +136,7 @@ def test_batch_size_auto_counts_the_class_images(curated, tiny_base, tmp_path):
 
 
 def test_prior_preservation_on_a_bucketed_set(tiny_base, tmp_path):
-    from test_buckets import ShapeRecorder, make_bucketed
+    from tests.factories import ShapeRecorder, make_bucketed
 
     root = make_bucketed(tmp_path / "set")
     fam = ShapeRecorder("sd3")

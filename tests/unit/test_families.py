@@ -124,10 +124,10 @@ def test_block_wise_targets_and_adapter_metadata(tiny_base, tmp_path, one_torch_
 def test_the_trainer_trains_and_resumes_every_family(family_base, tmp_path, one_torch_thread):
     """`train_style` (the pipeline's trainer) on each family: adapter saved, val loss measured."""
     from safetensors import safe_open
-    from tests.factories import make_curated
 
     from stunning.config import TrainConfig
     from stunning.training.lora import train_style
+    from tests.factories import make_curated
 
     name, base = family_base
     fam = get_family(name)

@@ -320,10 +320,10 @@ def test_the_trainer_trains_flux(flux_base, tmp_path):
     """`train_style` (the pipeline's trainer) end to end on the tiny FLUX model."""
     from diffusers import FluxPipeline
     from safetensors import safe_open
-    from tests.factories import make_curated
 
     from stunning.config import TrainConfig
     from stunning.training.lora import train_style
+    from tests.factories import make_curated
 
     fam = get_family("flux")
     curated = make_curated(tmp_path / "curated", n_train=4, n_val=2)

@@ -257,9 +257,9 @@ def test_samplers_keep_the_model_prediction_type(base, fam):
 def test_the_trainer_trains_sdxl_on_aspect_buckets(base, fam, tmp_path):
     """`train_style` end to end on a bucketed set: every batch gets the time ids of its own size."""
     from safetensors import safe_open
-    from test_buckets import make_bucketed
 
     from stunning.training.lora import train_style
+    from tests.factories import make_bucketed
 
     curated = make_bucketed(tmp_path / "curated")
     seen: list[tuple[tuple[int, ...], list[list[float]]]] = []
