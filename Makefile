@@ -11,11 +11,15 @@ setup:
 run: setup
 	.venv/bin/dvc repro
 
+# Two pytest-xdist workers (the machines are 2-core; tests run one torch thread each). Tests of
+# one end-to-end clone share an xdist group, so each clone is reproduced once, on one worker.
+PYTEST_PAR := -n 2 --dist loadgroup
+
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest $(PYTEST_PAR)
 
 test-fast: setup
-	.venv/bin/python -m pytest -m "not slow and not e2e"
+	.venv/bin/python -m pytest $(PYTEST_PAR) -m "not slow and not e2e"
 
 lint: setup
 	.venv/bin/ruff check .

@@ -2,8 +2,10 @@
 
 - `tiny_base` / `tiny_sd_unet`: randomly initialised tiny models of the two families, built
   once per session; `micro_base`: the shipped, trained micro model.
-- `project_clone`: the project copied into a temporary git repository with `dvc repro`
-  run once (the end-to-end fixture shared by the e2e and flow tests).
+- `tiny_dag_project` / `default_dag_project`: the project copied into a temporary git
+  repository with `dvc repro` run once, on tiny settings (wiring, reruns, flows) and on the
+  shipped defaults (quality: the gate promotes); under `make test` (pytest-xdist) each runs
+  on its own worker while the other tests run beside it.
 - `prefect_harness`: one session-scoped Prefect test harness (its temporary server takes
   ~10-25 s to start, so it is started once and only by the tests that need it).
 """
@@ -23,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from tests.factories import copy_project, run_in
+from tests.factories import TINY_DAG_PARAMS, copy_project, run_in
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,13 +72,26 @@ def micro_base() -> Path:
     return SHIPPED
 
 
-@pytest.fixture(scope="session")
-def project_clone(tmp_path_factory) -> Path:
-    """A temporary clone of the project with the whole DAG reproduced once."""
-    root = copy_project(tmp_path_factory.mktemp("clone"))
+def _reproduced(root: Path) -> Path:
     proc = run_in(root, sys.executable, "-m", "dvc", "repro")
     (root / "repro.log").write_text(proc.stdout + proc.stderr)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dag_project(tmp_path_factory) -> Path:
+    """A temporary clone of the project with the whole DAG reproduced once on tiny settings
+    (:data:`tests.factories.TINY_DAG_PARAMS`): every stage, path, param and metric wired as
+    shipped, in about a minute. The wiring, rerun and flow tests use it."""
+    root = copy_project(tmp_path_factory.mktemp("tiny-dag"), params=TINY_DAG_PARAMS)
+    return _reproduced(root)
+
+
+@pytest.fixture(scope="session")
+def default_dag_project(tmp_path_factory) -> Path:
+    """A temporary clone of the project with the whole DAG reproduced once on the shipped
+    `params.yaml`: what `make run` does on a fresh clone (the quality run: the gate must promote)."""
+    return _reproduced(copy_project(tmp_path_factory.mktemp("default-dag")))
 
 
 @pytest.fixture(scope="session")

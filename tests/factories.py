@@ -168,8 +168,34 @@ def run_in(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
-def copy_project(dest: Path) -> Path:
-    """Copy what git would commit (tracked + untracked-not-ignored files) into a fresh repo."""
+# The shipped DAG on tiny settings: every stage runs and writes every output, in about a
+# minute. Budgets are loosened so that a 30-step adapter is promoted (the flow tests need a
+# champion); the quality budgets are judged by the default-settings run
+# (tests/e2e/test_quality.py), never here.
+TINY_DAG_PARAMS = {
+    "data": {"sample_images_per_style": 8},
+    "train": {"steps": 30, "checkpoint_every": 15, "thermal_check_every": 0},
+    "validate": {
+        "prompts": ["a red dress on a white background", "a green dress on a beige background"],
+        "seeds": [0],
+        "steps": 4,
+        "style_set_size": 4,
+    },
+    "budgets": {"min_style_gain": -100.0, "max_adherence_drop": 1.0, "max_regression_vs_champion": 100.0},
+}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key (nested dicts merged, other values replaced)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def copy_project(dest: Path, params: dict | None = None) -> Path:
+    """Copy what git would commit (tracked + untracked-not-ignored files) into a fresh repo,
+    with `params` overriding keys of its params.yaml (committed in the copy)."""
     # Outputs of a local `dvc repro` (dvc.lock, reports/) are not part of a fresh clone.
     skip = ("dvc.lock", "reports/")
     files = subprocess.run(
@@ -185,6 +211,11 @@ def copy_project(dest: Path) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    if params:
+        import yaml
+
+        shipped = yaml.safe_load((dest / "params.yaml").read_text())
+        (dest / "params.yaml").write_text(yaml.safe_dump(merged(shipped, params), sort_keys=False))
     for cmd in (
         ["git", "init", "-q", "-b", "main"],
         ["git", "add", "-A"],

@@ -1,4 +1,4 @@
-"""Prefect flows against the reproduced clone, under one session-scoped test harness."""
+"""Prefect flows against the tiny-settings clone of the DAG, under one session-scoped test harness."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("tiny-dag")]
 
 
 @pytest.fixture()
-def in_clone(project_clone, monkeypatch):
-    monkeypatch.setenv("STUNNING_ROOT", str(project_clone))
-    monkeypatch.chdir(project_clone)
-    return project_clone
+def in_clone(tiny_dag_project, monkeypatch):
+    monkeypatch.setenv("STUNNING_ROOT", str(tiny_dag_project))
+    monkeypatch.chdir(tiny_dag_project)
+    return tiny_dag_project
 
 
 def test_phase_flow_runs_its_stage_and_reports_it(prefect_harness, in_clone):
