@@ -31,7 +31,7 @@ What runs, for each model and precision, each side in its own subprocess:
   `tqdm.update` of its "Steps" bar to timestamp every optimizer step. Offline: local model
   folder, `HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`, no validation prompt, no hub push,
   `--checkpointing_steps` beyond the last step.
-- **stunning**: `stunning.training.lora.train_style` (sd-unet family), timestamping steps
+- **stunning**: `stunning.training.trainer.train_style` (sd-unet family), timestamping steps
   with its `on_step` hook; no tracker, no checkpoints, no sample images.
 
 Same on both sides: the local SD-1.5-layout model folder; the images and captions (the
@@ -136,7 +136,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from stunning.config import TrainConfig
-from stunning.training.lora import train_style
+from stunning.training.trainer import train_style
 spec = json.loads(sys.argv[1])
 stamps, threads = [], []
 def on_step(step, loss):
@@ -260,7 +260,9 @@ def small_sd15(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stunning.embedded import _clip, load_tokenizer, save_model, tiny_configs
+    from stunning.embedded import clip_config, load_tokenizer
+    from stunning.families import save_model
+    from stunning.tiny import sd_unet_configs
 
     tok = load_tokenizer()
     torch.manual_seed(seed)
@@ -271,8 +273,8 @@ def small_sd15(out: Path, seed: int = 0) -> Path:
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=AutoencoderKL(**tiny_configs(len(tok))["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**_clip(len(tok), hidden=64, layers=2, heads=4))), tokenizer=tok,
+        unet=unet, vae=AutoencoderKL(**sd_unet_configs(len(tok))["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip_config(len(tok), hidden=64, layers=2, heads=4))), tokenizer=tok,
         scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                                 beta_end=0.012, steps_offset=1, clip_sample=False),  # SD 1.5's settings
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -294,7 +296,8 @@ def sd15(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stunning.embedded import _clip, load_tokenizer, save_model
+    from stunning.embedded import clip_config, load_tokenizer
+    from stunning.families import save_model
 
     tok = load_tokenizer()
     tok.model_max_length = 77
@@ -305,7 +308,7 @@ def sd15(out: Path, seed: int = 0) -> Path:
         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
     )
-    text = CLIPTextModel(CLIPTextConfig(**{**_clip(len(tok), hidden=768, layers=12, heads=12),
+    text = CLIPTextModel(CLIPTextConfig(**{**clip_config(len(tok), hidden=768, layers=12, heads=12),
                                            "max_position_embeddings": 77, "hidden_act": "quick_gelu"}))
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text, tokenizer=tok,
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     import diffusers
     import torch
 
-    from stunning.embedded import build_tiny
+    from stunning.tiny import build_tiny
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "TQDM_DISABLE": "0", "WANDB_MODE": "disabled"}
@@ -437,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                 st_stamps = tmp / f"st-{tag}.json"
                 cfg = {"steps": args.steps, "batch_size": args.batch_size, "rank": args.rank, "alpha": float(args.rank),
                        "learning_rate": args.lr, "seed": args.seed, "checkpoint_every": 10**6,
-                       "mixed_precision": st_mp, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+                       "mixed_precision": st_mp, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                       "caption_dropout": 0.0}  # the diffusers examples drop no captions
                 if kind == "dreambooth":
                     cfg["instance_prompt"] = args.instance_prompt
                 spec = {"base": str(model), "data": str(curated), "out": str(tmp / f"st-out-{tag}"),

@@ -10,12 +10,11 @@ declared output and the reference the tests use.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-from stunning.config import ConfigError, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import ConfigError
 from stunning.families import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -35,21 +34,21 @@ def run(params, out: Path) -> dict:
     return {"source": params.base.source, "path": params.base.path}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", type=Path, default=Path("models/embedded"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _user_errors() -> tuple[type[Exception], ...]:
     from stunning.embedded import EmbeddedModelMissing
 
-    try:
-        params = load_params(args.params)
-        summary = run(params, args.out)
-    except (ConfigError, ModelNotFoundError, EmbeddedModelMissing) as exc:
-        print(f"base_model: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"base model ready: {summary['path']} ({summary['source']})")
+    return (ModelNotFoundError, EmbeddedModelMissing)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(
+        "base_model",
+        parser(__doc__, "--out"),
+        argv,
+        run=lambda params, a: run(params, a.out),
+        summary=lambda s, a: print(f"base model ready: {s['path']} ({s['source']})"),
+        errors=_user_errors,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 from stunning.data import DataError
 
 log = logging.getLogger(__name__)
@@ -47,30 +48,29 @@ def run(params: Params, ingested: Path, out: Path, stats: Path, validation_repor
     return {**result.stats, "validation": result.validation.failure_text() if result.validation else "skipped"}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _run_or_exit_1(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+    """`run`; unfit data (not bad input) exits 1 and points at the reports that say why."""
     from stunning.data.curate import CurationFailed
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--ingested", type=Path, default=Path("data/ingested"))
-    ap.add_argument("--out", type=Path, default=Path("data/curated"))
-    ap.add_argument("--stats", type=Path, default=Path("reports/curate.json"))
-    ap.add_argument("--validation-report", type=Path, default=Path("reports/data_validation.json"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Great Expectations logs its own start-up at INFO (hundreds of lines); keep its warnings.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
-        params = load_params(args.params)
-        summary = run(params, args.ingested, args.out, args.stats, args.validation_report)
+        return run(params, args.ingested, args.out, args.stats, args.validation_report)
     except CurationFailed as exc:
         print(f"curate: the curated data set is not fit for training; nothing was published.\n{exc}", file=sys.stderr)
         print(f"details: {args.validation_report}, {args.stats}", file=sys.stderr)
         raise SystemExit(1) from None
-    except (ConfigError, DataError) as exc:
-        print(f"curate: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    _print_summary(summary, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(
+        "curate",
+        parser(__doc__, "--ingested", "--out", "--stats", "--validation-report"),
+        argv,
+        run=_run_or_exit_1,
+        summary=lambda s, a: _print_summary(s, a.out),
+        errors=(DataError,),
+        # Great Expectations logs its own start-up at INFO (hundreds of lines); keep its warnings.
+        quiet=("great_expectations",),
+    )
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -7,13 +7,12 @@ with YAML front matter) and `build/model_card/grid.png`.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +27,19 @@ def run(params: Params, reports: Path, grid: Path | None, out: Path, license: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--reports", type=Path, default=Path("reports"))
-    ap.add_argument("--grid", type=Path, default=Path("reports/validation/grid.png"))
-    ap.add_argument("--out", type=Path, default=Path("build/model_card"))
+    ap = parser(__doc__, "--reports", "--grid", "--out")
     ap.add_argument("--license", default="other", help="license id for the card's front matter")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        summary = run(params, args.reports, args.grid, args.out, license=args.license)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"docs: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_stage(
+        "docs",
+        ap,
+        argv,
+        run=lambda params, a: run(params, a.reports, a.grid, a.out, license=a.license),
+        summary=lambda s, a: _print_summary(s),
+        errors=(FileNotFoundError,),
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     gate = summary["gate_passed"]
     verdict = "gate passed" if gate is True else "gate FAILED" if gate is False else "no gate verdict"
     print(f"model card: {summary['readme']} ({verdict}; grid: {summary['grid'] or 'none'})")

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError
+from stages._scaffold import parser, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +29,19 @@ def run(out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="accepted for uniformity; this stage reads no params")
-    ap.add_argument("--out", type=Path, default=Path("reports/environment.json"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        info = run(args.out)
-    except (ConfigError, OSError) as exc:
-        print(f"environment: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    # `--params` is accepted for uniformity; this stage reads no params.
+    run_stage(
+        "environment",
+        parser(__doc__, "--out"),
+        argv,
+        run=lambda _params, a: run(a.out),
+        summary=_print_summary,
+        errors=(OSError,),
+        params=False,
+    )
+
+
+def _print_summary(info: dict[str, Any], args: argparse.Namespace) -> None:
     mem = info["memory"]
     thermal = (info.get("thermal") or {}).get("state", "not reported")
     print(

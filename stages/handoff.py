@@ -7,13 +7,12 @@ adds `blends.yaml`, a runnable `example.py` (stock diffusers only), `manifest.js
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +30,24 @@ def run(params: Params, adapters: Path, blends: Path, model_card: Path, out: Pat
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--adapters", type=Path, default=Path("models/adapters"))
-    ap.add_argument("--blends", type=Path, default=Path("models/merged/blends"))
-    ap.add_argument("--model-card", type=Path, default=Path("build/model_card"))
-    ap.add_argument("--out", type=Path, default=Path("dist/release"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _user_errors() -> tuple[type[Exception], ...]:
     from stunning.bundle import BundleError
 
-    try:
-        params = load_params(args.params)
-        summary = run(params, args.adapters, args.blends, args.model_card, args.out)
-    except (ConfigError, BundleError) as exc:
-        print(f"handoff: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return (BundleError,)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(
+        "handoff",
+        parser(__doc__, "--adapters", "--blends", "--model-card", "--out"),
+        argv,
+        run=lambda params, a: run(params, a.adapters, a.blends, a.model_card, a.out),
+        summary=lambda s, a: _print_summary(s),
+        errors=_user_errors,
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     print(
         f"release bundle {summary['out']}: {summary['files']} files, {summary['bytes'] / 1e6:.1f} MB, "
         f"styles {', '.join(summary['styles'])}, blends {', '.join(summary['blends']) or 'none'}; "

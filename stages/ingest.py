@@ -8,13 +8,12 @@ captions or a `metadata.jsonl`), writes square PNGs at `data.resolution` and
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 from stunning.data import DataError
 
 log = logging.getLogger(__name__)
@@ -30,22 +29,14 @@ def run(params: Params, raw: Path, out: Path, report: Path, report_md: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--raw", type=Path, default=None, help="raw folder (default: data.raw_dir)")
-    ap.add_argument("--out", type=Path, default=Path("data/ingested"))
-    ap.add_argument("--report", type=Path, default=Path("reports/ingest.json"))
-    ap.add_argument("--report-md", type=Path, default=Path("reports/ingest.md"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        raw = args.raw if args.raw is not None else Path(params.data.raw_dir)
-        summary = run(params, raw, args.out, args.report, args.report_md)
-    except (ConfigError, DataError) as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    _print_summary(summary, args.report_md)
+    run_stage(
+        "ingest",
+        parser(__doc__, "--raw", "--out", "--report", "--report-md"),
+        argv,
+        run=lambda params, a: run(params, a.raw, a.out, a.report, a.report_md),
+        summary=lambda s, a: _print_summary(s, a.report_md),
+        errors=(DataError,),
+    )
 
 
 def _print_summary(summary: dict[str, Any], report_md: Path) -> None:

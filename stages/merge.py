@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, dump_resolved, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import ConfigError, Params, dump_resolved
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from stunning.families import ModelNotFoundError
     from stunning.quantize import QuantizationError
 
-    return (ConfigError, BlendError, ModelNotFoundError, QuantizationError)
+    return (BlendError, ModelNotFoundError, QuantizationError)
 
 
 def preflight(params: Params, base: Path, adapters: Path) -> dict[str, Path]:
@@ -98,22 +98,19 @@ def run(params: Params, base: Path, adapters: Path, out: Path, report: Path, dev
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--base", type=Path, default=None, help="base model folder (default: base.path)")
-    ap.add_argument("--adapters", type=Path, default=Path("models/adapters"))
-    ap.add_argument("--out", type=Path, default=Path("models/merged"))
-    ap.add_argument("--report", type=Path, default=Path("reports/merge.json"))
+    ap = parser(__doc__, "--base", "--adapters", "--out", "--report")
     ap.add_argument("--device", default=None, help="device for the fidelity/memory measurement: auto (default), cpu, cuda, mps")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        s = run(params, args.base or Path(params.base.path), args.adapters, args.out, args.report, args.device)
-    except _user_errors() as exc:
-        print(f"merge: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_stage(
+        "merge",
+        ap,
+        argv,
+        run=lambda params, a: run(params, a.base, a.adapters, a.out, a.report, a.device),
+        summary=_print_summary,
+        errors=_user_errors,
+    )
 
+
+def _print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -9,14 +9,13 @@ an error: the stage exits 0 either way and says which happened. Writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +68,21 @@ def run(
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--gate", type=Path, default=Path("reports/gate.json"))
-    ap.add_argument("--base", type=Path, required=True, help="the base model folder (${base.path})")
-    ap.add_argument("--adapters", type=Path, default=Path("models/adapters"))
-    ap.add_argument("--blends", type=Path, default=Path("models/merged/blends"))
-    ap.add_argument("--out", type=Path, default=Path("reports/registry.json"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _user_errors() -> tuple[type[Exception], ...]:
     from stunning.families import ModelNotFoundError
 
-    try:
-        params = load_params(args.params)
-        result = run(params, args.gate, args.base, args.adapters, args.blends, args.out)
-    except (ConfigError, StageInputError, ModelNotFoundError) as exc:
-        print(f"register: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"register: {result['verdict']}")
-    print(f"  {result['model_uri']} -> {args.out}")
+    return (StageInputError, ModelNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(
+        "register",
+        parser(__doc__, "--gate", "--base", "--adapters", "--blends", "--out"),
+        argv,
+        run=lambda params, a: run(params, a.gate, a.base, a.adapters, a.blends, a.out),
+        summary=lambda result, a: print(f"register: {result['verdict']}\n  {result['model_uri']} -> {a.out}"),
+        errors=_user_errors,
+    )
 
 
 if __name__ == "__main__":

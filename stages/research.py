@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -24,29 +24,26 @@ def run(params: Params, out_json: Path, out_md: Path, device_info: dict[str, Any
     from stunning.device import probe
     from stunning.research import build_report, write_report
 
-    report = build_report(params.research, params.base, device_info if device_info is not None else probe())
+    info = device_info if device_info is not None else probe()
+    report = build_report(params.research, params.base, info, train=params.train)  # sizes train's adapter
     write_report(report, out_json, out_md)
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out-json", type=Path, default=Path("reports/research.json"))
-    ap.add_argument("--out-md", type=Path, default=Path("reports/research.md"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        report = run(params, args.out_json, args.out_md)
-    except ConfigError as exc:
-        print(f"research: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_stage(
+        "research",
+        parser(__doc__, "--out-json", "--out-md"),
+        argv,
+        run=lambda params, a: run(params, a.out_json, a.out_md),
+        summary=_print_summary,
+    )
 
+
+def _print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from stunning.cli import research_table
-    from stunning.research import plan_summary
+    from stunning.research import plan_summary, research_table
 
     table = research_table(report)
     console = Console()

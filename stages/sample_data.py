@@ -9,13 +9,12 @@ README says it is unused.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +34,16 @@ def run(params: Params, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", type=Path, default=Path("data/sample"), help="folder to (re)create")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        summary = run(params, args.out)
-    except ConfigError as exc:
-        print(f"sample_data: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_stage(
+        "sample_data",
+        parser(__doc__, "--out"),
+        argv,
+        run=lambda params, a: run(params, a.out),
+        summary=lambda s, a: _print_summary(s),
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     note = "" if summary["used_for_training"] else " (unused: data.source is local)"
     print(
         f"sample set: {summary['images_per_style']} images x {len(summary['styles'])} styles "

@@ -18,11 +18,11 @@ import contextlib
 import csv
 import io
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import ConfigError, Params
 from stunning.families import ModelNotFoundError
 from stunning.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from stunning.training.batch import BatchSizeError
@@ -53,7 +53,7 @@ def preflight(params: Params, base: Path, data: Path, device: str | None) -> Non
     from stunning.device import select_device
     from stunning.families import get_family
     from stunning.training.dataset import CuratedDataset
-    from stunning.training.lora import resolve_mixed_precision
+    from stunning.training.precision import resolve_mixed_precision
 
     try:
         family = get_family(params.base.family)
@@ -131,7 +131,7 @@ def run(
 ) -> dict[str, Any]:
     """Train all styles; write adapters, metrics, plots; return `{"styles": {...}}`."""
     from stunning.families import get_family
-    from stunning.training.lora import train_style
+    from stunning.training.trainer import train_style
 
     preflight(params, base, data, device)
     if tracker is None:
@@ -176,37 +176,26 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--base", type=Path, default=None, help="base model folder (default: base.path)")
-    ap.add_argument("--data", type=Path, default=Path("data/curated"))
-    ap.add_argument("--out", type=Path, default=Path("models/adapters"))
-    ap.add_argument("--metrics", type=Path, default=Path("reports/train.json"))
-    ap.add_argument("--plots", type=Path, default=Path("reports/train_loss.csv"))
-    ap.add_argument("--plot-image", type=Path, default=None, help="loss PNG (default: --plots with .png)")
-    ap.add_argument("--samples", type=Path, default=Path("reports/train_samples"))
-    ap.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    ap = parser(__doc__, "--base", "--data", "--out", "--metrics", "--plots", "--plot-image", "--samples", "--checkpoints")
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-        report = run(
+    run_stage(
+        "train",
+        ap,
+        argv,
+        # the summary reads params too (whether the batch size was "auto")
+        run=lambda params, a: (
+            run(
+                params, a.base, a.data, a.out, a.metrics, a.plots, a.checkpoints,
+                plot_image=a.plot_image, samples=a.samples, device=a.device,
+            ),
             params,
-            args.base or Path(params.base.path),
-            args.data,
-            args.out,
-            args.metrics,
-            args.plots,
-            args.checkpoints,
-            plot_image=args.plot_image,
-            samples=args.samples,
-            device=args.device,
-        )
-    except (ConfigError, ModelNotFoundError, DatasetError, BatchSizeError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        ),
+        summary=lambda result, a: _print_summary(*result, a),
+        errors=(ModelNotFoundError, DatasetError, BatchSizeError),
+    )
 
+
+def _print_summary(report: dict[str, Any], params: Params, args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 

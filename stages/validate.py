@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from stunning.config import ConfigError, Params, load_params
+from stages._scaffold import parser, run_stage
+from stunning.config import ConfigError, Params
 
 log = logging.getLogger(__name__)
 
@@ -106,39 +106,32 @@ def run(
     return {"validation": body, "gate": report.to_dict(), "champion_source": champion_source}
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from stunning.families import ModelNotFoundError
+    from stunning.quantize import QuantizationError
+    from stunning.validation import ValidationInputError
+
+    return (ModelNotFoundError, QuantizationError, ValidationInputError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--base", type=Path, default=None, help="base model folder (default: base.path)")
-    ap.add_argument("--adapters", type=Path, default=Path("models/adapters"))
-    ap.add_argument("--merged", type=Path, default=Path("models/merged"))
-    ap.add_argument("--data", type=Path, default=Path("data/curated"))
-    ap.add_argument("--out", type=Path, default=Path("reports/validation"))
-    ap.add_argument("--metrics", type=Path, default=Path("reports/validation.json"))
-    ap.add_argument("--gate", type=Path, default=Path("reports/gate.json"))
-    ap.add_argument("--merge-report", type=Path, default=Path("reports/merge.json"))
+    ap = parser(__doc__, "--base", "--adapters", "--merged", "--data", "--out", "--metrics", "--gate", "--merge-report")
     ap.add_argument(
         "--champion-metrics", type=Path, default=None,
         help="JSON of the champion's metrics (default: the registry's @champion, if any)",
     )
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    from stunning.families import ModelNotFoundError
-    from stunning.quantize import QuantizationError
-    from stunning.validation import ValidationInputError
-
-    try:
-        params = load_params(args.params)
-        s = run(
-            params, args.base or Path(params.base.path), args.adapters, args.merged, args.data, args.out,
-            args.metrics, args.gate, args.merge_report, args.champion_metrics, args.device,
-        )
-    except (ConfigError, ModelNotFoundError, QuantizationError, ValidationInputError) as exc:
-        print(f"validate: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    _print_summary(s, args)
+    run_stage(
+        "validate",
+        ap,
+        argv,
+        run=lambda params, a: run(
+            params, a.base, a.adapters, a.merged, a.data, a.out, a.metrics, a.gate,
+            a.merge_report, a.champion_metrics, a.device,
+        ),
+        summary=_print_summary,
+        errors=_user_errors,
+    )
 
 
 def _print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from stunning.families.base import LORA_FILE
 from stunning.io import atomic_dir, atomic_write_text
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key (LORA_ADAPTER_METADATA_KEY)
 
 # `<component>.<module path>.<down/up>.weight` in either diffusers layout: the older

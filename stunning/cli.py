@@ -93,25 +93,6 @@ def _doctor_table(info: dict[str, Any]) -> Table:
     return table
 
 
-def research_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"Fit on {report['device']} (budget {report['budget_gb']:.1f} GB, {report['budget_source']})")
-    for col in ("candidate", "params", "precision", "inference GB", "inference", "training GB", "training"):
-        table.add_column(col, justify="right" if "GB" in col or col == "params" else "left")
-    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}
-    for cand in report["candidates"]:
-        for precision, est in cand["estimates"].items():
-            table.add_row(
-                cand["name"],
-                f"{cand['total_params'] / 1e6:.1f}M",
-                precision,
-                f"{est['inference_gb']:.2f}",
-                f"[{colour[est['inference']]}]{est['inference']}[/]",
-                f"{est['training_gb']:.2f}",
-                f"[{colour[est['training']]}]{est['training']}[/]",
-            )
-    return table
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -141,11 +122,11 @@ def research(
     """Size the candidate base models against this machine and print the fit table."""
     from stunning.config import ConfigError
     from stunning.device import probe
-    from stunning.research import build_report, plan_summary
+    from stunning.research import build_report, plan_summary, research_table
 
     p = _load_params(params)
     try:
-        report = build_report(p.research, p.base, probe(), budget_gb=budget_gb)
+        report = build_report(p.research, p.base, probe(), budget_gb=budget_gb, train=p.train)
     except ConfigError as exc:
         fail(str(exc))
     if as_json:
@@ -213,8 +194,8 @@ def rollback(
     console.print(result)
 
 
-def _batch_size(value: str) -> int | str:
-    if value == "auto":
+def _batch_size(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
         return value
     try:
         n = int(value)
@@ -225,9 +206,18 @@ def _batch_size(value: str) -> int | str:
     return n
 
 
+def _default(key: str) -> str:
+    """` (default: X)` for a train option's help: the one-off run's default, read from the library."""
+    import dataclasses
+
+    from stunning.oneoff import OneOffOptions, oneoff_default
+
+    options = {f.name: f.default for f in dataclasses.fields(OneOffOptions)}
+    return f" (default: {options[key] if key in options and options[key] is not None else oneoff_default(key)})"
+
+
 @app.command()
 def train(
-    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="base model: a diffusers folder, a .safetensors checkpoint, or a "
                                             "Hugging Face id already in the local cache (org/name)")],
     data: Annotated[Path, typer.Option(help="folder of photos (one style), or one sub-folder per style; "
@@ -236,14 +226,14 @@ def train(
                                                     "'a photo in sks style' (the instance prompt)")] = None,
     resolution: Annotated[int | None, typer.Option(min=8, help="training size in pixels (default: the model's "
                                                                "own)")] = None,
-    batch_size: Annotated[str, typer.Option("--batch-size", help="images per step, or auto (the largest that "
-                                                                 "fits in memory)")] = "auto",
-    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 1000,
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank (alpha = rank)")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 1e-4,
+    batch_size: Annotated[str | None, typer.Option("--batch-size", help="images per step, or auto (the largest "
+                                                   "that fits in memory)" + _default("batch_size"))] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="optimizer steps" + _default("steps"))] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="LoRA rank (alpha = rank)" + _default("rank"))] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate" + _default("learning_rate"))] = None,
     family: Annotated[str | None, typer.Option(help="model family (default: detected from the model)")] = None,
-    out: Annotated[Path, typer.Option(help="output folder (adapters, summary.json, .work/ for resuming)")] = Path(
-        "lora-out"),
+    out: Annotated[Path | None, typer.Option(help="output folder (adapters, summary.json, .work/ for resuming)"
+                                                  + _default("out"))] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available)")] = None,
     style: Annotated[str | None, typer.Option(help="style name (default: the folder's name)")] = None,
     trigger: Annotated[list[str] | None, typer.Option(help="trigger word(s), recorded in the adapter")] = None,
@@ -280,18 +270,17 @@ def train(
         overrides = overrides.get("train", overrides)
         if not isinstance(overrides, dict):
             fail(f"--config {config}: its train: section must be a mapping of train settings")
-        # An option typed on the command line beats the file; the file beats the options' defaults.
-        given = {key for option, key in (("steps", "steps"), ("rank", "rank"), ("lr", "learning_rate"),
-                                         ("batch_size", "batch_size"), ("trigger", "trigger_words"))
-                 if (src := ctx.get_parameter_source(option)) is not None and src.name == "COMMANDLINE"}
-        overrides = {k: v for k, v in overrides.items() if k not in given}
+    # Options left out are None: an option typed on the command line beats the file, the file
+    # beats the defaults (stunning.oneoff.train_config).
     if class_prompt:
         overrides = {**overrides, "class_prompt": class_prompt, "prior_preservation": True}
     opts = OneOffOptions(
-        model=model, data=data, out=out, prompt=prompt, resolution=resolution, batch_size=_batch_size(batch_size),
+        model=model, data=data, prompt=prompt, resolution=resolution, batch_size=_batch_size(batch_size),
         steps=steps, rank=rank, learning_rate=lr, family=family, device=device, style=style, trigger=trigger or [],
         mlflow=mlflow, resume=resume, formats=export or [], config_overrides=overrides, model_config=model_config,
+        **({"out": out} if out is not None else {}),
     )
+    out = opts.out
     try:
         summary = train_oneoff(opts, echo=lambda line: console.print(line, highlight=False, soft_wrap=True))
     except KeyboardInterrupt:
@@ -327,7 +316,7 @@ def model_path(
 ) -> None:
     """Print the local diffusers folder of a base model (for base.path in params.yaml)."""
     from stunning.families import ModelNotFoundError
-    from stunning.families.source import resolve_base
+    from stunning.model_source import resolve_base
 
     try:
         folder = resolve_base(ref, family, config=model_config)
@@ -345,8 +334,8 @@ def export_checkpoint(
 ) -> None:
     """Write a model folder as one original-layout checkpoint (AUTOMATIC1111/Forge, ComfyUI)."""
     from stunning.families import ModelNotFoundError
-    from stunning.families.original import export_single_file
-    from stunning.families.source import detect_family
+    from stunning.model_source import detect_family
+    from stunning.single_file import export_single_file
 
     if out.suffix != ".safetensors":
         fail(f"{out}: name the output file *.safetensors")
@@ -367,7 +356,7 @@ def convert_lora(
     """Write a trained adapter in another tool's key layout (kohya/webui, ComfyUI)."""
     from safetensors import SafetensorError, safe_open
 
-    from stunning.families.formats import convert_lora_file
+    from stunning.lora_formats import convert_lora_file
 
     if not src.is_file():
         fail(f"{src}: no such file; pass the adapter's pytorch_lora_weights.safetensors")

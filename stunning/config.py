@@ -2,8 +2,11 @@
 
 `params.yaml` is the single source of truth for the pipeline. Every stage reads its own
 section through :func:`load_params`; unknown keys are errors that name the key, and values
-are validated on load so a typo fails before any work starts. Defaults here match the
-shipped `params.yaml`.
+are validated on load so a typo fails before any work starts.
+
+The defaults here are exactly the shipped `params.yaml` (tests/unit/test_config.py checks it
+key by key), so `Params()`, a section built with no arguments, the one-off `stunning train`
+(stunning/oneoff.py) and the pipeline all start from the same values; there is no other copy.
 """
 
 from __future__ import annotations
@@ -59,7 +62,18 @@ class ResearchConfig(_Section):
         ]
     )
     memory_budget_gb: float | None = None  # None: the machine's total memory
-    lora_rank: int = 4
+    # The adapter sized is the one training makes: train.rank on train.target_modules
+    # (within train.target_blocks); research has no LoRA settings of its own.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "lora_rank" in data:
+            raise ValueError(
+                "research.lora_rank was removed: research sizes the adapter training makes "
+                "(train.rank, train.target_modules, train.target_blocks); delete the key"
+            )
+        return data
 
 
 class DataConfig(_Section):
@@ -80,9 +94,9 @@ class DataConfig(_Section):
     # either way; every training batch is drawn from one bucket. bucket_step must be a
     # multiple of what the model needs, VAE factor x patch size (x2 where latents are packed
     # 2x2, x the UNet's own downsampling): 64 for SD 1.x, 32 for SDXL, 16 for SD3/FLUX, 4 for
-    # the embedded 32-px model; the trainer checks it (stunning.training.lora.size_multiple).
+    # the embedded 32-px model; the trainer checks it (stunning.training.encoding.size_multiple).
     buckets: bool = False
-    bucket_step: int = Field(64, ge=1)
+    bucket_step: int = Field(4, ge=1)
     bucket_max_ratio: float = Field(2.0, ge=1.0, le=4.0)
 
     @model_validator(mode="after")
@@ -116,20 +130,27 @@ class CurateConfig(_Section):
 
 
 class TrainConfig(_Section):
-    rank: int = Field(4, ge=1)
-    alpha: float = 4.0
+    rank: int = Field(16, ge=1)
+    alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # The sd3 family's best measured set (see params.yaml); other families' one-off runs use
+    # their own `default_lora_targets` (stunning/families).
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+            "ff.net.0.proj", "ff.net.2", "norm1.linear", "norm_out.linear", "proj_out",
+        ]
+    )
     # Block-wise selection: only modules under these path prefixes of the denoiser, e.g.
     # ["transformer_blocks.0", "transformer_blocks.5"] (sd3) or ["up_blocks.1"] (sd-unet).
     # Empty: every block.
     target_blocks: list[str] = Field(default_factory=list)
     trigger_words: list[str] = Field(default_factory=list)  # recorded in the adapter's metadata
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
     # diffusers.optimization schedules: constant, constant_with_warmup, linear, cosine, ...
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    steps: int = Field(150, ge=1)
+    steps: int = Field(800, ge=1)
     # Images per micro-batch, or "auto": probe the largest batch that fits this machine (trial
     # steps doubling from 1 up to max_batch_size; see stunning/training/batch.py). Either way a
     # step that runs out of memory halves the batch and is retried.
@@ -138,8 +159,8 @@ class TrainConfig(_Section):
     gradient_accumulation: int = Field(1, ge=1)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30 % slower
     ema_decay: float | None = Field(None, gt=0, lt=1)  # keep and save an exponential moving average of the adapter
-    caption_dropout: float = Field(0.0, ge=0, lt=1)  # share of steps' captions replaced by the empty prompt
-    checkpoint_every: int = Field(50, ge=1)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)  # share of steps' captions replaced by the empty prompt
+    checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     sample_every: int = Field(0, ge=0)  # 0: only at the end
     seed: int = 0

@@ -13,8 +13,8 @@ quantization, export and registry code run exactly as they would on a real one.
 :data:`HELD_OUT_PAIRS`, so prompt adherence can be measured on combinations it never saw.
 The pipeline's `base_model` stage installs the shipped weights into ``models/embedded``.
 
-This module also builds *randomly initialised* tiny models of both families
-(:func:`build_tiny`), which the tests use as fast stand-ins.
+Randomly initialised tiny models of every family (test and benchmark stand-ins, the ``sd3``
+one of this micro model's architecture) are built by :mod:`stunning.tiny`, not here.
 """
 
 from __future__ import annotations
@@ -90,12 +90,13 @@ def micro_configs(vocab_size: int = 512) -> dict[str, dict]:
             "shift_factor": 0.0,
             "scaling_factor": 1.0,
         },
-        "text_encoder": _clip(vocab_size, hidden=64, layers=3, heads=4),
-        "text_encoder_2": _clip(vocab_size, hidden=32, layers=2, heads=2),
+        "text_encoder": clip_config(vocab_size, hidden=64, layers=3, heads=4),
+        "text_encoder_2": clip_config(vocab_size, hidden=32, layers=2, heads=2),
     }
 
 
-def _clip(vocab_size: int, hidden: int, layers: int, heads: int) -> dict:
+def clip_config(vocab_size: int, hidden: int, layers: int, heads: int) -> dict:
+    """A `CLIPTextConfig` dict over the embedded tokenizer (its special-token ids, :data:`MAX_TOKENS`)."""
     return {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
@@ -108,26 +109,6 @@ def _clip(vocab_size: int, hidden: int, layers: int, heads: int) -> dict:
         "bos_token_id": 0,
         "eos_token_id": 1,
         "pad_token_id": 1,
-    }
-
-
-def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
-    """A randomly initialised SD-1.5-layout model (UNet) of about the micro model's size; tests use it."""
-    return {
-        "unet": {
-            "sample_size": RESOLUTION // 2,
-            "in_channels": 4,
-            "out_channels": 4,
-            "layers_per_block": 1,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8,
-            "norm_num_groups": 8,
-        },
-        "vae": {k: v for k, v in micro_configs(vocab_size)["vae"].items() if "quant_conv" not in k and "_factor" not in k},
-        "text_encoder": _clip(vocab_size, hidden=32, layers=2, heads=4),
     }
 
 
@@ -186,7 +167,8 @@ def train_bpe(vocab_size: int = 512) -> dict:
     return {"vocab": vocab, "merges": merges}
 
 
-def _tokenizer_ids_ok(cfg: dict, tokenizer) -> None:
+def check_tokenizer_ids(cfg: dict, tokenizer) -> None:
+    """RuntimeError unless `tokenizer`'s special-token ids are those :func:`clip_config` assumes."""
     if (cfg["bos_token_id"], cfg["eos_token_id"]) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
         raise RuntimeError("tokenizer special-token ids changed; update micro_configs()")
 
@@ -204,7 +186,7 @@ def build_micro(seed: int = 0):
 
     tokenizer = load_tokenizer()
     cfg = micro_configs(vocab_size=len(tokenizer))
-    _tokenizer_ids_ok(cfg["text_encoder"], tokenizer)
+    check_tokenizer_ids(cfg["text_encoder"], tokenizer)
     torch.manual_seed(seed)
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**cfg["transformer"]),
@@ -217,66 +199,6 @@ def build_micro(seed: int = 0):
         tokenizer_3=None,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
-
-
-def build_tiny_sd_unet(seed: int = 0):
-    """A randomly initialised SD-1.5-layout `StableDiffusionPipeline` (tests, the sd-unet family)."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = load_tokenizer()
-    cfg = tiny_configs(vocab_size=len(tokenizer))
-    _tokenizer_ids_ok(cfg["text_encoder"], tokenizer)
-    torch.manual_seed(seed)
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**cfg["unet"]), vae=AutoencoderKL(**cfg["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), tokenizer=tokenizer,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
-def save_model(pipe, out_dir: str | Path, settings: dict | None = None) -> Path:
-    """`save_pretrained` into `out_dir` atomically, plus the project's `stunning.json` settings."""
-    import json
-
-    from stunning.families import complete_model_index
-    from stunning.io import atomic_dir
-
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        complete_model_index(tmp, type(pipe))
-        if settings is not None:
-            (tmp / "stunning.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    return out_dir
-
-
-def build_tiny(out_dir: str | Path, family: str = "sd3", seed: int = 0) -> Path:
-    """Save a randomly initialised tiny model of `family` to `out_dir`.
-
-    ``sd3`` and ``sd-unet`` are built here; any other family builds its own through its
-    module's ``tiny_pipeline(seed)`` (returning the stock diffusers pipeline object).
-    """
-    if family == "sd3":
-        return save_model(build_micro(seed), out_dir, {"t5_tokens": T5_TOKENS, "trained": False})
-    if family == "sd-unet":
-        return save_model(build_tiny_sd_unet(seed), out_dir)
-    import sys
-
-    from stunning.families import available, get_family
-
-    module = sys.modules[type(get_family(family)).__module__]
-    builder = getattr(module, "tiny_pipeline", None)
-    if builder is None:
-        raise ValueError(f"no tiny build for family {family!r}; families with one: sd3, sd-unet and "
-                         f"those of {available()} whose module defines tiny_pipeline()")
-    # A module may also name the stunning.json settings its tiny model needs (TINY_SETTINGS).
-    return save_model(builder(seed), out_dir, getattr(module, "TINY_SETTINGS", None))
 
 
 class EmbeddedModelMissing(FileNotFoundError):

@@ -4,7 +4,7 @@ For a user with a base model and a folder of photos who wants an adapter now, wi
 params.yaml, DVC or MLflow: :func:`train_oneoff` stages the folder (images without a caption
 get the instance prompt, e.g. "a photo in sks style"), runs the pipeline's own ingest and
 curation on it with settings that keep a small personal set, then trains each style with the
-pipeline's trainer (:func:`stunning.training.lora.train_style`). Everything intermediate lives
+pipeline's trainer (:func:`stunning.training.trainer.train_style`). Everything intermediate lives
 in ``<out>/.work/`` (staged photos, curated set, encoding cache, checkpoints), so running the
 same command again after a crash or Ctrl-C resumes from the last checkpoint, and a finished
 run is not repeated. Results: ``<out>/<style>/pytorch_lora_weights.safetensors`` (diffusers
@@ -36,6 +36,24 @@ METADATA_FILE = "metadata.jsonl"
 MIN_IMAGES_FOR_VAL = 10
 MLFLOW_EXPERIMENT = "stunning-oneoff"
 DEFAULT_RESOLUTION = 1024  # FLUX/SDXL/SD3 native size when the model folder does not say
+# The only train settings in which a one-off run differs from the pipeline's (TrainConfig's
+# defaults, which are params.yaml's and tuned for the 32-px embedded model): a real model at
+# its native size wants a smaller learning rate and a longer run, and an unknown machine a
+# probed batch size. Every other setting is TrainConfig's, the LoRA targets are the model
+# family's (`default_lora_targets`), alpha follows the rank and checkpoint_every the steps.
+ONEOFF_TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000, "learning_rate": 1e-4, "batch_size": "auto",
+    # The pipeline's 10 % caption dropout is tuned for the micro model's guidance; a one-off run
+    # on a user's model keeps every caption, as the diffusers example scripts do.
+    "caption_dropout": 0.0,
+}
+
+
+def oneoff_default(key: str) -> Any:
+    """The default of train setting `key` in a one-off run (for option help and for train_config)."""
+    if key in ONEOFF_TRAIN_DEFAULTS:
+        return ONEOFF_TRAIN_DEFAULTS[key]
+    return TrainConfig.model_fields[key].get_default(call_default_factory=True)
 
 
 class OneOffError(ValueError):
@@ -44,17 +62,17 @@ class OneOffError(ValueError):
 
 @dataclass
 class OneOffOptions:
-    """What `stunning train` was asked for; None means "the sensible default" (see train_oneoff)."""
+    """What `stunning train` was asked for; None means the default (:func:`oneoff_default`)."""
 
     model: str
     data: Path
     out: Path = Path("lora-out")
     prompt: str | None = None
     resolution: int | None = None
-    batch_size: int | str = "auto"
-    steps: int = 1000
-    rank: int = 16
-    learning_rate: float = 1e-4
+    batch_size: int | str | None = None
+    steps: int | None = None
+    rank: int | None = None
+    learning_rate: float | None = None
     family: str | None = None
     device: str | None = None
     style: str | None = None
@@ -187,7 +205,7 @@ def default_resolution(model_dir: Path) -> int:
 def size_multiple(model_dir: Path, family) -> int:
     """What the training size must be a multiple of for this model, read from its configs.
 
-    The same rule as :func:`stunning.training.lora.size_multiple` (VAE factor x patch size, x2
+    The same rule as :func:`stunning.training.encoding.size_multiple` (VAE factor x patch size, x2
     where latents are packed 2x2, x a UNet's own downsampling), without loading the weights, so
     a bad --resolution is refused before anything is staged.
     """
@@ -211,7 +229,9 @@ def size_multiple(model_dir: Path, family) -> int:
 
 
 def train_config(opts: OneOffOptions, family) -> TrainConfig:
-    """The TrainConfig of a one-off run: the options, the family's LoRA targets, then `config_overrides`.
+    """The TrainConfig of a one-off run, each key from the first that sets it: the options
+    (those not None), `config_overrides` (a --config file), the one-off defaults
+    (:data:`ONEOFF_TRAIN_DEFAULTS`, the family's LoRA targets), TrainConfig's defaults.
 
     `alpha` follows the final rank and the checkpoint interval the final step count unless
     the overrides set them.
@@ -220,18 +240,20 @@ def train_config(opts: OneOffOptions, family) -> TrainConfig:
 
     from stunning.config import ConfigError
 
+    given = {key: value for key, value in (("rank", opts.rank), ("learning_rate", opts.learning_rate),
+                                           ("steps", opts.steps), ("batch_size", opts.batch_size))
+             if value is not None}
+    if opts.trigger:
+        given["trigger_words"] = list(opts.trigger)
     values: dict[str, Any] = {
-        "rank": opts.rank,
-        "learning_rate": opts.learning_rate,
-        "steps": opts.steps,
-        "batch_size": opts.batch_size,
+        **ONEOFF_TRAIN_DEFAULTS,
         "target_modules": list(family.default_lora_targets),
-        "trigger_words": list(opts.trigger),
-        "keep_checkpoints": 2,
         **opts.config_overrides,
+        **given,
     }
-    if isinstance(values["rank"], int) and "alpha" not in values:
-        values["alpha"] = float(values["rank"])
+    rank = values.get("rank", oneoff_default("rank"))
+    if isinstance(rank, int) and "alpha" not in values:
+        values["alpha"] = float(rank)
     if isinstance(values["steps"], int) and "checkpoint_every" not in values:
         values["checkpoint_every"] = max(1, min(100, values["steps"] // 4))
     try:
@@ -270,7 +292,7 @@ def check_options(opts: OneOffOptions) -> str:
     """
     from stunning.device import select_device
     from stunning.families import available
-    from stunning.families.formats import LAYOUTS
+    from stunning.lora_formats import LAYOUTS
 
     if opts.family is not None and opts.family not in available():
         raise OneOffError(f"--family {opts.family}: not a model family this project trains; use one of "
@@ -316,8 +338,8 @@ def train_oneoff(
     from stunning.data.curate import CurationFailed, curate
     from stunning.data.ingest import ingest
     from stunning.families import check_model_dir, get_family
-    from stunning.families.source import detect_family, resolve_base
-    from stunning.training.lora import train_style
+    from stunning.model_source import detect_family, resolve_base
+    from stunning.training.trainer import train_style
 
     device = check_options(opts)
     out = Path(opts.out)
@@ -395,7 +417,7 @@ def train_oneoff(
         )
         exported = {}
         for layout in opts.formats:
-            from stunning.families.formats import convert_lora_file
+            from stunning.lora_formats import convert_lora_file
 
             adapter = Path(summary["adapter"])
             exported[layout] = str(convert_lora_file(adapter, adapter.with_name(f"{s}-{layout}.safetensors"),

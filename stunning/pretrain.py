@@ -316,8 +316,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, resolution: int = 32) -> 
     """Build and train the micro model, save it to `out_dir`, and return the training report."""
     from tqdm.auto import tqdm
 
-    from stunning.embedded import RESOLUTION, T5_TOKENS, build_micro, save_model
-    from stunning.families import get_family
+    from stunning.embedded import RESOLUTION, T5_TOKENS, build_micro
+    from stunning.families import get_family, save_model
 
     if resolution != RESOLUTION:
         raise ValueError(f"the micro model is configured for {RESOLUTION} px, not {resolution}")

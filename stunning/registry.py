@@ -37,7 +37,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from stunning.config import RegistryConfig
-from stunning.serve import LORA_FILE, MANIFEST_NAME, GenerateRequest, StyleModel
+from stunning.style_model import LORA_FILE, MANIFEST_NAME, GenerateRequest, StyleModel
 from stunning.tracking import configure_mlflow
 
 log = logging.getLogger(__name__)

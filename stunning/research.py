@@ -4,7 +4,10 @@ For each candidate in `params.research.candidates` (an embedded preset or a loca
 folder) the component configs are read, each model is instantiated on PyTorch's `meta`
 device (shapes only, no memory allocated, no weights read) and its parameters counted.
 Memory for inference and for LoRA training is then estimated at fp32/bf16/fp16/int8/int4 and
-compared with the machine's memory budget. The result is the fit report
+compared with the machine's memory budget. The LoRA adapter sized is the one training makes:
+`train.rank` on the denoiser's layers named by `train.target_modules` (within
+`train.target_blocks`), counted on each candidate's own module tree, so the same target list
+can match a different number of layers in each candidate. The result is the fit report
 (`reports/research.json` + a Markdown table) and the plan: the base model named by
 `params.base` at the highest precision whose LoRA training fits on the probed device.
 
@@ -17,12 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stunning.config import BaseModelConfig, ConfigError, ResearchCandidate, ResearchConfig
+from stunning.config import BaseModelConfig, ConfigError, ResearchCandidate, ResearchConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ BYTES_PER_PARAM: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int
 # Highest precision first: the plan takes the first one that fits.
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
 
+# The attention projections every family has (q/k/v/out): the default of the helpers below
+# when called without targets. The research phase itself sizes train.target_modules.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # The memory heuristic, written into every report so a reader can check the arithmetic.
@@ -175,18 +181,42 @@ def count_parameters(component_class_name: str, config_dict: Mapping[str, Any], 
     return sum(p.numel() for p in model.parameters())
 
 
-def lora_layers(model, targets: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS) -> list[tuple[str, int, int]]:
-    """(name, in_features, out_features) of every Linear whose name ends with a target.
+def _target_matcher(targets: Sequence[str], blocks: Sequence[str] = ()):
+    r"""name -> bool: the rule the trainer gives PEFT (stunning.training.adapter.target_modules).
 
-    Matches the way PEFT resolves `target_modules`: a module name equal to a target or
-    ending with `.<target>`.
+    Without blocks PEFT matches a module whose name equals a target or ends with
+    `.<target>`; with blocks the trainer passes the regex ``(.*\.)?(blocks)\.(.*\.)?(targets)``,
+    which PEFT full-matches against each module path.
+    """
+    if not blocks:
+        return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+    block_alt = "|".join(re.escape(b.strip(".")) for b in blocks)
+    target_alt = "|".join(re.escape(t) for t in targets)
+    pattern = re.compile(rf"(.*\.)?({block_alt})\.(.*\.)?({target_alt})")
+    return lambda name: pattern.fullmatch(name) is not None
+
+
+def lora_layers(
+    model, targets: Sequence[str] = DEFAULT_LORA_TARGETS, blocks: Sequence[str] = ()
+) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of every layer PEFT would adapt for these targets.
+
+    Linear layers, and Conv2d layers (LoRA on a convolution: A is a conv with the layer's
+    kernel, B a 1x1 conv; `in_features` is then in_channels x kernel area), whose name
+    matches `targets` (within `blocks`, if any) as the trainer asks PEFT to match them.
     """
     import torch
 
+    matches = _target_matcher(targets, blocks)
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if not matches(name):
+            continue
+        if isinstance(module, torch.nn.Linear):
             found.append((name, module.in_features, module.out_features))
+        elif isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            found.append((name, module.in_channels * kh * kw, module.out_channels))
     return found
 
 
@@ -390,8 +420,15 @@ def estimate_memory(
     return {"weights_gb": weights / GB, "inference_gb": inference / GB, "training_gb": training / GB}
 
 
-def size_candidate(candidate: ResearchCandidate, lora_rank: int, targets=DEFAULT_LORA_TARGETS) -> dict[str, Any]:
-    """Count parameters and LoRA layers of one candidate (no budget involved)."""
+def size_candidate(
+    candidate: ResearchCandidate, lora_rank: int, targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+    blocks: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Count parameters and LoRA layers of one candidate (no budget involved).
+
+    The adapter is `lora_rank` on the denoiser's layers matching `targets` within `blocks`
+    (:func:`lora_layers`); :func:`build_report` passes the train section's values.
+    """
     components = candidate_components(candidate)
     sized: dict[str, Any] = {}
     denoiser = None
@@ -406,7 +443,7 @@ def size_candidate(candidate: ResearchCandidate, lora_rank: int, targets=DEFAULT
         sized[comp.name] = {"class": comp.class_name, "params": n}
         if comp.name in DENOISER_NAMES and denoiser is None:
             denoiser = comp
-            layers = lora_layers(model, targets)
+            layers = lora_layers(model, targets, blocks)
             lora = {"layers": len(layers), "params": lora_parameter_count(layers, lora_rank)}
         del model
     assert denoiser is not None  # read_diffusers_folder / presets guarantee one
@@ -425,7 +462,7 @@ def size_candidate(candidate: ResearchCandidate, lora_rank: int, targets=DEFAULT
         "resolution": resolution,
         "shape": asdict(shape),
         "vae_width": _first((vae or {}).get("block_out_channels"), 128),
-        "lora": {**lora, "rank": lora_rank, "targets": list(targets)},
+        "lora": {**lora, "rank": lora_rank, "targets": list(targets), "blocks": list(blocks)},
     }
 
 
@@ -473,14 +510,19 @@ def build_report(
     base: BaseModelConfig,
     device_info: Mapping[str, Any],
     budget_gb: float | None = None,
+    train: TrainConfig | None = None,
 ) -> dict[str, Any]:
     """The fit report: every candidate sized and estimated, and the plan for `base`.
 
     `device_info` is :func:`stunning.device.probe` output (or a subset with `device`,
     `memory.total_mb` and the CUDA/MPS fields). The budget is, in order: `budget_gb`,
-    `research.memory_budget_gb`, the probed device's memory.
+    `research.memory_budget_gb`, the probed device's memory. The LoRA adapter sized is
+    `train`'s (rank, target_modules, target_blocks): pass `params.train`; None means the
+    shipped defaults (``TrainConfig()``, which equal params.yaml's).
     """
     from stunning.device import memory_budget_mb
+
+    train = train if train is not None else TrainConfig()
 
     if budget_gb is not None:
         budget, budget_source = float(budget_gb), "argument"
@@ -499,7 +541,7 @@ def build_report(
     for cand in candidates:
         log.info("sizing candidate %s", cand.name)
         try:
-            info = size_candidate(cand, research.lora_rank)
+            info = size_candidate(cand, train.rank, train.target_modules, train.target_blocks)
         except ConfigError as exc:
             if cand.name == plan_name and cand not in research.candidates:
                 # The base model was added implicitly: point the user at base.path, not a
@@ -553,7 +595,9 @@ def build_report(
         "device": device_info.get("device", "cpu"),
         "budget_gb": round(budget, 3),
         "budget_source": budget_source,
-        "lora_rank": research.lora_rank,
+        "lora_rank": train.rank,
+        "lora_targets": list(train.target_modules),
+        "lora_blocks": list(train.target_blocks),
         "heuristic": HEURISTIC,
         "candidates": reports,
         "plan": plan,
@@ -580,7 +624,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "# Research: base model fit report",
         "",
         f"Device: **{report['device']}**; memory budget: **{report['budget_gb']:.1f} GB** "
-        f"({report['budget_source']}); LoRA rank {report['lora_rank']}.",
+        f"({report['budget_source']}); LoRA rank {report['lora_rank']} on "
+        f"{', '.join(report.get('lora_targets') or DEFAULT_LORA_TARGETS)}"
+        f"{' in ' + ', '.join(report['lora_blocks']) if report.get('lora_blocks') else ''} "
+        "(train.rank, train.target_modules, train.target_blocks).",
         "",
         "| Candidate | Params | Precision | Weights GB | Inference GB | Inference | LoRA training GB | Training |",
         "|---|---:|---|---:|---:|---|---:|---|",
@@ -634,6 +681,28 @@ def write_report(report: Mapping[str, Any], json_path: str | Path, md_path: str 
     atomic_write_text(Path(md_path), render_markdown(report))
 
 
+def research_table(report: Mapping[str, Any]):
+    """The fit report as a rich Table (what `stunning research` and the research stage print)."""
+    from rich.table import Table
+
+    table = Table(title=f"Fit on {report['device']} (budget {report['budget_gb']:.1f} GB, {report['budget_source']})")
+    for col in ("candidate", "params", "precision", "inference GB", "inference", "training GB", "training"):
+        table.add_column(col, justify="right" if "GB" in col or col == "params" else "left")
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}
+    for cand in report["candidates"]:
+        for precision, est in cand["estimates"].items():
+            table.add_row(
+                cand["name"],
+                f"{cand['total_params'] / 1e6:.1f}M",
+                precision,
+                f"{est['inference_gb']:.2f}",
+                f"[{colour[est['inference']]}]{est['inference']}[/]",
+                f"{est['training_gb']:.2f}",
+                f"[{colour[est['training']]}]{est['training']}[/]",
+            )
+    return table
+
+
 def plan_summary(report: Mapping[str, Any]) -> str:
     plan = report["plan"]
     if plan.get("precision"):
@@ -651,8 +720,10 @@ __all__ = [
     "instantiate_meta",
     "lora_layers",
     "lora_parameter_count",
+    "plan_summary",
     "read_diffusers_folder",
     "render_markdown",
+    "research_table",
     "sd15_reference_configs",
     "size_candidate",
     "verdict",

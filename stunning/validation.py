@@ -263,7 +263,7 @@ def validate(
     def run(pipe, name, kind, source, style=None):
         say(name)
         if cfg.sampler != "default":
-            if not hasattr(family, "set_sampler"):
+            if not family.samplers:
                 raise ValidationInputError(
                     f"validate.sampler={cfg.sampler!r}: the {family.name} family has no sampler choice; use default."
                 )

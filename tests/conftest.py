@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A randomly initialised model of the micro model's layout (family `sd3`, the default)."""
-    from stunning.embedded import build_tiny
+    from stunning.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("base") / "tiny-sd3", family="sd3", seed=0)
 
@@ -41,7 +41,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_unet(tmp_path_factory) -> Path:
     """A randomly initialised SD-1.5-layout model (family `sd-unet`)."""
-    from stunning.embedded import build_tiny
+    from stunning.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("base") / "tiny-sd-unet", family="sd-unet", seed=0)
 
@@ -49,7 +49,7 @@ def tiny_sd_unet(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A randomly initialised SDXL-layout model (family `sdxl`: two text encoders, size ids)."""
-    from stunning.embedded import build_tiny
+    from stunning.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("base") / "tiny-sdxl", family="sdxl", seed=0)
 
@@ -57,9 +57,19 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> Path:
     """A randomly initialised FLUX.1-layout model (family `flux`: CLIP + T5, guidance embedding)."""
-    from stunning.embedded import build_tiny
+    from stunning.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("base") / "tiny-flux", family="flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory) -> Path:
+    """`tiny_flux` without a guidance embedding (FLUX.1-schnell layout): same builder, same seed."""
+    from stunning.families import save_model
+    from stunning.tiny import FLUX_SETTINGS, flux_pipeline
+
+    return save_model(flux_pipeline(0, guidance_embeds=False), tmp_path_factory.mktemp("base") / "tiny-flux-schnell",
+                      FLUX_SETTINGS)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ The T5 sequence length is the stock pipeline's ``max_sequence_length`` (512) unl
 folder's ``stunning.json`` names another ``t5_tokens`` (the project's tiny model does).
 Adapters are saved in the diffusers FLUX LoRA layout (PEFT's ``transformer.<module>.lora_A/B``
 keys, as diffusers' FLUX LoRA scripts write them), which stock `FluxPipeline.load_lora_weights(dir)`
-loads completely (`LoraSavingMixin.lora_layers` says why UNet names are not used).
+loads completely (`Family.lora_layers` in `stunning.families.base` says why UNet names are not used).
 
 Samplers (:data:`SAMPLERS`): ``euler`` (flow-matching Euler, the model's own scheduler),
 ``euler-ancestral`` (the same with stochastic re-noising) and ``dpm++`` (DPM-Solver++ 2M on
@@ -39,13 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import (
-    LoraSavingMixin,
+from stunning.families.base import (
+    Family,
     ModelNotFoundError,
     check_model_dir,
-    image_moments,
     model_settings,
-    register,
     sample_posterior,
 )
 
@@ -112,7 +110,7 @@ def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(n, c4 // 4, h, w)
 
 
-class FluxFamily(LoraSavingMixin):
+class FluxFamily(Family):
     """The `flux` family (FLUX.1 dev/schnell layout, flow matching)."""
 
     name = "flux"
@@ -133,6 +131,7 @@ class FluxFamily(LoraSavingMixin):
     # "single_transformer_blocks.N" (single stream). `target_modules()` in training/lora.py anchors
     # a block name at a "." boundary, so "transformer_blocks.0" never selects the single block 0.
     block_pattern = "transformer_blocks.{i}."
+    samplers = SAMPLERS
     # The guidance value fed to a guidance-distilled transformer (`guidance_embeds`, FLUX.1-dev)
     # while training. 1.0, as the diffusers FLUX LoRA scripts default to: the adapter learns the
     # style, not a guidance strength, and sampling still takes any `guidance_scale`. Ignored by
@@ -197,11 +196,6 @@ class FluxFamily(LoraSavingMixin):
         if pad < 0:
             raise ValueError("pooled CLIP vector wider than the T5 embeddings; not a FLUX layout")
         return torch.cat([embeds, F.pad(pooled, (0, pad))[:, None, :]], dim=1)
-
-    @torch.no_grad()
-    def encode_images(self, pipe, pixels, generator):
-        """Pixels in [-1, 1], NCHW → latents normalised as FLUX does ((z − shift) · scale)."""
-        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
 
     def latents_from_moments(self, pipe, mean, std, generator):
         shift = pipe.vae.config.shift_factor or 0.0
@@ -297,70 +291,8 @@ class FluxFamily(LoraSavingMixin):
         return images
 
 
-# --------------------------------------------------------------------------- tiny model
-
-TINY_T5_TOKENS = 16
-TINY_SETTINGS = {"t5_tokens": TINY_T5_TOKENS, "resolution": 32, "trained": False}
-
-
-def tiny_t5_tokenizer():
-    """A T5 (Unigram, SentencePiece-style) tokenizer over the embedded vocabulary; no download.
-
-    T5's layout: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then whole words of
-    :data:`stunning.embedded.VOCABULARY` (scored above single characters, so known words stay
-    one token) and every printable ASCII character, so any caption still tokenizes.
-    Deterministic: the same ids on every build.
-    """
-    import string
-
-    from transformers import T5TokenizerFast
-
-    from stunning.embedded import VOCABULARY
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    words = sorted(set(VOCABULARY.split()))
-    pieces += [("\u2581" + w, -1.0) for w in words]
-    pieces += [(ch, -5.0) for ch in string.ascii_letters + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TINY_T5_TOKENS)
-
-
-def tiny_pipeline(seed: int = 0, guidance_embeds: bool = True):
-    """A randomly initialised tiny `FluxPipeline` (32 px; what `build_tiny(..., "flux")` saves)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from stunning.embedded import RESOLUTION, _clip, load_tokenizer, micro_configs
-
-    clip_tok, t5_tok = load_tokenizer(), tiny_t5_tokenizer()
-    clip = _clip(len(clip_tok), hidden=32, layers=2, heads=4)
-    vae = {**micro_configs(len(clip_tok))["vae"], "shift_factor": 0.0, "scaling_factor": 1.0}
-    t5 = T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-                  decoder_start_token_id=t5_tok.pad_token_id)
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * vae["latent_channels"], num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5.d_model,
-        pooled_projection_dim=clip["hidden_size"], guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
-    )
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=64, max_image_seq_len=1024,
-        ),
-        vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**clip)),
-        tokenizer=clip_tok,
-        text_encoder_2=T5EncoderModel(t5),
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
-    pipe.default_sample_size = RESOLUTION // pipe.vae_scale_factor  # 32 px, not FLUX's 1024
-    return pipe
-
-
-FAMILY = register(FluxFamily())
+FAMILY = FluxFamily()
 __all__ = [
-    "FAMILY", "SAMPLERS", "FluxFamily", "ModelNotFoundError", "pack_latents", "shift_sigmas", "tiny_pipeline",
-    "unpack", "unpack_latents",
+    "FAMILY", "SAMPLERS", "FluxFamily", "ModelNotFoundError", "pack_latents", "shift_sigmas", "unpack",
+    "unpack_latents",
 ]

@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import (
-    LoraSavingMixin,
+from stunning.families.base import (
+    Family,
     ModelNotFoundError,
     absent_components,
     check_model_dir,
-    image_moments,
     model_settings,
-    register,
     sample_posterior,
 )
 
@@ -61,7 +59,7 @@ def logit_normal_sigmas(n: int, generator: torch.Generator, device, shift: float
     return shift * s / (1 + (shift - 1) * s)
 
 
-class SD3Family(LoraSavingMixin):
+class SD3Family(Family):
     """The `sd3` family (Stable Diffusion 3 / 3.5 layout, flow matching)."""
 
     name = "sd3"
@@ -71,6 +69,7 @@ class SD3Family(LoraSavingMixin):
     # Attention of both streams (image: to_*, text: add_*_proj/to_add_out) and the image MLP.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     block_pattern = "transformer_blocks.{i}."
+    samplers = SAMPLERS
 
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline
@@ -123,11 +122,6 @@ class SD3Family(LoraSavingMixin):
         if pad < 0:
             raise ValueError("pooled projection wider than the joint attention width; not an SD3 layout")
         return torch.cat([embeds, F.pad(pooled, (0, pad))[:, None, :]], dim=1)
-
-    @torch.no_grad()
-    def encode_images(self, pipe, pixels, generator):
-        """Pixels in [-1, 1], NCHW → latents normalised as SD3 does ((z − shift) · scale)."""
-        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
 
     def latents_from_moments(self, pipe, mean, std, generator):
         shift = pipe.vae.config.shift_factor or 0.0
@@ -185,5 +179,5 @@ class SD3Family(LoraSavingMixin):
         return list(out.images)
 
 
-FAMILY = register(SD3Family())
+FAMILY = SD3Family()
 __all__ = ["FAMILY", "SD3Family", "ModelNotFoundError", "unpack", "logit_normal_sigmas", "SAMPLERS"]

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import LoraSavingMixin, ModelNotFoundError, image_moments, register, sample_posterior  # noqa: F401
-from stunning.families import check_model_dir as _check
+from stunning.families.base import Family, ModelNotFoundError, sample_posterior  # noqa: F401
+from stunning.families.base import check_model_dir as _check
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def check_model_dir(path: Path) -> None:
     _check(Path(path), REQUIRED_COMPONENTS)
 
 
-class SDUNetFamily(LoraSavingMixin):
+class SDUNetFamily(Family):
     """The `sd-unet` family (Stable Diffusion 1.5/2.x layout)."""
 
     name = "sd-unet"
@@ -73,11 +73,6 @@ class SDUNetFamily(LoraSavingMixin):
             return_tensors="pt",
         )
         return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
-
-    @torch.no_grad()
-    def encode_images(self, pipe, pixels, generator):
-        """Pixels in [-1, 1], NCHW → scaled latents (a sample of the VAE posterior)."""
-        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
 
     def latents_from_moments(self, pipe, mean, std, generator):
         return sample_posterior(mean, std, generator) * pipe.vae.config.scaling_factor
@@ -123,4 +118,4 @@ class SDUNetFamily(LoraSavingMixin):
         return list(out.images)
 
 
-FAMILY = register(SDUNetFamily())
+FAMILY = SDUNetFamily()

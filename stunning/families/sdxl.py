@@ -38,12 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families import (
-    LoraSavingMixin,
+from stunning.families.base import (
+    Family,
     ModelNotFoundError,
     check_model_dir,
-    image_moments,
-    register,
     sample_posterior,
 )
 
@@ -90,7 +88,7 @@ def decode(pipe, latents: torch.Tensor) -> list:
     return pipe.image_processor.postprocess(images, output_type="pil")
 
 
-class SDXLFamily(LoraSavingMixin):
+class SDXLFamily(Family):
     """The `sdxl` family (Stable Diffusion XL layout, base model; no refiner)."""
 
     name = "sdxl"
@@ -101,6 +99,7 @@ class SDXLFamily(LoraSavingMixin):
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     # Block-wise selection (train.target_blocks): e.g. "down_blocks.2", "mid_block", "up_blocks.0".
     block_pattern = "down_blocks.{i}."
+    samplers = SAMPLERS
 
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
@@ -143,11 +142,6 @@ class SDXLFamily(LoraSavingMixin):
         if pad < 0:
             raise ValueError("pooled text embedding wider than the token embeddings; not an SDXL layout")
         return torch.cat([embeds, F.pad(pooled, (0, pad))[:, None, :]], dim=1)
-
-    @torch.no_grad()
-    def encode_images(self, pipe, pixels, generator):
-        """Pixels in [-1, 1], NCHW → scaled latents (a sample of the VAE posterior)."""
-        return self.latents_from_moments(pipe, *image_moments(pipe, pixels), generator)
 
     def latents_from_moments(self, pipe, mean, std, generator):
         z = sample_posterior(mean, std, generator)
@@ -213,70 +207,5 @@ class SDXLFamily(LoraSavingMixin):
         return decode(pipe, latents)
 
 
-def tiny_configs(vocab_size: int = 512) -> dict[str, dict]:
-    """Configs of a tiny SDXL-layout model (32 px; for tests and benchmarks).
-
-    Shaped like SDXL base, scaled down: the first down block (and the last up block) has no
-    attention, deeper blocks stack more transformer layers (SDXL: 1, 2, 10; here 1, 2), the
-    mid block attends, the second text encoder is wider than the first, and the UNet's
-    cross-attention width is both encoders' widths together.
-    """
-    from stunning.embedded import RESOLUTION, _clip
-    from stunning.embedded import tiny_configs as sd_configs
-
-    # Two widths, as in SDXL (768 and 1280): single-file loading tells the encoders apart by width.
-    te1, te2 = _clip(vocab_size, hidden=32, layers=2, heads=4), _clip(vocab_size, hidden=48, layers=2, heads=4)
-    time_dim = 8
-    return {
-        "unet": {
-            "sample_size": RESOLUTION // 2,
-            "in_channels": 4,
-            "out_channels": 4,
-            "layers_per_block": 1,
-            "block_out_channels": [16, 32],
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "cross_attention_dim": te1["hidden_size"] + te2["hidden_size"],
-            "attention_head_dim": [2, 4],
-            "transformer_layers_per_block": [1, 2],
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": time_dim,
-            "projection_class_embeddings_input_dim": 6 * time_dim + te2["projection_dim"],
-            "norm_num_groups": 8,
-        },
-        "vae": {**sd_configs(vocab_size)["vae"], "force_upcast": True},
-        "text_encoder": te1,
-        "text_encoder_2": te2,
-    }
-
-
-def tiny_pipeline(seed: int = 0):
-    """A randomly initialised tiny `StableDiffusionXLPipeline` (what `build_tiny(..., "sdxl")` saves)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from stunning.embedded import load_tokenizer
-
-    tokenizer = load_tokenizer()
-    cfg = tiny_configs(vocab_size=len(tokenizer))
-    torch.manual_seed(seed)
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
-    )
-    return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**cfg["unet"]),
-        vae=AutoencoderKL(**cfg["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-        tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
-        tokenizer_2=load_tokenizer(),
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-
-
-FAMILY = register(SDXLFamily())
-__all__ = ["FAMILY", "SDXLFamily", "ModelNotFoundError", "SAMPLERS", "decode", "unpack", "time_ids", "tiny_pipeline"]
+FAMILY = SDXLFamily()
+__all__ = ["FAMILY", "SDXLFamily", "ModelNotFoundError", "SAMPLERS", "decode", "unpack", "time_ids"]

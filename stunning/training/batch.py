@@ -1,39 +1,32 @@
-"""Batch size that fits the machine: out-of-memory detection, `batch_size: auto` probing, caps.
+"""Batch size that fits the machine: `batch_size: auto` probing and its caps.
 
-- :func:`is_oom_error` tells an out-of-memory failure (CUDA, MPS, the MPS tensor-size limits,
-  the CPU allocator) from any other exception, so that only memory problems are retried;
 - :func:`find_batch_size` probes the largest batch a trial step runs with: it doubles from
   `start` while the trial succeeds, backs off (halves) on an out-of-memory error, then bisects
   between the largest size that ran and the smallest that did not; never above `max_batch`,
   on MPS never above :func:`mps_batch_cap`, on the CPU never above what the measured memory
   growth of the trials projects to fit in 80 % of the available memory;
-- :func:`free_memory` releases what a failed attempt left behind (Python garbage, the CUDA/MPS
-  caching allocators) before the next one.
+- :func:`probe_batch_size` resolves `train.batch_size: auto` for a run: :func:`find_batch_size`
+  over real training steps of the run's model that leave no trace on it.
 
-The trainer (`stunning.training.lora`) uses these for `train.batch_size: auto` and to halve
-the batch when a training step runs out of memory.
+The training loop (`stunning.training.loop`) uses these for `train.batch_size: auto` and to
+halve the batch when a training step runs out of memory.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from stunning.config import TrainConfig
+from stunning.training.memory import free_memory, is_oom_error
+from stunning.training.precision import autocast, weight_dtype
+from stunning.training.rng import global_rng_state, load_trainable_state, set_global_rng_state, trainable_state
+
 log = logging.getLogger(__name__)
 
-# Substrings of the RuntimeError messages PyTorch raises when memory runs out.
-OOM_MESSAGES = (
-    "CUDA out of memory",  # torch.cuda.OutOfMemoryError (and older torch's plain RuntimeError)
-    "CUBLAS_STATUS_ALLOC_FAILED",  # cuBLAS could not allocate its workspace
-    "MPS backend out of memory",  # the MPS allocator hit its high-watermark limit
-    "total bytes of NDArray > 2**32",  # one MPS tensor above 4 GiB (MPSNDArray limit)
-    "Invalid buffer size",  # an MPS buffer above the device's maximum buffer length
-    "DefaultCPUAllocator: can't allocate memory",  # the CPU allocator's failure
-)
 # MPSNDArray refuses tensors of 2**32 bytes or more (older macOS/PyTorch abort the process
 # instead of raising), so a batch is sized to keep its largest tensor at half of that.
 MPS_MAX_TENSOR_BYTES = 2**32
@@ -48,37 +41,6 @@ PeakGrowth = Callable[[Callable[[], object]], int]
 
 class BatchSizeError(RuntimeError):
     """Even a batch of one image does not fit: the message says what to change."""
-
-
-def is_oom_error(exc: BaseException) -> bool:
-    """True if `exc` means the device (or the CPU) ran out of memory.
-
-    Recognises :class:`torch.OutOfMemoryError` (CUDA, and MPS in recent PyTorch), Python's
-    :class:`MemoryError`, and RuntimeErrors whose message carries one of :data:`OOM_MESSAGES`
-    (CUDA and MPS out of memory, the MPS tensor-size limits, the CPU allocator). Any other
-    exception is not an OOM: it is a bug or bad input and must not be retried.
-    """
-    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    oom = getattr(torch, "OutOfMemoryError", None)  # torch >= 2.5: one class for every device
-    if oom is not None and isinstance(exc, oom):
-        return True
-    if isinstance(exc, RuntimeError):
-        message = str(exc)
-        return any(m in message for m in OOM_MESSAGES)
-    return False
-
-
-def free_memory(device: torch.device | str | None = None) -> None:
-    """Release what a failed step left: Python garbage, then the device's cached blocks."""
-    gc.collect()
-    kind = torch.device(device).type if device is not None else None
-    if kind in (None, "cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    mps = getattr(torch, "mps", None)
-    if kind in (None, "mps") and mps is not None and getattr(torch.backends, "mps", None) is not None:
-        if torch.backends.mps.is_available():
-            mps.empty_cache()
 
 
 def mps_batch_cap(
@@ -154,7 +116,7 @@ def find_batch_size(
     """The largest batch size for which `try_step(batch_size)` runs, probed with few trials.
 
     Doubles from `start` while the trial succeeds; on an out-of-memory error (see
-    :func:`is_oom_error`) frees memory and backs off (halves) until one runs, then bisects
+    :func:`stunning.training.memory.is_oom_error`) frees memory and backs off (halves) until one runs, then bisects
     between the largest size that ran and the smallest that did not. Never tries more than
     `max_batch`; on MPS (with `latent_shape`) never more than :func:`mps_batch_cap`. On the
     CPU, where memory running out means swapping rather than an exception, each trial's peak
@@ -237,3 +199,84 @@ def find_batch_size(
             )
             return search
         size = nxt
+
+
+def _attention_geometry(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """(attention heads, patch size) of a diffusers denoiser, for the MPS batch cap.
+
+    Transformers (sd3) name their heads `num_attention_heads`; the SD 1.x UNet's
+    `attention_head_dim` is, despite its name, its number of heads. Unknown: 8 heads, no patches.
+    """
+    config = dict(getattr(denoiser, "config", {}) or {})
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
+    if isinstance(heads, list | tuple):
+        heads = max((h for h in heads if isinstance(h, int)), default=8)
+    patch = config.get("patch_size") or 1
+    return int(heads), int(patch) if isinstance(patch, int) else 1
+
+
+def probe_batch_size(
+    fam,
+    pipe,
+    params: list[torch.nn.Parameter],
+    scheduler,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    cfg: TrainConfig,
+    dev: torch.device,
+    mixed_precision: str,
+    per_step: int = 1,
+) -> int:
+    """Resolve `batch_size: auto` with trial steps that leave no trace on the run.
+
+    `per_step`: images a step trains on per unit of batch size (2 with prior preservation:
+    the instance batch plus as many class images); trials use that many.
+
+    Runs before the run's optimizer, schedule and generators are created. Each trial is one
+    forward/backward (in training mode, under the run's autocast, with gradient checkpointing
+    if enabled) and one step of a throwaway AdamW (its state is part of the memory), on the
+    first images of the train set with noise from a throwaway generator. Afterwards the
+    adapter weights are copied back from before the trials, the gradients dropped and torch's
+    global RNG (LoRA dropout) restored, so the run trains exactly as if the chosen size had
+    been set in the config.
+    """
+    denoiser = fam.denoiser(pipe)
+    heads, patch = _attention_geometry(denoiser)
+    snapshot = trainable_state(denoiser)
+    rng = global_rng_state(dev)
+    was_training = denoiser.training
+    probe_opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    n = latents.shape[0]
+
+    def trial(batch_size: int) -> None:
+        idx = (torch.arange(batch_size * per_step) % n).to(latents.device)
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        try:
+            with autocast(dev, mixed_precision):
+                loss = fam.training_loss(pipe, latents[idx], cond[idx], gen, scheduler=scheduler)
+            loss.backward()
+            probe_opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # an asynchronous failure surfaces here, not in training
+        finally:
+            probe_opt.zero_grad(set_to_none=True)
+
+    denoiser.train()
+    try:
+        search = find_batch_size(
+            trial,
+            1,
+            cfg.max_batch_size,
+            dev,
+            latent_shape=tuple(latents.shape[1:]),
+            heads=heads,
+            patch_size=patch,
+            bytes_per_element=weight_dtype(mixed_precision).itemsize,
+        )
+    finally:
+        probe_opt.state.clear()  # its moments are the trials', and memory the run needs
+        load_trainable_state(denoiser, snapshot)
+        set_global_rng_state(rng, dev)
+        denoiser.train(was_training)
+        free_memory(dev)
+    return search.batch_size

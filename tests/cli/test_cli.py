@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stunning.bundle import build_bundle
 from stunning.cli import app
-from stunning.config import Params
+from stunning.config import Params, TrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -127,6 +127,13 @@ def test_research_command(tmp_path):
     table = runner.invoke(app, ["research", "--params", str(params), "--budget-gb", "64"])
     assert table.exit_code == 0, table.output
     assert "mine" in table.output and "plan:" in table.output
+    # The adapter sized is the params' train section's (shipped defaults when it is left out).
+    assert report["lora_rank"] == TrainConfig().rank and report["lora_targets"] == TrainConfig().target_modules
+    params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()),
+                                      "train": {"rank": 2, "target_modules": ["to_q"]}}))
+    small = json.loads(runner.invoke(app, ["research", "--params", str(params), "--budget-gb", "64", "--json"]).stdout)
+    assert small["lora_rank"] == 2 and small["candidates"][0]["lora"]["targets"] == ["to_q"]
+    assert 0 < small["candidates"][0]["lora"]["params"] < report["candidates"][0]["lora"]["params"]
 
 
 def test_research_bad_params(tmp_path):

@@ -262,3 +262,36 @@ def test_convert_lora_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     result = runner.invoke(app, ["convert-lora", str(tmp_path / "bad.safetensors")])
     assert result.exit_code == 2 and "not a safetensors file" in result.output
+
+
+def test_defaults_come_from_the_config_models_and_the_family():
+    """One source per default: TrainConfig (= params.yaml), the one-off's own few, the family's targets."""
+    from stunning.config import TrainConfig
+    from stunning.families import get_family
+    from stunning.oneoff import ONEOFF_TRAIN_DEFAULTS, OneOffOptions, oneoff_default, train_config
+
+    for name in ("sd3", "sd-unet"):
+        fam = get_family(name)
+        cfg = train_config(OneOffOptions(model="m", data=Path("d")), fam)
+        assert cfg.target_modules == list(fam.default_lora_targets)
+        assert (cfg.steps, cfg.learning_rate, cfg.batch_size) == (1000, 1e-4, "auto") == tuple(
+            ONEOFF_TRAIN_DEFAULTS[k] for k in ("steps", "learning_rate", "batch_size"))
+        assert cfg.checkpoint_every == 100 and cfg.alpha == float(cfg.rank)
+        shipped = TrainConfig()
+        for key in ("rank", "dropout", "caption_dropout", "lr_scheduler", "keep_checkpoints", "mixed_precision"):
+            assert getattr(cfg, key) == getattr(shipped, key) == oneoff_default(key), key
+    # An option given beats the --config file's key; the file beats the defaults.
+    opts = OneOffOptions(model="m", data=Path("d"), steps=8, config_overrides={"steps": 50, "rank": 2})
+    cfg = train_config(opts, get_family("sd3"))
+    assert (cfg.steps, cfg.rank, cfg.alpha, cfg.checkpoint_every) == (8, 2, 2.0, 2)
+
+
+def test_train_help_shows_the_library_defaults():
+    from stunning.config import TrainConfig
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for default in ("(default: 1000)", f"(default: {TrainConfig().rank})", "(default: 0.0001)", "(default: auto)",
+                    "(default: lora-out)"):
+        assert default in text, default

@@ -2,60 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
-from stunning.families import get_family
+from tests.factories import make_colour_vs_grey, random_lora
 
-FAMILY = get_family("sd3")
 STYLES = ("impressionist", "noir")
-
-
-def make_adapter(base: Path, out: Path, seed: int) -> None:
-    import peft
-
-    pipe = FAMILY.load_pipeline(base, torch.device("cpu"), torch.float32)
-    pipe.transformer.add_adapter(
-        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
-    )
-    g = torch.Generator().manual_seed(seed)
-    for name, p in pipe.transformer.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.2
-    FAMILY.save_lora(pipe, out)
-
-
-def style_image(style: str, rng: np.random.Generator) -> Image.Image:
-    if style == "noir":
-        g = np.clip(rng.normal(0.5, 0.35, (32, 32)), 0, 1)
-        return Image.fromarray((np.stack([g] * 3, -1) * 255).astype(np.uint8), mode="RGB")
-    return Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB")
-
-
-def make_curated(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    rows = []
-    for style in STYLES:
-        for i in range(6):
-            split = "val" if i < 2 else "train"
-            rel = Path(split) / style / f"{style}-{i}.png"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            style_image(style, rng).save(root / rel)
-            rows.append({"id": f"{style}-{i}", "style": style, "split": split, "path": rel.as_posix(),
-                         "caption": f"a red dress, {style} style", "width": 32, "height": 32, "phash": "0" * 16,
-                         "blur": 100.0, "caption_words": 4})
-    with (root / "manifest.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +30,8 @@ def project(tiny_base, tmp_path_factory) -> Path:
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for i, style in enumerate(STYLES):
-        make_adapter(tiny_base, root / "adapters" / style, seed=i + 1)
-    make_curated(root / "curated")
+        random_lora(tiny_base, root / "adapters" / style, "sd3", seed=i + 1)
+    make_colour_vs_grey(root / "curated")
     merge.main([
         "--params", str(root / "params.yaml"), "--base", str(tiny_base), "--adapters", str(root / "adapters"),
         "--out", str(root / "merged"), "--report", str(root / "reports" / "merge.json"), "--device", "cpu",

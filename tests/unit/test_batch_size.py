@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stunning.config import TrainConfig
-from stunning.training.batch import BatchSizeError, find_batch_size, is_oom_error, mps_batch_cap
+from stunning.training.batch import BatchSizeError, find_batch_size, mps_batch_cap
+from stunning.training.memory import is_oom_error
 
 MB = 2**20
 CUDA_OOM = (
@@ -147,7 +148,7 @@ def curated(tmp_path_factory):
 
 
 def _train(base, curated, cfg, out, tracker=None, checkpoints=None, **kw):
-    from stunning.training.lora import train_style
+    from stunning.training.trainer import train_style
 
     return train_style(base, kw.pop("family", "sd3"), curated, "noir", cfg, out, tracker, checkpoints, "cpu",
                        sample_seeds=(), **kw)
@@ -156,8 +157,10 @@ def _train(base, curated, cfg, out, tracker=None, checkpoints=None, **kw):
 def _cfg(**kw) -> TrainConfig:
     # Precision pinned: with "auto" the CPU calibration's trial steps would meet the faked
     # out-of-memory errors before the loop whose handling these tests check.
-    return TrainConfig(**{"steps": 4, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 5e-3,
-                          "mixed_precision": "no", **kw})
+    from tests.factories import tiny_train_config
+
+    return tiny_train_config(**{"steps": 4, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 5e-3,
+                                "mixed_precision": "no", **kw})
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -181,7 +184,7 @@ def test_auto_batch_size_is_probed_reported_and_leaves_no_trace(tmp_path, tiny_b
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_resume_reuses_the_checkpointed_batch_size_without_probing(tmp_path, monkeypatch, tiny_base, curated):
-    from stunning.training import lora
+    from stunning.training import batch
     from tests.factories import RecordingTracker
 
     cfg = _cfg(batch_size="auto", max_batch_size=4)
@@ -197,7 +200,7 @@ def test_resume_reuses_the_checkpointed_batch_size_without_probing(tmp_path, mon
     def no_probe(*args, **kwargs):
         raise AssertionError("a resumed run must not probe the batch size again")
 
-    monkeypatch.setattr(lora, "find_batch_size", no_probe)
+    monkeypatch.setattr(batch, "find_batch_size", no_probe)
     tracker = RecordingTracker()
     resumed = _train(tiny_base, curated, cfg, tmp_path / "b", tracker, checkpoints=tmp_path / "ck-b")
     assert resumed["resumed_from_step"] == 2 and resumed["batch_size"] == straight["batch_size"] == 4

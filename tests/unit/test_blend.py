@@ -11,32 +11,12 @@ import yaml
 
 from stunning.blend import BlendError, blend_adapters, fuse, lora_deltas, read_lora
 from stunning.families import get_family
+from tests.factories import random_lora
 
 FAMILY = get_family("sd-unet")
 CPU = torch.device("cpu")
 PROMPTS = ["a red dress on a white background", "a blue hat on a grey background"]
 SEEDS = [0, 1]
-
-
-def make_adapter(base: Path, out: Path, seed: int, r: int = 4, alpha: float = 4.0, targets=None, rslora=False) -> Path:
-    """A real, non-zero LoRA: PEFT adapter on the tiny UNet with seeded random B weights."""
-    import peft
-
-    pipe = FAMILY.load_pipeline(base, CPU, torch.float32)
-    cfg = peft.LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=targets or ["to_q", "to_k", "to_v", "to_out.0"],
-        init_lora_weights="gaussian",
-        use_rslora=rslora,
-    )
-    pipe.unet.add_adapter(cfg)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.2
-    FAMILY.save_lora(pipe, out)
-    return out
 
 
 def unet_weights(pipe) -> dict[str, torch.Tensor]:
@@ -63,10 +43,11 @@ def to_array(images) -> np.ndarray:
 def adapters(tiny_sd_unet, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "impressionist": make_adapter(tiny_sd_unet, root / "impressionist", seed=1, r=4, alpha=4.0),
-        "noir": make_adapter(tiny_sd_unet, root / "noir", seed=2, r=4, alpha=8.0),
+        "impressionist": random_lora(tiny_sd_unet, root / "impressionist", "sd-unet", seed=1, rank=4, alpha=4.0).parent,
+        "noir": random_lora(tiny_sd_unet, root / "noir", "sd-unet", seed=2, rank=4, alpha=8.0).parent,
         # different rank, fewer targets and rsLoRA scaling: exercises rank_pattern and scales
-        "sketch": make_adapter(tiny_sd_unet, root / "sketch", seed=3, r=2, alpha=3.0, targets=["to_q", "to_k"], rslora=True),
+        "sketch": random_lora(tiny_sd_unet, root / "sketch", "sd-unet", seed=3, rank=2, alpha=3.0,
+                              targets=["to_q", "to_k"], rslora=True).parent,
     }
 
 

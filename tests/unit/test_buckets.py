@@ -6,7 +6,6 @@ from a set curated with buckets.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -16,12 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from stunning.config import ConfigError, DataConfig, TrainConfig, load_params
+from stunning.config import ConfigError, DataConfig, load_params
 from stunning.data.images import bucket_resize, bucket_sizes
 from stunning.families import get_family
 from stunning.training.dataset import CuratedDataset, DatasetError
-from stunning.training.lora import check_bucket_sizes, size_multiple, train_style
-from tests.factories import ShapeRecorder, make_bucketed
+from stunning.training.encoding import check_bucket_sizes, size_multiple
+from stunning.training.trainer import train_style
+from tests.factories import ShapeRecorder, make_bucketed, read_curated, tiny_train_config, write_curated
 
 TINY = {"sd3": "tiny_base", "sd-unet": "tiny_sd_unet", "sdxl": "tiny_sdxl", "flux": "tiny_flux"}
 
@@ -126,18 +126,11 @@ def test_training_refuses_buckets_the_model_cannot_take(tiny_base, tmp_path):
     # Step 6: 30x30 and 36x24 are buckets of 32 px, but the model needs multiples of 4 (30 is not).
     (root / "curate_config.yaml").write_text("data:\n  resolution: 32\n  buckets: true\n  bucket_step: 6\n"
                                              "  bucket_max_ratio: 2.0\n")
-    with (root / "manifest.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    for i, r in enumerate(rows):
-        r["width"], r["height"] = [(30, 30), (36, 24)][i % 2]
-        with Image.open(root / r["path"]) as img:
-            img.resize((int(r["width"]), int(r["height"]))).save(root / r["path"])
-    with (root / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    items = read_curated(root)
+    write_curated(root, [item._replace(image=item.image.resize([(30, 30), (36, 24)][i % 2]))
+                         for i, item in enumerate(items)])
     with pytest.raises(DatasetError, match=r"size\(s\) 30x30 are not multiples of 4, which the sd3 model needs"):
-        train_style(tiny_base, "sd3", root, "noir", TrainConfig(steps=1), tmp_path / "o", None, None, "cpu",
+        train_style(tiny_base, "sd3", root, "noir", tiny_train_config(steps=1), tmp_path / "o", None, None, "cpu",
                     sample_seeds=())
 
 
@@ -145,7 +138,7 @@ def test_training_refuses_buckets_the_model_cannot_take(tiny_base, tmp_path):
 def test_a_bucketed_set_trains_with_one_bucket_per_batch(name, bucketed, tmp_path, request):
     base = request.getfixturevalue({"sd3": "tiny_base", "sd-unet": "tiny_sd_unet"}[name])
     fam = ShapeRecorder(name)
-    cfg = TrainConfig(steps=10, batch_size=2, learning_rate=5e-3, target_modules=fam.default_lora_targets)
+    cfg = tiny_train_config(steps=10, batch_size=2, learning_rate=5e-3, target_modules=fam.default_lora_targets)
     summary = train_style(base, fam, bucketed, "noir", cfg, tmp_path / "out", None, None, "cpu", sample_seeds=())
     assert summary["val_loss"] is not None
     train_shapes = fam.shapes[:10]  # the 10 steps (val evaluation follows)
@@ -155,7 +148,7 @@ def test_a_bucketed_set_trains_with_one_bucket_per_batch(name, bucketed, tmp_pat
 
 
 def test_bucketed_runs_resume_exactly(bucketed, tiny_base, tmp_path):
-    cfg = TrainConfig(steps=8, batch_size=2, checkpoint_every=4, learning_rate=5e-3, caption_dropout=0.2)
+    cfg = tiny_train_config(steps=8, batch_size=2, checkpoint_every=4, learning_rate=5e-3, caption_dropout=0.2)
     straight = train_style(tiny_base, "sd3", bucketed, "noir", cfg, tmp_path / "a", None, tmp_path / "ck-a", "cpu",
                            sample_seeds=())
 
@@ -181,6 +174,6 @@ def test_bucket_histogram_is_logged(bucketed, tiny_base, tmp_path):
     from tests.factories import RecordingTracker
 
     tracker = RecordingTracker()
-    train_style(tiny_base, "sd3", bucketed, "noir", TrainConfig(steps=2, batch_size=2), tmp_path / "o", tracker, None,
+    train_style(tiny_base, "sd3", bucketed, "noir", tiny_train_config(steps=2, batch_size=2), tmp_path / "o", tracker, None,
                 "cpu", sample_seeds=())
     assert tracker.params["buckets"] == {"24x40": 2, "32x32": 2, "40x24": 2}

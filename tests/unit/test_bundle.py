@@ -223,16 +223,15 @@ def test_handoff_stage(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_example_runs_against_a_real_base_model(tmp_path):
+def test_example_runs_against_a_real_base_model(tiny_base, tmp_path):
     """example.py loads the embedded base model and real diffusers LoRA files, with no stunning import."""
     pytest.importorskip("stunning.embedded")
     import torch
     from peft import LoraConfig
 
-    from stunning.embedded import build_tiny
     from stunning.families import get_family
 
-    base = build_tiny(tmp_path / "base", family="sd3", seed=0)  # SD3 without T5, like the micro model
+    base = tiny_base  # SD3 without T5, like the micro model
     params = Params.model_validate({"base": {"source": "local", "path": str(base)}})
     adapters, blends, card = make_inputs(tmp_path / "inputs", params)
     fam = get_family("sd3")

@@ -63,3 +63,28 @@ def test_batch_size_auto_and_thermal_keys(tmp_path):
     data["train"]["thermal_pause_s"] = 0
     with pytest.raises(ConfigError, match=r"train\.thermal_pause_s"):
         load_params(_write(tmp_path, data))
+
+
+def test_code_defaults_are_the_shipped_params_key_by_key():
+    """One source of truth: every section's model, built with no arguments, is params.yaml."""
+    from stunning.config import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = Params().model_dump(by_alias=True)
+    shipped = load_params(REPO / "params.yaml").model_dump(by_alias=True)  # nested models normalised
+    assert set(raw) == set(defaults), "sections of params.yaml vs Params"
+    problems = []
+    for section, fields in defaults.items():
+        for key in sorted(set(fields) | set(raw[section])):
+            if key not in raw[section]:
+                problems.append(f"{section}.{key}: in the code (default {fields[key]!r}) but not in params.yaml")
+            elif fields[key] != shipped[section][key]:
+                problems.append(f"{section}.{key}: code default {fields[key]!r} != params.yaml {shipped[section][key]!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_removed_research_lora_rank_says_what_to_do(tmp_path):
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["research"]["lora_rank"] = 4
+    with pytest.raises(ConfigError, match=r"research: .*lora_rank was removed.*train\.rank"):
+        load_params(_write(tmp_path, data))

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from stunning.config import ConfigError, TrainConfig, load_params
 from stunning.families import get_family
-from stunning.training.lora import class_images, instance_caption_fn, sample_prompt, train_style, trigger_words
-from tests.factories import RecordingTracker, make_curated
+from stunning.training.dreambooth import class_images, instance_caption_fn, trigger_words
+from stunning.training.samples import sample_prompt
+from stunning.training.trainer import train_style
+from tests.factories import RecordingTracker, make_curated, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,7 +29,7 @@ def curated(tmp_path_factory):
 def db_cfg(**kw) -> TrainConfig:
     base = {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 5e-3, "instance_prompt": "a photo in sks style",
             "class_prompt": "a photo", "prior_preservation": True, "num_class_images": 3, "class_sample_steps": 2}
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(**{**base, **kw})
 
 
 def test_instance_prompt_replaces_or_wraps_captions():

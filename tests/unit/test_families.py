@@ -101,12 +101,12 @@ def test_block_wise_targets_and_adapter_metadata(tiny_base, tmp_path, one_torch_
 
     from safetensors import safe_open
 
-    from stunning.config import TrainConfig
-    from stunning.training.lora import lora_config
+    from stunning.training.adapter import lora_config
+    from tests.factories import tiny_train_config
 
     fam = get_family("sd3")
     pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
-    cfg = TrainConfig(target_modules=["to_q", "to_v"], target_blocks=["transformer_blocks.1"], trigger_words=["sks"])
+    cfg = tiny_train_config(target_modules=["to_q", "to_v"], target_blocks=["transformer_blocks.1"], trigger_words=["sks"])
     pipe.transformer.add_adapter(lora_config(cfg))
     adapted = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A" in n}
     assert adapted == {"transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.to_v"}
@@ -125,14 +125,13 @@ def test_the_trainer_trains_and_resumes_every_family(family_base, tmp_path, one_
     """`train_style` (the pipeline's trainer) on each family: adapter saved, val loss measured."""
     from safetensors import safe_open
 
-    from stunning.config import TrainConfig
-    from stunning.training.lora import train_style
-    from tests.factories import make_curated
+    from stunning.training.trainer import train_style
+    from tests.factories import make_curated, tiny_train_config
 
     name, base = family_base
     fam = get_family(name)
     curated = make_curated(tmp_path / "curated", n_train=4, n_val=2)
-    cfg = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, learning_rate=5e-3,
+    cfg = tiny_train_config(steps=4, batch_size=2, checkpoint_every=2, learning_rate=5e-3,
                       target_modules=fam.default_lora_targets, caption_dropout=0.2)
 
     def crash_at_3(step, loss):
@@ -191,19 +190,18 @@ def test_sdxl_v_prediction_target(tiny_sdxl, one_torch_thread):
     ("sd-unet", "up_blocks.0", "up_blocks.0."),
 ])
 def test_unet_block_wise_targets(name, block, prefix, request, one_torch_thread):
-    from stunning.config import TrainConfig
-    from stunning.training.lora import lora_config
+    from stunning.training.adapter import lora_config
+    from tests.factories import tiny_train_config
 
     fam = get_family(name)
     pipe = fam.load_pipeline(request.getfixturevalue(TINY[name]), torch.device("cpu"), torch.float32)
-    pipe.unet.add_adapter(lora_config(TrainConfig(target_modules=["to_q"], target_blocks=[block])))
+    pipe.unet.add_adapter(lora_config(tiny_train_config(target_modules=["to_q"], target_blocks=[block])))
     adapted = {n.split(".lora_A")[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
     assert adapted and all(a.startswith(prefix) and a.endswith("to_q") for a in adapted)
 
 
-def test_flux_packs_latents_shifts_sigmas_and_feeds_guidance(tiny_flux, tmp_path, one_torch_thread):
-    from stunning.embedded import save_model
-    from stunning.families.flux import shift_sigmas, tiny_pipeline
+def test_flux_packs_latents_shifts_sigmas_and_feeds_guidance(tiny_flux, tiny_flux_schnell, one_torch_thread):
+    from stunning.families.flux import shift_sigmas
 
     fam = get_family("flux")
     pipe = fam.load_pipeline(tiny_flux, torch.device("cpu"), torch.float32)
@@ -230,8 +228,7 @@ def test_flux_packs_latents_shifts_sigmas_and_feeds_guidance(tiny_flux, tmp_path
         fam.train_guidance = 1.0
     assert float(a) != pytest.approx(float(b))
     # ...and a model without one (schnell layout) trains and samples without it.
-    plain = save_model(tiny_pipeline(0, guidance_embeds=False), tmp_path / "schnell", {"t5_tokens": 16, "resolution": 32})
-    pipe2 = fam.load_pipeline(plain, torch.device("cpu"), torch.float32)
+    pipe2 = fam.load_pipeline(tiny_flux_schnell, torch.device("cpu"), torch.float32)
     assert not pipe2.transformer.config.guidance_embeds
     assert torch.isfinite(fam.training_loss(pipe2, lat, cond, torch.Generator().manual_seed(0)))
     assert fam.generate(pipe2, ["a red dress"], [0], steps=2, guidance_scale=3.5)[0].size == (32, 32)
@@ -239,11 +236,11 @@ def test_flux_packs_latents_shifts_sigmas_and_feeds_guidance(tiny_flux, tmp_path
 
 @pytest.mark.parametrize("block", ["transformer_blocks.0", "single_transformer_blocks.0"])
 def test_flux_block_wise_targets(tiny_flux, block, one_torch_thread):
-    from stunning.config import TrainConfig
-    from stunning.training.lora import lora_config
+    from stunning.training.adapter import lora_config
+    from tests.factories import tiny_train_config
 
     fam = get_family("flux")
     pipe = fam.load_pipeline(tiny_flux, torch.device("cpu"), torch.float32)
-    pipe.transformer.add_adapter(lora_config(TrainConfig(target_modules=["to_q", "proj_out"], target_blocks=[block])))
+    pipe.transformer.add_adapter(lora_config(tiny_train_config(target_modules=["to_q", "proj_out"], target_blocks=[block])))
     adapted = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A" in n}
     assert adapted and all(a.startswith(block + ".") for a in adapted), adapted

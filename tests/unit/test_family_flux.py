@@ -25,23 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["a red dress on a white background"] * 2 + ["a blue hat on a grey background"] * 2
 
 
-@pytest.fixture(scope="module")
-def flux_base(tmp_path_factory):
-    from stunning.embedded import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("flux") / "tiny-flux", family="flux", seed=0)
-
-
-@pytest.fixture(scope="module")
-def schnell_base(tmp_path_factory):
-    """The same tiny model without a guidance embedding (FLUX.1-schnell layout)."""
-    from stunning.embedded import save_model
-    from stunning.families.flux import TINY_SETTINGS, tiny_pipeline
-
-    return save_model(tiny_pipeline(0, guidance_embeds=False), tmp_path_factory.mktemp("flux") / "schnell",
-                      TINY_SETTINGS)
-
-
 @pytest.fixture
 def fam():
     return get_family("flux")
@@ -59,12 +42,12 @@ def lora_params(model):
 
 
 @pytest.fixture(scope="module")
-def trained(flux_base, tmp_path_factory, fixed_batch_losses):
+def trained(tiny_flux, tmp_path_factory, fixed_batch_losses):
     """15 steps on a fixed batch with the default targets; the adapter saved. (pipe, losses, dir)"""
     from peft import LoraConfig
 
     fam = get_family("flux")
-    pipe = load(flux_base)
+    pipe = load(tiny_flux)
     gen = torch.Generator().manual_seed(0)
     latents = fam.encode_images(pipe, torch.rand(4, 3, 32, 32) * 2 - 1, gen)
     cond = fam.encode_prompts(pipe, PROMPTS)
@@ -84,10 +67,10 @@ def test_registered_with_its_stock_pipeline(fam):
     assert fam.name == "flux" and fam.pipeline_class() is FluxPipeline and fam.lora_component == "transformer"
 
 
-def test_prompts_pack_t5_tokens_and_the_pooled_clip_vector(flux_base, fam):
+def test_prompts_pack_t5_tokens_and_the_pooled_clip_vector(tiny_flux, fam):
     from transformers import T5TokenizerFast
 
-    pipe = load(flux_base)
+    pipe = load(tiny_flux)
     # The local T5 tokenizer survived save_pretrained/from_pretrained: known words, no <unk>.
     assert isinstance(pipe.tokenizer_2, T5TokenizerFast)
     ids = pipe.tokenizer_2("a red dress").input_ids
@@ -109,11 +92,11 @@ def test_prompts_pack_t5_tokens_and_the_pooled_clip_vector(flux_base, fam):
 
 
 @pytest.mark.parametrize(("h", "w"), [(32, 32), (32, 48), (48, 32)])
-def test_latent_packing_is_the_stock_sampling_layout(flux_base, h, w):
+def test_latent_packing_is_the_stock_sampling_layout(tiny_flux, h, w):
     """Training packs 4-D latents exactly as FluxPipeline.prepare_latents does for that size."""
     from stunning.families.flux import pack_latents, unpack_latents
 
-    pipe = load(flux_base)
+    pipe = load(tiny_flux)
     c = pipe.transformer.config.in_channels // 4
     stock, stock_ids = pipe.prepare_latents(2, c, h, w, torch.float32, torch.device("cpu"),
                                             torch.Generator().manual_seed(5))
@@ -129,7 +112,7 @@ def test_latent_packing_is_the_stock_sampling_layout(flux_base, h, w):
         pack_latents(torch.zeros(1, c, 15, 16))
 
 
-def test_sigma_shift_matches_the_stock_scheduler(flux_base):
+def test_sigma_shift_matches_the_stock_scheduler(tiny_flux):
     """Training sigmas are shifted by the same resolution-dependent mu the sampler uses."""
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -137,7 +120,7 @@ def test_sigma_shift_matches_the_stock_scheduler(flux_base):
 
     from stunning.families.flux import shift_sigmas
 
-    pipe = load(flux_base)
+    pipe = load(tiny_flux)
     cfg = pipe.scheduler.config
     assert cfg.use_dynamic_shifting
     s = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.1], dtype=torch.float64)
@@ -168,8 +151,8 @@ class _Probe:
         self.calls.append([a.detach().clone() for a in args])
 
 
-def test_guidance_embedding_gets_the_constant_training_guidance(flux_base, fam, monkeypatch):
-    pipe = load(flux_base)
+def test_guidance_embedding_gets_the_constant_training_guidance(tiny_flux, fam, monkeypatch):
+    pipe = load(tiny_flux)
     assert pipe.transformer.config.guidance_embeds and type(fam).train_guidance == 1.0
     latents = fam.encode_images(pipe, torch.rand(2, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
     cond = fam.encode_prompts(pipe, ["a red dress", "a blue hat"])
@@ -185,10 +168,10 @@ def test_guidance_embedding_gets_the_constant_training_guidance(flux_base, fam, 
     assert float(a) != pytest.approx(float(b))
 
 
-def test_a_model_without_guidance_embedding_trains_and_samples(schnell_base, fam):
+def test_a_model_without_guidance_embedding_trains_and_samples(tiny_flux_schnell, fam):
     from peft import LoraConfig
 
-    pipe = load(schnell_base)
+    pipe = load(tiny_flux_schnell)
     assert not pipe.transformer.config.guidance_embeds
     latents = fam.encode_images(pipe, torch.rand(2, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
     cond = fam.encode_prompts(pipe, ["a red dress", "a blue hat"])
@@ -202,10 +185,10 @@ def test_a_model_without_guidance_embedding_trains_and_samples(schnell_base, fam
     assert fam.generate(pipe, ["a red dress"], [0], steps=2, guidance_scale=3.5)[0].size == (32, 32)
 
 
-def test_non_square_latents_train(flux_base, fam):
+def test_non_square_latents_train(tiny_flux, fam):
     from peft import LoraConfig
 
-    pipe = load(flux_base)
+    pipe = load(tiny_flux)
     wide = fam.encode_images(pipe, torch.rand(2, 3, 32, 48) * 2 - 1, torch.Generator().manual_seed(0))
     assert wide.shape == (2, pipe.transformer.config.in_channels // 4, 16, 24)
     cond = fam.encode_prompts(pipe, ["a red dress", "a blue hat"])
@@ -228,7 +211,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(trained):
     assert after < 0.9 * before, (before, after)
 
 
-def test_the_stock_pipeline_loads_the_whole_adapter_and_reproduces_the_model(trained, flux_base, fam):
+def test_the_stock_pipeline_loads_the_whole_adapter_and_reproduces_the_model(trained, tiny_flux, fam):
     from diffusers import FluxPipeline
     from safetensors import safe_open
 
@@ -239,7 +222,7 @@ def test_the_stock_pipeline_loads_the_whole_adapter_and_reproduces_the_model(tra
     assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     assert meta["stunning.family"] == "flux" and "lora_adapter_metadata" in meta
 
-    stock = FluxPipeline.from_pretrained(str(flux_base), local_files_only=True)  # no project code
+    stock = FluxPipeline.from_pretrained(str(tiny_flux), local_files_only=True)  # no project code
     stock.load_lora_weights(str(lora_dir))
     ours = {n.replace(".default.", "."): p for n, p in lora_params(pipe.transformer).items()}
     theirs = {n.replace(".default_0.", "."): p for n, p in lora_params(stock.transformer).items()}
@@ -258,8 +241,8 @@ def test_the_stock_pipeline_loads_the_whole_adapter_and_reproduces_the_model(tra
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler-ancestral", "dpm++"])
-def test_generation_is_seeded(flux_base, fam, sampler):
-    pipe = load(flux_base)
+def test_generation_is_seeded(tiny_flux, fam, sampler):
+    pipe = load(tiny_flux)
     fam.set_sampler(pipe, sampler)
     a, c = fam.generate(pipe, ["a blue hat", "a blue hat"], [3, 4], steps=3, guidance_scale=3.5)
     b = fam.generate(pipe, ["a blue hat"], [3], steps=3, guidance_scale=3.5)[0]
@@ -267,33 +250,33 @@ def test_generation_is_seeded(flux_base, fam, sampler):
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
 
 
-def test_sampler_errors(flux_base, schnell_base, fam):
+def test_sampler_errors(tiny_flux, tiny_flux_schnell, fam):
     with pytest.raises(ValueError, match="unknown sampler"):
-        fam.set_sampler(load(flux_base), "heun-9000")
+        fam.set_sampler(load(tiny_flux), "heun-9000")
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    pipe = load(schnell_base)
+    pipe = load(tiny_flux_schnell)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # constant shift: no mu for DPM-Solver
     with pytest.raises(ValueError, match="dynamic shifting"):
         fam.set_sampler(pipe, "dpm++")
 
 
-def test_missing_model_names_the_folder_and_the_fix(flux_base, fam, tmp_path):
+def test_missing_model_names_the_folder_and_the_fix(tiny_flux, fam, tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist.*base.path"):
         fam.load_pipeline(tmp_path / "nowhere", torch.device("cpu"), torch.float32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="model_index.json is missing"):
         fam.load_pipeline(tmp_path / "empty", torch.device("cpu"), torch.float32)
-    no_t5 = shutil.copytree(flux_base, tmp_path / "no-t5")
+    no_t5 = shutil.copytree(tiny_flux, tmp_path / "no-t5")
     shutil.rmtree(no_t5 / "text_encoder_2")
     with pytest.raises(ModelNotFoundError, match=r"lacks the component folder\(s\) \['text_encoder_2'\]"):
         fam.load_pipeline(no_t5, torch.device("cpu"), torch.float32)
 
 
-def test_default_targets_cover_both_streams_and_the_single_blocks(flux_base, fam):
+def test_default_targets_cover_both_streams_and_the_single_blocks(tiny_flux, fam):
     from peft import LoraConfig
 
-    pipe = load(flux_base)
+    pipe = load(tiny_flux)
     pipe.transformer.add_adapter(LoraConfig(r=2, target_modules=fam.default_lora_targets))
     adapted = {n.split(".lora_A")[0] for n in lora_params(pipe.transformer) if ".lora_A" in n}
     double = {f"transformer_blocks.0.attn.{m}" for m in
@@ -303,12 +286,12 @@ def test_default_targets_cover_both_streams_and_the_single_blocks(flux_base, fam
 
 
 @pytest.mark.parametrize("block", ["transformer_blocks.0", "single_transformer_blocks.0"])
-def test_block_wise_targets_adapt_only_that_block(flux_base, fam, block):
-    from stunning.config import TrainConfig
-    from stunning.training.lora import lora_config
+def test_block_wise_targets_adapt_only_that_block(tiny_flux, fam, block):
+    from stunning.training.adapter import lora_config
+    from tests.factories import tiny_train_config
 
-    pipe = load(flux_base)
-    cfg = TrainConfig(target_modules=fam.default_lora_targets, target_blocks=[block])
+    pipe = load(tiny_flux)
+    cfg = tiny_train_config(target_modules=fam.default_lora_targets, target_blocks=[block])
     pipe.transformer.add_adapter(lora_config(cfg))
     adapted = {n.split(".lora_A")[0] for n in lora_params(pipe.transformer) if ".lora_A" in n}
     assert adapted and all(a.startswith(block + ".") for a in adapted), adapted
@@ -316,20 +299,19 @@ def test_block_wise_targets_adapt_only_that_block(flux_base, fam, block):
     assert fam.block_pattern.format(i=0) in block + "."
 
 
-def test_the_trainer_trains_flux(flux_base, tmp_path):
+def test_the_trainer_trains_flux(tiny_flux, tmp_path):
     """`train_style` (the pipeline's trainer) end to end on the tiny FLUX model."""
     from diffusers import FluxPipeline
     from safetensors import safe_open
 
-    from stunning.config import TrainConfig
-    from stunning.training.lora import train_style
-    from tests.factories import make_curated
+    from stunning.training.trainer import train_style
+    from tests.factories import make_curated, tiny_train_config
 
     fam = get_family("flux")
     curated = make_curated(tmp_path / "curated", n_train=4, n_val=2)
-    cfg = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, learning_rate=5e-3,
+    cfg = tiny_train_config(steps=4, batch_size=2, checkpoint_every=2, learning_rate=5e-3,
                       target_modules=fam.default_lora_targets, caption_dropout=0.2)
-    summary = train_style(flux_base, "flux", curated, "noir", cfg, tmp_path / "out", None, tmp_path / "ckpt",
+    summary = train_style(tiny_flux, "flux", curated, "noir", cfg, tmp_path / "out", None, tmp_path / "ckpt",
                           device="cpu", sample_seeds=[0], samples_dir=tmp_path / "samples")
     assert summary["steps"] == 4 and summary["val_loss"] is not None
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["loss_history"])
@@ -337,36 +319,30 @@ def test_the_trainer_trains_flux(flux_base, tmp_path):
         assert f.metadata()["stunning.family"] == "flux"
         n_keys = len(list(f.keys()))
     assert len(list((tmp_path / "samples" / "noir").glob("*.png"))) == 1
-    stock = FluxPipeline.from_pretrained(str(flux_base), local_files_only=True)
+    stock = FluxPipeline.from_pretrained(str(tiny_flux), local_files_only=True)
     stock.load_lora_weights(str(Path(summary["adapter"]).parent))
     assert len(lora_params(stock.transformer)) == n_keys
 
 
-def test_blend_fuse_and_quantize_work_on_flux_adapters(trained, flux_base, fam, tmp_path):
+def test_blend_fuse_and_quantize_work_on_flux_adapters(trained, tiny_flux, fam, tmp_path):
     """The stages after training: blending two FLUX adapters, fusing, int8 quantization."""
     from diffusers import FluxPipeline
-    from peft import LoraConfig
 
     from stunning.blend import blend_adapters, fuse
     from stunning.quantize import load_quantized, quantize_denoiser
+    from tests.factories import random_lora
 
     pipe, _, lora_a = trained
-    other = load(flux_base)
+    other = load(tiny_flux)
     torch.manual_seed(7)
-    other.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "proj_mlp"],
-                                             init_lora_weights="gaussian"))
-    with torch.no_grad():
-        for n, p in lora_params(other.transformer).items():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    fam.save_lora(other, tmp_path / "b")
+    random_lora(other, tmp_path / "b", "flux", None, rank=2, alpha=2, targets=["to_q", "to_v", "proj_mlp"], scale=0.05)
     blend = blend_adapters({"a": lora_a, "b": tmp_path / "b"}, {"a": 0.5, "b": 0.5}, tmp_path / "blend")
 
-    stock = FluxPipeline.from_pretrained(str(flux_base), local_files_only=True)
+    stock = FluxPipeline.from_pretrained(str(tiny_flux), local_files_only=True)
     stock.load_lora_weights(str(tmp_path / "blend"))
     assert len(lora_params(stock.transformer)) == 2 * blend.layers
 
-    fused = fuse(flux_base, fam, tmp_path / "blend", tmp_path / "fused")
+    fused = fuse(tiny_flux, fam, tmp_path / "blend", tmp_path / "fused")
     assert json.loads((fused / "stunning.json").read_text())["resolution"] == 32
     q = quantize_denoiser(fused, fam, tmp_path / "q")
     assert q.component == "transformer" and q.quantized_bytes < q.fp32_bytes

@@ -20,19 +20,13 @@ from diffusers import StableDiffusionXLPipeline
 from stunning.config import TrainConfig
 from stunning.families import ModelNotFoundError, get_family
 from stunning.families.sdxl import SAMPLERS, time_ids, unpack
-from stunning.training.lora import lora_config
+from stunning.training.adapter import lora_config
+from tests.factories import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red dress on a white background", "a blue hat on a grey background"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from stunning.embedded import build_tiny
-
-    return build_tiny(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", family="sdxl", seed=0)
 
 
 @pytest.fixture
@@ -91,12 +85,12 @@ class TimeIds:
         self.calls.append((tuple(sample.shape), kwargs["added_cond_kwargs"]["time_ids"].tolist()))
 
 
-def test_tiny_model_has_the_sdxl_layout_and_packs_both_encoders(base, fam):
-    from stunning.families.source import detect_family
-    from stunning.training.lora import size_multiple
+def test_tiny_model_has_the_sdxl_layout_and_packs_both_encoders(tiny_sdxl, fam):
+    from stunning.model_source import detect_family
+    from stunning.training.encoding import size_multiple
 
-    assert detect_family(base) == "sdxl"
-    pipe = load(fam, base)
+    assert detect_family(tiny_sdxl) == "sdxl"
+    pipe = load(fam, tiny_sdxl)
     assert pipe.unet.config.addition_embed_type == "text_time"
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
@@ -110,10 +104,10 @@ def test_tiny_model_has_the_sdxl_layout_and_packs_both_encoders(base, fam):
     assert not cond[:, -1, pooled.shape[-1]:].any()  # the pooled token's padding is zeros
 
 
-def test_training_lowers_the_loss_and_stock_sdxl_loads_the_same_adapter(base, fam, tmp_path):
+def test_training_lowers_the_loss_and_stock_sdxl_loads_the_same_adapter(tiny_sdxl, fam, tmp_path):
     from safetensors import safe_open
 
-    pipe = load(fam, base)
+    pipe = load(fam, tiny_sdxl)
     before, after = train(fam, pipe, *batch(fam, pipe))
     assert after < 0.9 * before, (before, after)
 
@@ -122,7 +116,7 @@ def test_training_lowers_the_loss_and_stock_sdxl_loads_the_same_adapter(base, fa
         keys = list(f.keys())
         assert f.metadata()["stunning.family"] == "sdxl"
     assert keys and all(k.startswith("unet.") for k in keys)
-    plain = stock(base)
+    plain = stock(tiny_sdxl)
     base_image = fam.generate(plain, ["a red dress"], [0], steps=3, guidance_scale=4.0)[0]
     plain.load_lora_weights(str(tmp_path / "lora"))  # stock diffusers, no project code
     assert any("lora" in n for n, _ in plain.unet.named_modules())
@@ -136,8 +130,8 @@ def test_training_lowers_the_loss_and_stock_sdxl_loads_the_same_adapter(base, fa
     assert out.images.shape == (1, 32, 32, 3)
 
 
-def test_generation_is_seeded_and_is_what_the_stock_pipeline_draws(base, fam):
-    pipe = load(fam, base)
+def test_generation_is_seeded_and_is_what_the_stock_pipeline_draws(tiny_sdxl, fam):
+    pipe = load(fam, tiny_sdxl)
     a = fam.generate(pipe, ["a blue hat", "a red dress"], [3, 4], steps=3, guidance_scale=4.0)
     b = fam.generate(pipe, ["a blue hat", "a red dress"], [3, 4], steps=3, guidance_scale=4.0)
     c = fam.generate(pipe, ["a blue hat"], [5], steps=3, guidance_scale=4.0)
@@ -147,18 +141,18 @@ def test_generation_is_seeded_and_is_what_the_stock_pipeline_draws(base, fam):
     # One generator per image: an image does not depend on what else is in the batch.
     alone = fam.generate(pipe, ["a red dress"], [4], steps=3, guidance_scale=4.0)[0]
     assert np.abs(pixels([alone]) - pixels([a[1]])).max() <= 1 / 255
-    ref = stock(base)(["a blue hat"], generator=[torch.Generator().manual_seed(3)], num_inference_steps=3,
+    ref = stock(tiny_sdxl)(["a blue hat"], generator=[torch.Generator().manual_seed(3)], num_inference_steps=3,
                       guidance_scale=4.0, height=32, width=32, output_type="pil").images[0]
     assert ref.tobytes() == a[0].tobytes()
 
 
-def test_half_precision_keeps_the_vae_float32_and_still_generates(base, fam):
+def test_half_precision_keeps_the_vae_float32_and_still_generates(tiny_sdxl, fam):
     """float16 (MPS on an M1, CUDA without bf16): the VAE stays float32 and decoding works."""
-    half = load(fam, base, torch.float16)
+    half = load(fam, tiny_sdxl, torch.float16)
     assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
     img = fam.generate(half, ["a blue hat"], [3], steps=3, guidance_scale=4.0)[0]
     assert half.vae.dtype == torch.float32  # not cast down by the pipeline
-    full = fam.generate(load(fam, base), ["a blue hat"], [3], steps=3, guidance_scale=4.0)[0]
+    full = fam.generate(load(fam, tiny_sdxl), ["a blue hat"], [3], steps=3, guidance_scale=4.0)[0]
     assert img.size == (32, 32) and np.abs(pixels([img]) - pixels([full])).mean() < 4 / 255
     latents, cond = batch(fam, half, n=2)
     assert latents.dtype == torch.float32  # encoded by the float32 VAE
@@ -167,19 +161,19 @@ def test_half_precision_keeps_the_vae_float32_and_still_generates(base, fam):
     assert torch.isfinite(loss)
 
 
-def test_missing_or_incomplete_model_folder_says_what_and_how(base, fam, tmp_path):
+def test_missing_or_incomplete_model_folder_says_what_and_how(tiny_sdxl, fam, tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"nowhere does not exist.*base\.path"):
         fam.load_pipeline(tmp_path / "nowhere", CPU, torch.float32)
     half = tmp_path / "no-second-encoder"
-    shutil.copytree(base, half, ignore=shutil.ignore_patterns("text_encoder_2", "tokenizer_2"))
+    shutil.copytree(tiny_sdxl, half, ignore=shutil.ignore_patterns("text_encoder_2", "tokenizer_2"))
     with pytest.raises(ModelNotFoundError, match=r"lacks the component folder\(s\) \['text_encoder_2', 'tokenizer_2'\]"):
         fam.load_pipeline(half, CPU, torch.float32)
 
 
 @pytest.mark.parametrize("block", ["down_blocks.1", "mid_block", "up_blocks.0"])
-def test_block_wise_targets_adapt_only_that_block(base, fam, block, tmp_path):
-    pipe = load(fam, base)
-    cfg = TrainConfig(target_modules=fam.default_lora_targets, target_blocks=[block])
+def test_block_wise_targets_adapt_only_that_block(tiny_sdxl, fam, block, tmp_path):
+    pipe = load(fam, tiny_sdxl)
+    cfg = tiny_train_config(target_modules=fam.default_lora_targets, target_blocks=[block])
     pipe.unet.add_adapter(lora_config(cfg))
     adapted = {n.split(".lora_A")[0] for n, _ in pipe.unet.named_parameters() if ".lora_A" in n}
     expected = {n for n, _ in pipe.unet.named_modules()
@@ -187,14 +181,14 @@ def test_block_wise_targets_adapt_only_that_block(base, fam, block, tmp_path):
                 or n.startswith(block + ".") and n.endswith(".to_out.0")}
     assert expected and adapted == expected
     fam.save_lora(pipe, tmp_path / "lora")
-    plain = stock(base)
+    plain = stock(tiny_sdxl)
     plain.load_lora_weights(str(tmp_path / "lora"))
     loaded = {n.split(".lora_A")[0] for n, _ in plain.unet.named_parameters() if ".lora_A" in n}
     assert loaded == expected
 
 
-def test_non_square_latents_train_with_their_own_time_ids(base, fam):
-    pipe = load(fam, base)
+def test_non_square_latents_train_with_their_own_time_ids(tiny_sdxl, fam):
+    pipe = load(fam, tiny_sdxl)
     latents, cond = batch(fam, pipe, h=32, w=48, n=2)
     assert latents.shape[-2:] == (16, 24)
     rec = TimeIds(pipe.unet)
@@ -209,10 +203,10 @@ def test_non_square_latents_train_with_their_own_time_ids(base, fam):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_loss_is_the_ddpm_objective_of_the_model_scheduler(base, fam, tmp_path, prediction_type):
+def test_loss_is_the_ddpm_objective_of_the_model_scheduler(tiny_sdxl, fam, tmp_path, prediction_type):
     """The loss equals an independent computation of Ho et al. (epsilon) / Salimans & Ho (v)."""
     model = tmp_path / "model"
-    shutil.copytree(base, model)
+    shutil.copytree(tiny_sdxl, model)
     sched_file = model / "scheduler" / "scheduler_config.json"
     sched_file.write_text(json.dumps({**json.loads(sched_file.read_text()), "prediction_type": prediction_type}))
     pipe = load(fam, model)
@@ -240,8 +234,8 @@ def test_loss_is_the_ddpm_objective_of_the_model_scheduler(base, fam, tmp_path, 
     assert after < 0.95 * before, (before, after)
 
 
-def test_samplers_keep_the_model_prediction_type(base, fam):
-    pipe = load(fam, base)
+def test_samplers_keep_the_model_prediction_type(tiny_sdxl, fam):
+    pipe = load(fam, tiny_sdxl)
     pipe.scheduler.register_to_config(prediction_type="v_prediction")
     images = {}
     for sampler in SAMPLERS:
@@ -254,11 +248,11 @@ def test_samplers_keep_the_model_prediction_type(base, fam):
         fam.set_sampler(pipe, "heun-9000")
 
 
-def test_the_trainer_trains_sdxl_on_aspect_buckets(base, fam, tmp_path):
+def test_the_trainer_trains_sdxl_on_aspect_buckets(tiny_sdxl, fam, tmp_path):
     """`train_style` end to end on a bucketed set: every batch gets the time ids of its own size."""
     from safetensors import safe_open
 
-    from stunning.training.lora import train_style
+    from stunning.training.trainer import train_style
     from tests.factories import make_bucketed
 
     curated = make_bucketed(tmp_path / "curated")
@@ -274,9 +268,9 @@ def test_the_trainer_trains_sdxl_on_aspect_buckets(base, fam, tmp_path):
             seen_hook.calls = seen
             return pipe
 
-    cfg = TrainConfig(steps=6, batch_size=2, learning_rate=5e-3, target_modules=fam.default_lora_targets,
+    cfg = tiny_train_config(steps=6, batch_size=2, learning_rate=5e-3, target_modules=fam.default_lora_targets,
                       caption_dropout=0.2)
-    summary = train_style(base, Recording(), curated, "noir", cfg, tmp_path / "out", None, None, device="cpu",
+    summary = train_style(tiny_sdxl, Recording(), curated, "noir", cfg, tmp_path / "out", None, None, device="cpu",
                           sample_seeds=[0], samples_dir=tmp_path / "samples")
     assert summary["steps"] == 6 and summary["val_loss"] is not None
     sizes = {shape[-2:] for shape, _ in seen}
@@ -287,20 +281,20 @@ def test_the_trainer_trains_sdxl_on_aspect_buckets(base, fam, tmp_path):
     with safe_open(summary["adapter"], framework="pt") as f:
         assert f.metadata()["stunning.family"] == "sdxl"
     assert len(list((tmp_path / "samples" / "noir").glob("*.png"))) == 1
-    plain = stock(base)
+    plain = stock(tiny_sdxl)
     plain.load_lora_weights(str(tmp_path / "out" / "noir"))
 
 
-def test_fused_and_quantized_sdxl_load_and_generate(base, fam, tmp_path):
+def test_fused_and_quantized_sdxl_load_and_generate(tiny_sdxl, fam, tmp_path):
     """The merge phase on SDXL: fuse the adapter into a stock-loadable folder, quantize its UNet."""
     from stunning.blend import fuse
     from stunning.quantize import load_quantized, quantize_denoiser
 
-    pipe = load(fam, base)
+    pipe = load(fam, tiny_sdxl)
     train(fam, pipe, *batch(fam, pipe, n=2), steps=3)
     fam.save_lora(pipe, tmp_path / "lora")
     with_lora = fam.generate(pipe, ["a red dress"], [0], steps=3, guidance_scale=4.0)
-    fused = fuse(base, fam, tmp_path / "lora", tmp_path / "fused")
+    fused = fuse(tiny_sdxl, fam, tmp_path / "lora", tmp_path / "fused")
     plain = stock(fused)
     assert not any("lora" in n for n, _ in plain.unet.named_modules())
     got = fam.generate(plain, ["a red dress"], [0], steps=3, guidance_scale=4.0)
@@ -312,13 +306,13 @@ def test_fused_and_quantized_sdxl_load_and_generate(base, fam, tmp_path):
     assert img.size == (32, 32)
 
 
-def test_vae_latent_statistics_are_undone_by_decoding(base, fam):
+def test_vae_latent_statistics_are_undone_by_decoding(tiny_sdxl, fam):
     """A VAE whose config gives per-channel latent mean/std (as the stock pipeline reads them):
     encoding normalises with them and :func:`decode` undoes it exactly."""
     from stunning.families import image_moments
     from stunning.families.sdxl import decode
 
-    pipe = load(fam, base)
+    pipe = load(fam, tiny_sdxl)
     mean, std = image_moments(pipe, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1)
     plain = decode(pipe, fam.latents_from_moments(pipe, mean, torch.zeros_like(std), None))
     pipe.vae.register_to_config(latents_mean=[0.5, -0.2, 0.1, 0.0], latents_std=[2.0, 0.5, 1.0, 3.0])

@@ -228,7 +228,7 @@ def test_ingest_stage_main(raw, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"data": {"raw_dir": str(raw)}}))
     out, rep, md = tmp_path / "ing", tmp_path / "r/ingest.json", tmp_path / "r/ingest.md"
-    main(["--params", str(params), "--out", str(out), "--report", str(rep), "--report-md", str(md)])
+    main(["--params", str(params), "--raw", str(raw), "--out", str(out), "--report", str(rep), "--report-md", str(md)])
     assert json.loads(rep.read_text())["accepted"] == 6 and md.is_file()
     assert "6 accepted, 11 rejected" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:

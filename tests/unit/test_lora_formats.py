@@ -11,51 +11,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stunning.families import get_family
-from stunning.families.formats import LAYOUTS, PREFIXES, convert_lora_file
+from stunning.lora_formats import LAYOUTS, PREFIXES, convert_lora_file
+from tests.factories import random_lora
 
 TINY = {"sd3": "tiny_base", "sd-unet": "tiny_sd_unet", "sdxl": "tiny_sdxl", "flux": "tiny_flux"}
 STOCK_KWARGS = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}, "sdxl": {"add_watermarker": False}}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def saved_adapter(name, base, tmp_path, rank=4, alpha=8.0, text_encoder=False):
-    """A LoRA with non-zero up weights and alpha != rank, saved by the family in the diffusers layout.
-
-    With `text_encoder`, the first text encoder gets its own LoRA (rank 2, alpha 6), saved the
-    way diffusers' training scripts save one.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from stunning.families import write_lora_metadata
-
-    fam = get_family(name)
-    pipe = fam.load_pipeline(base, torch.device("cpu"), torch.float32)
-    denoiser = fam.denoiser(pipe)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
-    denoiser.add_adapter(config)
-    modules = [denoiser]
-    if text_encoder:
-        te_config = LoraConfig(r=2, lora_alpha=6.0, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
-        pipe.text_encoder.add_adapter(te_config)
-        modules.append(pipe.text_encoder)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in modules:
-            for n, p in module.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-    metadata = {"trigger_words": ["sks"], "rank": rank}
-    if not text_encoder:
-        return fam.save_lora(pipe, tmp_path / "diffusers", metadata=metadata)
-    layers = fam.lora_layers(pipe)
-    layers["text_encoder"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder))
-    fam.save_lora_layers(tmp_path / "diffusers", layers,
-                         {fam.lora_component: config.to_dict(), "text_encoder": te_config.to_dict()})
-    path = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
-    write_lora_metadata(path, metadata)
-    return path
+# A LoRA with non-zero up weights and alpha != rank, saved by the family in the diffusers layout.
+ADAPTER = {"rank": 4, "alpha": 8.0, "targets": ["to_q", "to_v"], "scale": 0.05,
+           "metadata": {"trigger_words": ["sks"], "rank": 4}}
+# The first text encoder's own LoRA (rank 2, alpha 6), saved the way diffusers' training scripts save one.
+TEXT_ENCODER_ADAPTER = {"r": 2, "lora_alpha": 6.0, "target_modules": ["q_proj", "v_proj"]}
 
 
 def comfyui_target(key: str, family: str) -> str:
@@ -89,7 +57,7 @@ def test_kohya_layout_applies_the_same_weight_delta(name, request, tmp_path):
     weight stock diffusers gets when it fuses the diffusers-layout file."""
     base = request.getfixturevalue(TINY[name])
     fam = get_family(name)
-    src = saved_adapter(name, base, tmp_path)
+    src = random_lora(base, tmp_path / "diffusers", name, 0, **ADAPTER)
     dst = convert_lora_file(src, tmp_path / "kohya.safetensors", "kohya", name)
     kohya = load_file(str(dst))
     prefix = PREFIXES[name][fam.lora_component]
@@ -127,7 +95,7 @@ def test_diffusers_reads_the_converted_file_back(name, request, tmp_path):
     generates exactly what the diffusers-layout file generates."""
     base = request.getfixturevalue(TINY[name])
     fam = get_family(name)
-    src = saved_adapter(name, base, tmp_path)
+    src = random_lora(base, tmp_path / "diffusers", name, 0, **ADAPTER)
     dst = convert_lora_file(src, tmp_path / "out" / "comfy.safetensors", "comfyui", name)
     outputs = []
     for lora in (src, dst, None):
@@ -148,7 +116,7 @@ def test_text_encoder_layers_get_comfyui_clip_names_and_their_own_alpha(tiny_sd_
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_kohya
 
-    src = saved_adapter("sd-unet", tiny_sd_unet, tmp_path, text_encoder=True)
+    src = random_lora(tiny_sd_unet, tmp_path / "diffusers", "sd-unet", 0, **ADAPTER, text_encoder=TEXT_ENCODER_ADAPTER)
     kohya = load_file(str(convert_lora_file(src, tmp_path / "k.safetensors", "kohya", "sd-unet")))
     plain = StableDiffusionPipeline.from_pretrained(str(tiny_sd_unet), local_files_only=True)
     fused = StableDiffusionPipeline.from_pretrained(str(tiny_sd_unet), local_files_only=True)
@@ -183,7 +151,7 @@ def test_text_encoder_layers_get_comfyui_clip_names_and_their_own_alpha(tiny_sd_
 
 
 def test_layout_errors_are_clear(tiny_base, tmp_path):
-    src = saved_adapter("sd3", tiny_base, tmp_path)
+    src = random_lora(tiny_base, tmp_path / "diffusers", "sd3", 0, **ADAPTER)
     with pytest.raises(ValueError, match="unknown LoRA layout 'onnx'"):
         convert_lora_file(src, tmp_path / "x.safetensors", "onnx", "sd3")
     with pytest.raises(ValueError, match="belongs to 'transformer'"):

@@ -3,7 +3,6 @@ the images, and it reproduces exactly what the trainer's own pipeline generated.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,42 +11,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from stunning.config import TrainConfig
-from stunning.training.lora import SAMPLE_GUIDANCE, SAMPLE_STEPS, sample_prompt, train_style
+from stunning.training.samples import SAMPLE_GUIDANCE, SAMPLE_STEPS, sample_prompt
+from stunning.training.trainer import train_style
+from tests.factories import make_grey_noir, tiny_train_config
 
 SEEDS = [0, 1]
-
-
-def make_curated(root: Path, n: int = 6, res: int = 32) -> Path:
-    """Six train + two val 32x32 noisy grey images of one style, with a manifest.csv."""
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(n + 2):
-        split = "train" if i < n else "val"
-        rel = f"{split}/noir/noir-{i}.png"
-        (root / split / "noir").mkdir(parents=True, exist_ok=True)
-        grey = np.clip(rng.integers(20, 235) + rng.normal(0, 12, (res, res, 1)), 0, 255).repeat(3, -1)
-        Image.fromarray(grey.astype(np.uint8)).save(root / rel)
-        caption = f"a {['red', 'blue', 'green'][i % 3]} hat on a grey background, noir style"
-        rows.append(
-            {
-                "id": f"noir-{i}",
-                "style": "noir",
-                "split": split,
-                "path": rel,
-                "caption": caption,
-                "width": res,
-                "height": res,
-                "phash": "0" * 16,
-                "blur": 50.0,
-                "caption_words": 9,
-            }
-        )
-    with (root / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,11 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_sd_unet):
     root = tmp_path_factory.mktemp("roundtrip")
-    cfg = TrainConfig(steps=10, batch_size=4, learning_rate=1e-2, checkpoint_every=10)
+    cfg = tiny_train_config(steps=10, batch_size=4, learning_rate=1e-2, checkpoint_every=10)
     summary = train_style(
         tiny_sd_unet,
         "sd-unet",
-        make_curated(root / "curated"),
+        make_grey_noir(root / "curated"),
         "noir",
         cfg,
         root / "adapters",

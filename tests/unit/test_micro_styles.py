@@ -32,7 +32,7 @@ def curated(tmp_path_factory):
 
 
 def train_and_validate(params: Params, base, curated, out):
-    from stunning.training.lora import train_style
+    from stunning.training.trainer import train_style
     from stunning.validation import validate
 
     fam = get_family(params.base.family)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from stunning.families import ModelNotFoundError
-from stunning.families.original import export_single_file
-from stunning.families.source import detect_family, resolve_base
+from stunning.model_source import detect_family, resolve_base
+from stunning.single_file import export_single_file
 
 SD15_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # what diffusers names for SD 1.x files
 
@@ -108,7 +108,7 @@ def test_a_single_file_converts_once_to_the_same_model(tiny_single_file, tiny_sd
         for key, value in weights.items():
             assert torch.equal(converted[component][key], value), f"{component}.{key}"
     stamp = (folder / "model_index.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="stunning.families.source"):
+    with caplog.at_level(logging.INFO, logger="stunning.model_source"):
         assert resolve_base(tiny_single_file, "sd-unet", config=tiny_sd_unet, work_dir=work) == folder
     assert "reusing" in caplog.text and (folder / "model_index.json").stat().st_mtime_ns == stamp
     assert [p.name for p in work.iterdir()] == [folder.name]  # no temporary folder left behind
@@ -174,7 +174,7 @@ def test_sdxl_and_sd3_single_files_round_trip(family, fixture, vae, in_file, req
     architecture: what the file holds must come back bit for bit, the rest from the config folder."""
     from safetensors import safe_open
 
-    from stunning.embedded import build_tiny
+    from stunning.tiny import build_tiny
 
     folder = request.getfixturevalue(fixture)
     ckpt = export_single_file(folder, tmp_path / f"{family}.safetensors", family, vae=vae)
@@ -231,7 +231,7 @@ def test_sd35_blocks_map_to_the_mmdit_layout_and_back():
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from stunning.families.original import mmdit_tensors
+    from stunning.single_file import mmdit_tensors
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(

@@ -210,6 +210,8 @@ def test_register_stage_writes_report_and_exits_zero_when_blocked(store, candida
     params = {"registry": {"model_name": "m-stage"}, "base": {"path": str(tiny_base)}}
     Path("params.yaml").write_text(yaml.safe_dump(params))
     argv = [
+        "--params",
+        "params.yaml",
         "--gate",
         "reports/gate.json",
         "--base",

@@ -12,7 +12,13 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stunning import research as rs  # noqa: E402
-from stunning.config import BaseModelConfig, ConfigError, ResearchCandidate, ResearchConfig  # noqa: E402
+from stunning.config import (  # noqa: E402
+    BaseModelConfig,
+    ConfigError,
+    ResearchCandidate,
+    ResearchConfig,
+    TrainConfig,
+)
 
 SMALL_UNET = {
     "sample_size": 8,
@@ -88,6 +94,42 @@ def test_lora_count_matches_peft():
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     assert rs.lora_parameter_count(layers, rank=4) == trainable
+
+
+@pytest.mark.parametrize("blocks", [[], ["down_blocks.0"], ["up_blocks.1.attentions.0"]])
+def test_the_configured_adapter_is_counted_as_the_trainer_makes_it(blocks):
+    """train.target_modules/target_blocks on a UNet: Linear and (1x1 proj_in/out) Conv2d layers, as PEFT adapts."""
+    from diffusers import UNet2DConditionModel
+
+    from stunning.training.adapter import lora_config
+
+    train = TrainConfig(target_blocks=blocks)  # the shipped sd3 list; proj_out is a Conv2d in this UNet
+    layers = rs.lora_layers(rs.instantiate_meta("UNet2DConditionModel", SMALL_UNET), train.target_modules, blocks)
+    unet = UNet2DConditionModel(**SMALL_UNET)
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(train))
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert layers and rs.lora_parameter_count(layers, rank=train.rank) == trainable
+    assert {n.split(".lora_A")[0] for n, _ in unet.named_parameters() if ".lora_A" in n} == {n for n, _, _ in layers}
+    assert any(isinstance(unet.get_submodule(n).base_layer, torch.nn.Conv2d) for n, _, _ in layers)
+
+
+def test_the_report_sizes_train_rank_and_targets(tmp_path):
+    folder = _write_folder(tmp_path / "model")
+    research = ResearchConfig(candidates=[ResearchCandidate(name="mine", path=str(folder))])
+    base = BaseModelConfig(source="local", path=str(folder))
+    shipped = rs.build_report(research, base, CPU_INFO)  # no train section given: TrainConfig()'s = params.yaml's
+    assert shipped == rs.build_report(research, base, CPU_INFO, train=TrainConfig())
+    assert shipped["lora_rank"] == TrainConfig().rank and shipped["lora_targets"] == TrainConfig().target_modules
+    small = rs.build_report(research, base, CPU_INFO, train=TrainConfig(rank=2, target_modules=["to_q"]))
+    lora, small_lora = shipped["candidates"][0]["lora"], small["candidates"][0]["lora"]
+    assert small_lora["rank"] == 2 and small_lora["targets"] == ["to_q"] and 0 < small_lora["layers"] < lora["layers"]
+    assert small_lora["params"] < lora["params"]
+    assert small["candidates"][0]["estimates"]["fp32"]["training_gb"] < shipped["candidates"][0]["estimates"]["fp32"]["training_gb"]
+    md = rs.render_markdown(small)
+    assert "LoRA rank 2 on to_q (train.rank" in md and "| mine | LoRA (rank 2) |" in md
+    blocks = rs.build_report(research, base, CPU_INFO, train=TrainConfig(target_blocks=["down_blocks.0"]))
+    assert 0 < blocks["candidates"][0]["lora"]["layers"] < lora["layers"] and blocks["lora_blocks"] == ["down_blocks.0"]
 
 
 def test_sd15_reference_counts():
@@ -244,7 +286,6 @@ def test_research_stage_writes_json_and_markdown(tmp_path, capsys):
                 "research": {
                     "candidates": [{"name": "mine", "path": str(folder)}],
                     "memory_budget_gb": 4,
-                    "lora_rank": 4,
                 },
             }
         )
@@ -284,7 +325,7 @@ def test_environment_stage_writes_probe(tmp_path):
     from stages import environment as stage
 
     out = tmp_path / "env" / "environment.json"
-    stage.main(["--out", str(out)])
+    stage.main(["--params", "params.yaml", "--out", str(out)])
     assert json.loads(out.read_text())["device"] in ("cpu", "cuda", "mps")
 
 

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from stunning.config import RegistryConfig
+from tests.factories import random_lora
 
 MODEL = "serve-test"
 REQUEST = {"prompt": "a red dress on a white background", "seed": 3, "steps": 2, "guidance_scale": 4.0}
@@ -23,32 +24,18 @@ REQUEST = {"prompt": "a red dress on a white background", "seed": 3, "steps": 2,
 
 def _make_adapters(base: Path, out: Path) -> dict[str, Path]:
     """Two style LoRAs and a blend in the train/merge layout, saved with the family API."""
-    import peft
     import torch
 
     from stunning.families import get_family
 
-    family = get_family("sd3")
-    pipe = family.load_pipeline(base, torch.device("cpu"), torch.float32)
+    pipe = get_family("sd3").load_pipeline(base, torch.device("cpu"), torch.float32)
     folders = {
         "impressionist": out / "adapters/impressionist",
         "noir": out / "adapters/noir",
         "half-half": out / "blends/half-half",
     }
     for seed, folder in enumerate(folders.values()):
-        pipe.transformer.add_adapter(
-            peft.LoraConfig(
-                r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"
-            )
-        )
-        # PEFT starts lora_B at zero (a no-op adapter); give it weights so a style shows.
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in pipe.transformer.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-        family.save_lora(pipe, folder)
-        pipe.transformer.delete_adapters(["default"])
+        random_lora(pipe, folder, "sd3", seed, scale=0.5)
     return {"adapters": out / "adapters", "blends": out / "blends"}
 
 

@@ -8,7 +8,6 @@ import itertools
 
 import pytest
 
-from stunning.config import TrainConfig
 from stunning.device import parse_linux_thermal, parse_pmset_therm
 from stunning.training.thermal import ThermalGuard, describe, is_throttling
 
@@ -156,13 +155,13 @@ def test_bad_settings_name_the_key():
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_trainer_logs_and_reports_thermal_counters(tmp_path, tiny_base):
-    from stunning.training.lora import train_style
-    from tests.factories import RecordingTracker, make_curated
+    from stunning.training.trainer import train_style
+    from tests.factories import RecordingTracker, make_curated, tiny_train_config
 
     curated = make_curated(tmp_path / "curated")
     # Throttled at the check of step 2 (paused, then nominal), throttled for good from step 4.
     states = itertools.chain([THROTTLED, NOMINAL], itertools.repeat(THROTTLED))
-    cfg = TrainConfig(steps=4, batch_size=2, learning_rate=5e-3, thermal_check_every=2, thermal_pause_s=0.01,
+    cfg = tiny_train_config(steps=4, batch_size=2, learning_rate=5e-3, thermal_check_every=2, thermal_pause_s=0.01,
                       thermal_max_pause_s=0.02)
     tracker = RecordingTracker()
     summary = train_style(tiny_base, "sd3", curated, "noir", cfg, tmp_path / "out", tracker, None, "cpu",

@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 from stunning.config import TrainConfig
 from stunning.training.checkpoint import CheckpointStore, fingerprint
 from stunning.training.dataset import CuratedDataset, DatasetError, style_rows
-from stunning.training.lora import evaluate_loss, resolve_mixed_precision, train_style
-from tests.factories import STYLES, RecordingTracker, make_curated
+from stunning.training.evaluation import evaluate_loss
+from stunning.training.precision import resolve_mixed_precision
+from stunning.training.trainer import train_style
+from tests.factories import STYLES, RecordingTracker, make_curated, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_cfg(**kw) -> TrainConfig:
     defaults = {"steps": 8, "batch_size": 2, "checkpoint_every": 4, "learning_rate": 5e-3}
-    return TrainConfig(**{**defaults, **kw})
+    return tiny_train_config(**{**defaults, **kw})
 
 
 # --------------------------------------------------------------------------- dataset
@@ -73,7 +75,7 @@ def test_dataset_errors_name_the_file(tmp_path, curated):
 
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, tiny_base, curated):
     from stunning.families import get_family
-    from stunning.training.lora import encode_dataset
+    from stunning.training.encoding import encode_dataset
 
     cfg = tiny_cfg(steps=12, learning_rate=1e-2, batch_size=4)
     summary = train_style(
@@ -284,7 +286,7 @@ def test_tracker_gets_params_losses_throughput_memory_and_artifacts(tmp_path, mo
 
 def test_small_models_train_single_threaded_on_cpu(monkeypatch, tiny_base):
     from stunning.families import get_family
-    from stunning.training.lora import cpu_threads_for
+    from stunning.training.precision import cpu_threads_for
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     unet = get_family("sd3").load_pipeline(tiny_base, torch.device("cpu"), torch.float32).transformer
@@ -322,6 +324,13 @@ def _params_file(tmp_path: Path, **train) -> Path:
     return path
 
 
+# The output paths dvc.yaml passes to the train stage (relative to the test's working folder).
+TRAIN_OUTPUTS = [
+    "--out", "models/adapters", "--metrics", "reports/train.json", "--plots", "reports/train_loss.csv",
+    "--plot-image", "reports/train_loss.png", "--samples", "reports/train_samples", "--checkpoints", "checkpoints",
+]
+
+
 @pytest.mark.slow  # ~7 s, half of it creating the MLflow database
 def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny_base, curated, capsys):
     import mlflow
@@ -330,7 +339,7 @@ def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny
 
     monkeypatch.chdir(tmp_path)
     _params_file(tmp_path, steps=3, batch_size=2, checkpoint_every=2)
-    stage.main(["--params", "params.yaml", "--base", str(tiny_base), "--data", str(curated)])
+    stage.main(["--params", "params.yaml", "--base", str(tiny_base), "--data", str(curated), *TRAIN_OUTPUTS])
 
     report = json.loads(Path("reports/train.json").read_text())
     assert set(report["styles"]) == set(STYLES)
@@ -372,11 +381,11 @@ def test_stage_bad_input_exits_2_with_the_file_named(tmp_path, monkeypatch, tiny
     monkeypatch.chdir(tmp_path)
     _params_file(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        stage.main(["--base", str(tiny_base), "--data", "nowhere"])
+        stage.main(["--params", "params.yaml", "--base", str(tiny_base), "--data", "nowhere", *TRAIN_OUTPUTS])
     assert exc.value.code == 2
     assert "nowhere/manifest.csv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        stage.main(["--base", "no-such-model", "--data", "nowhere"])
+        stage.main(["--params", "params.yaml", "--base", "no-such-model", "--data", "nowhere", *TRAIN_OUTPUTS])
     assert "no-such-model" in capsys.readouterr().err
     assert not Path("mlruns").exists()  # nothing recorded for a run that never started
 
@@ -387,7 +396,7 @@ def test_encoding_cache_is_keyed_by_content_and_changes_nothing(tmp_path, tiny_b
     from stunning.families import get_family
     from stunning.training.cache import EncodingCache
     from stunning.training.dataset import CuratedDataset
-    from stunning.training.lora import encode_dataset
+    from stunning.training.encoding import encode_dataset
 
     fam = get_family("sd3")
     pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
@@ -419,34 +428,35 @@ def test_encoding_cache_is_keyed_by_content_and_changes_nothing(tmp_path, tiny_b
 def test_cpu_calibration_measures_and_is_kept_for_resume(tmp_path, monkeypatch, tiny_base, curated):
     """With mixed_precision auto on a CPU the trainer times trial steps to choose the thread
     count, stays fp32, and checkpoints the choice."""
-    import stunning.training.lora as lora
+    import stunning.training.loop as loop
+    import stunning.training.precision as precision
 
     timed: list[tuple[int, str]] = []
-    time_steps = lora._time_steps
+    time_steps = precision._time_steps
 
     def recording(*args):
         timed.append((torch.get_num_threads(), args[-1]))
         return time_steps(*args)
 
-    monkeypatch.setattr(lora, "_time_steps", recording)
-    monkeypatch.setattr(lora, "cpu_threads_for", lambda model, dev: 1)  # the small-model rule: one thread
+    monkeypatch.setattr(precision, "_time_steps", recording)
+    monkeypatch.setattr(loop, "cpu_threads_for", lambda model, dev: 1)  # the small-model rule: one thread
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the default count the calibration may return to
     try:
-        _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, lora, timed)
+        _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, loop, precision, timed)
     finally:
         torch.set_num_threads(before)
 
 
-def _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, lora, timed):
+def _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, loop, precision, timed):
     # Tiny steps are overhead-bound: one trial, no other thread count tried.
     fast = train_style(tiny_base, "sd3", curated, "noir", tiny_cfg(steps=2), tmp_path / "a", None, None, "cpu",
                        sample_seeds=())
     assert fast["mixed_precision"] == "no" and timed == [(1, "no")]
     # Every step compute-bound and any speed-up enough: the default thread count is tried and
     # chosen, precision stays fp32, and the checkpoint records what a resume reuses.
-    monkeypatch.setattr(lora, "CPU_BOUND_STEP_S", 0.0)
-    monkeypatch.setattr(lora, "MIN_SPEEDUP", 0.0)
+    monkeypatch.setattr(precision, "CPU_BOUND_STEP_S", 0.0)
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
     timed.clear()
     cfg = tiny_cfg(steps=4, checkpoint_every=2)
     tracker = RecordingTracker()
@@ -457,7 +467,7 @@ def _calibration_runs(tmp_path, monkeypatch, tiny_base, curated, lora, timed):
     expected = "no"
     store = CheckpointStore.for_run(tmp_path / "ck", "noir", first["fingerprint"], 2)
     assert store.latest().meta["cpu_setup"][1] == expected
-    monkeypatch.setattr(lora, "_calibrate_cpu", lambda *a, **k: pytest.fail("a resume must not re-calibrate"))
+    monkeypatch.setattr(loop, "calibrate_cpu", lambda *a, **k: pytest.fail("a resume must not re-calibrate"))
     again = train_style(tiny_base, "sd3", curated, "noir", cfg, tmp_path / "b", None, tmp_path / "ck", "cpu",
                         sample_seeds=())
     assert again["resumed_from_step"] == 4 and again["mixed_precision"] == expected

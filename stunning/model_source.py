@@ -22,7 +22,7 @@ fine-tunes are often shared) takes the components it lacks (VAE, text encoders) 
 config folder.
 
 :func:`detect_family` names the family of a diffusers folder from its pipeline class;
-:mod:`stunning.families.original` goes the other way (a diffusers folder as one checkpoint).
+:mod:`stunning.single_file` goes the other way (a diffusers folder as one checkpoint).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A diffusers folder as one original-layout checkpoint (what webui, Forge and ComfyUI load).
 
 The inverse of diffusers' ``from_single_file`` converters, for a fine-tuned or LoRA-fused
-model saved with ``save_pretrained``. :func:`stunning.families.source.resolve_base` reads the
+model saved with ``save_pretrained``. :func:`stunning.model_source.resolve_base` reads the
 file back, and the tests check that round trip tensor by tensor. Layouts written:
 
 - ``sd-unet`` (SD 1.x/2.x): ``model.diffusion_model.*`` (LDM UNet), ``first_stage_model.*``
