@@ -37,9 +37,10 @@ BYTES_PER_PARAM: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int
 # Highest precision first: the plan takes the first one that fits.
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
 
-# The attention projections every family has (q/k/v/out): the default of the helpers below
-# when called without targets. The research phase itself sizes train.target_modules.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The attention projections every family has (q/k/v/out), for sizing an attention-only
+# adapter by hand (tests, benchmarks). Not a default: the research phase sizes the
+# configured adapter (train.rank, train.target_modules, train.target_blocks).
+ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # The memory heuristic, written into every report so a reader can check the arithmetic.
 HEURISTIC: dict[str, Any] = {
@@ -197,7 +198,7 @@ def _target_matcher(targets: Sequence[str], blocks: Sequence[str] = ()):
 
 
 def lora_layers(
-    model, targets: Sequence[str] = DEFAULT_LORA_TARGETS, blocks: Sequence[str] = ()
+    model, targets: Sequence[str], blocks: Sequence[str] = ()
 ) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every layer PEFT would adapt for these targets.
 
@@ -421,8 +422,7 @@ def estimate_memory(
 
 
 def size_candidate(
-    candidate: ResearchCandidate, lora_rank: int, targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-    blocks: Sequence[str] = (),
+    candidate: ResearchCandidate, lora_rank: int, targets: Sequence[str], blocks: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Count parameters and LoRA layers of one candidate (no budget involved).
 
@@ -625,7 +625,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"Device: **{report['device']}**; memory budget: **{report['budget_gb']:.1f} GB** "
         f"({report['budget_source']}); LoRA rank {report['lora_rank']} on "
-        f"{', '.join(report.get('lora_targets') or DEFAULT_LORA_TARGETS)}"
+        f"{', '.join(report['lora_targets'])}"
         f"{' in ' + ', '.join(report['lora_blocks']) if report.get('lora_blocks') else ''} "
         "(train.rank, train.target_modules, train.target_blocks).",
         "",

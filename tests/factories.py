@@ -1,5 +1,5 @@
 """Test factories shared by every test layer: tiny curated sets, random LoRA adapters, test
-pictures, raw folders, a recording tracker. Import them from here (never from another test module).
+pictures, raw folders, a recording tracker, stage inputs and reports. Import them from here (never from another test module).
 
 Model builders live in the library (`stunning.tiny`, used by the conftest fixtures); these
 make the data and the fakes of the *interfaces* (tracker), never of the maths under test.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -371,3 +372,292 @@ def tiny_train_config(**kw):
     from stunning.config import TrainConfig
 
     return TrainConfig(**{**TINY_TRAIN, **kw})
+
+
+# --------------------------------------------------------------------------- stage inputs
+# Builders shared by a library module's tests (tests/unit) and its stage's tests (tests/stages).
+
+
+def soft_gradient(start: int, size: int = 48) -> Image.Image:
+    """A blurry test picture: a smooth grey diagonal ramp from `start` (fails the blur filter)."""
+    ramp = np.linspace(start, start + 150, size)
+    arr = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def make_ingested_with_flaws(root: Path, n_good: int = 6) -> Path:
+    """An ingest stage output folder (``root/ingested``, from raw pictures under ``root/raw``).
+
+    Per style of :data:`STYLES`: `n_good` distinct sharp images, then one blurry, one
+    near-duplicate, one with a one-word caption and one small original; ingest accepts all of
+    them, so the curation filters are what drop the last four."""
+    from stunning.config import DataConfig
+    from stunning.data.ingest import ingest
+
+    raw = root / "raw"
+    for k, style in enumerate(STYLES):
+        folder = raw / style
+        for i in range(n_good):
+            put(folder, f"img{i}.png", encode(blocks(100 * k + i), "PNG"), f"picture number {i} in {style}")
+        put(folder, "blurry.png", encode(soft_gradient(20 + 30 * k), "PNG"), "a soft gradient")
+        near = np.clip(np.asarray(blocks(100 * k), dtype=int) + 3, 0, 255).astype(np.uint8)
+        put(folder, "near.png", encode(Image.fromarray(near), "PNG"), "almost picture zero")
+        put(folder, "short.png", encode(blocks(100 * k + 50), "PNG"), "picture")
+        put(folder, "small.png", encode(blocks(100 * k + 60, (26, 26)), "PNG"), "a small original")
+    out = root / "ingested"
+    report = ingest(raw, out, DataConfig(styles=list(STYLES)))
+    assert report.rejected == 0
+    return out
+
+
+def make_messy_raw(tmp_path: Path) -> Path:
+    """A raw folder (``tmp_path/raw``) with every kind of file ingest must accept or reject.
+
+    impressionist: five good pictures (PNG, EXIF-rotated JPEG, transparent PNG, WEBP, one
+    captioned by metadata.jsonl) beside a hidden, a corrupt, a truncated, a not-an-image, an
+    uncaptioned, a blank-captioned, a tiny, a duplicate, a BMP and a dangling-symlink file, an
+    orphan caption and a README; noir: one nested good picture and one latin-1 caption.
+    (6 accepted, 11 rejected.)"""
+    root = tmp_path / "raw"
+    a, b = root / "impressionist", root / "noir"
+    good = encode(blocks(1), "PNG")
+    put(a, "good.png", good, "a good picture")
+    arr = np.zeros((40, 60, 3), dtype=np.uint8)
+    arr[:, :30] = (255, 0, 0)
+    arr[:, 30:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put(a, "rotated.jpg", encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif), "a rotated photo")
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    rgba.paste((200, 0, 0, 255), (10, 10, 30, 30))
+    put(a, "alpha.png", encode(rgba, "PNG"), "a red square on nothing")
+    put(a, "photo.WEBP", encode(blocks(3), "WEBP", lossless=True), "a webp photo")
+    put(a, "from_meta.png", encode(blocks(4), "PNG"), caption=None)
+    (a / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "from_meta.png", "text": "  a caption\nfrom metadata  "})
+        + "\n"
+        + "not json at all\n"
+        + json.dumps({"file_name": "ghost.png", "text": "missing file"})
+        + "\n"
+    )
+    put(a, "corrupt.png", bytes(range(256)) * 4)
+    put(a, "truncated.png", encode(blocks(5), "PNG")[:200])
+    put(a, "not_image.jpg", b"hello, I am text\n")
+    put(a, "no_caption.png", encode(blocks(6), "PNG"), caption=None)
+    put(a, "blank.png", encode(blocks(7), "PNG"), caption="  \n ")
+    put(a, "tiny.png", encode(blocks(8, (8, 8)), "PNG"))
+    put(a, "good_copy.png", good)
+    put(a, "scan.bmp", encode(blocks(9), "BMP"))
+    put(a, ".hidden.png", encode(blocks(10), "PNG"))
+    (a / "README.md").write_text("notes about this folder")
+    (a / "gone.png").symlink_to(tmp_path / "does-not-exist.png")
+    (a / "orphan.txt").write_text("a caption without an image")
+    put(b / "sub", "nested.png", encode(blocks(11, (64, 50)), "PNG"), "a nested picture")
+    put(b, "latin1.png", encode(blocks(12), "PNG"), caption=None)
+    (b / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    return root
+
+
+def make_release_inputs(root: Path, params=None) -> tuple[Path, Path, Path]:
+    """Adapters, blends and a model card folder as the train/merge/docs stages leave them
+    (small random safetensors, no real LoRA), for `params` (default: ``Params()``); returns
+    the three folders."""
+    from safetensors.numpy import save_file
+
+    from stunning.config import Params
+
+    params = params or Params()
+    rng = np.random.default_rng(0)
+    adapters, blends, card = (
+        root / "models" / "adapters",
+        root / "models" / "merged" / "blends",
+        root / "build" / "card",
+    )
+    for style in params.data.styles:
+        (adapters / style).mkdir(parents=True)
+        save_file(
+            {"unet.down.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32)},
+            str(adapters / style / "pytorch_lora_weights.safetensors"),
+        )
+        (adapters / style / "train_config.yaml").write_text(f"style: {style}\nrank: 4\n")
+    for blend in params.merge.blends:
+        (blends / blend.name).mkdir(parents=True)
+        save_file(
+            {"unet.down.lora_A.weight": np.ones((4, 8), np.float32)},
+            str(blends / blend.name / "pytorch_lora_weights.safetensors"),
+        )
+    card.mkdir(parents=True)
+    (card / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# card\n")
+    (card / "grid.png").write_bytes(b"\x89PNG fake")
+    return adapters, blends, card
+
+
+# The reports the docs stage reads, as train/validate/gate/register write them: the noir style
+# fails the gate (version 3 blocked, champion v2).
+MODEL_CARD_REPORTS = {
+    "train": {
+        "styles": {
+            "impressionist": {
+                "final_loss": 0.1234,
+                "steps": 150,
+                "steps_per_s": 3.2,
+                "peak_memory_mb": 812.5,
+                "mlflow_run_id": "abc123",
+            },
+            "noir": {
+                "final_loss": 0.0987,
+                "steps": 150,
+                "steps_per_s": 3.1,
+                "peak_memory_mb": 790.0,
+                "mlflow_run_id": "def456",
+            },
+        }
+    },
+    "validation": {
+        "variants": {
+            "base": {"style_distance": {"impressionist": 0.40, "noir": 0.50}, "latency_s": 0.8,
+                     "peak_memory_mb": 700.0},
+            "impressionist": {"style_distance": {"impressionist": 0.20}, "latency_s": 0.9, "peak_memory_mb": 720.0},
+        }
+    },
+    "gate": {
+        "passed": False,
+        "checks": [
+            {"name": "latency", "value": 0.9, "threshold": 5.0, "passed": True, "detail": "max over variants"},
+            {"name": "style_gain[noir]", "value": 0.01, "threshold": 0.05, "passed": False, "detail": "too weak"},
+        ],
+        "reasons": ["style_gain[noir] 0.01 < 0.05: the noir adapter barely changes the style"],
+        "candidate": {"version": 3},
+    },
+    "registry": {
+        "model_name": "stunning-style",
+        "version": 3,
+        "promoted": False,
+        "champion_version": 2,
+        "previous_champion_version": 1,
+    },
+}
+
+
+def write_model_card_reports(root: Path) -> tuple[Path, Path]:
+    """``root/reports`` holding :data:`MODEL_CARD_REPORTS` as ``<name>.json`` and an 8x8 red
+    ``validation/grid.png``; returns the reports folder and the grid."""
+    reports = root / "reports"
+    reports.mkdir()
+    for name, data in MODEL_CARD_REPORTS.items():
+        (reports / f"{name}.json").write_text(json.dumps(data))
+    grid = reports / "validation" / "grid.png"
+    grid.parent.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(grid)
+    return reports, grid
+
+
+def gate_report(passed: bool, gain: float = 0.4, reasons: list[str] | None = None) -> dict:
+    """A gate report as the validate stage writes it: three checks (impressionist style gain
+    `gain`, latency, an unmeasured peak memory), the verdict `passed` and its `reasons`
+    (default: none if passed, else the style gain's), and the candidate's metrics."""
+    checks = [
+        {"name": "style_gain/impressionist", "value": gain, "threshold": 0.05, "passed": gain >= 0.05, "detail": ""},
+        {"name": "latency_s", "value": 0.25, "threshold": 5.0, "passed": True, "detail": "p50"},
+        {"name": "peak_memory_mb", "value": None, "threshold": 4096.0, "passed": passed, "detail": "not measured"},
+    ]
+    return {
+        "passed": passed,
+        "checks": checks,
+        "reasons": reasons if reasons is not None else ([] if passed else ["style_gain/impressionist 0.01 < 0.05"]),
+        "candidate": {"metrics": {"style_gain": {"impressionist": gain, "noir": 0.3}, "quant_mse": 0.002}},
+    }
+
+
+def make_registry_store(root: Path) -> Path:
+    """`root` as a project root whose MLflow registry database (default RegistryConfig) is
+    created, empty (no aliases); returns `root`. Creating one costs seconds: build it once per
+    module and give each test its own model name."""
+    from stunning.config import RegistryConfig
+    from stunning.registry import aliases
+    from stunning.tracking import configure_mlflow
+
+    configure_mlflow(RegistryConfig(), root)
+    assert aliases(RegistryConfig(), root) == {}
+    return root
+
+
+def make_registry_candidate(root: Path) -> dict[str, Path]:
+    """Adapter (impressionist, noir) and blend (half-half) folders under `root` in the layout
+    the train/merge stages write, with placeholder weight files (the registry copies them; it
+    does not read the weights); returns ``{"adapters": ..., "blends": ...}``."""
+    for folder in ("adapters/impressionist", "adapters/noir", "blends/half-half"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "pytorch_lora_weights.safetensors").write_bytes(folder.encode())
+    (root / "adapters/noir/train_config.yaml").write_text("rank: 4\n")
+    return {"adapters": root / "adapters", "blends": root / "blends"}
+
+
+# Small diffusers/transformers configs (a 2-block UNet, a 2-block VAE, a 2-layer CLIP text
+# encoder) that instantiate in milliseconds.
+SMALL_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+SMALL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+SMALL_CLIP = {
+    "vocab_size": 100,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "projection_dim": 16,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+
+
+def make_config_only_sd_folder(root: Path, with_vae_config: bool = True, configs: dict | None = None) -> Path:
+    """A local Stable Diffusion (UNet) diffusers folder holding only configs (model_index.json +
+    one config.json per component, default :data:`SMALL_UNET` / :data:`SMALL_VAE` /
+    :data:`SMALL_CLIP`), no weights: what the research stage sizes. `with_vae_config=False`
+    leaves vae/config.json out."""
+    configs = configs or {
+        "unet": {"_class_name": "UNet2DConditionModel", **SMALL_UNET},
+        "vae": {"_class_name": "AutoencoderKL", **SMALL_VAE},
+        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **SMALL_CLIP},
+    }
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "safety_checker": [None, None],
+            }
+        )
+    )
+    for name, cfg in configs.items():
+        (root / name).mkdir()
+        if name != "vae" or with_vae_config:
+            (root / name / "config.json").write_text(json.dumps(cfg))
+    return root

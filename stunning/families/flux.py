@@ -128,7 +128,7 @@ class FluxFamily(Family):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
     ]
     # Block-wise selection (train.target_blocks): "transformer_blocks.N" (double stream) or
-    # "single_transformer_blocks.N" (single stream). `target_modules()` in training/lora.py anchors
+    # "single_transformer_blocks.N" (single stream). `target_modules()` in training/adapter.py anchors
     # a block name at a "." boundary, so "transformer_blocks.0" never selects the single block 0.
     block_pattern = "transformer_blocks.{i}."
     samplers = SAMPLERS

@@ -9,10 +9,8 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import save_file
 
 from stunning.bundle import (
     SUMS_NAME,
@@ -24,41 +22,14 @@ from stunning.bundle import (
     verify_bundle,
 )
 from stunning.config import Params
+from tests.factories import make_release_inputs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def make_inputs(root, params=None):
-    """Adapters, blends and a model card folder as the train/merge/docs stages leave them."""
-    params = params or Params()
-    rng = np.random.default_rng(0)
-    adapters, blends, card = (
-        root / "models" / "adapters",
-        root / "models" / "merged" / "blends",
-        root / "build" / "card",
-    )
-    for style in params.data.styles:
-        (adapters / style).mkdir(parents=True)
-        save_file(
-            {"unet.down.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32)},
-            str(adapters / style / "pytorch_lora_weights.safetensors"),
-        )
-        (adapters / style / "train_config.yaml").write_text(f"style: {style}\nrank: 4\n")
-    for blend in params.merge.blends:
-        (blends / blend.name).mkdir(parents=True)
-        save_file(
-            {"unet.down.lora_A.weight": np.ones((4, 8), np.float32)},
-            str(blends / blend.name / "pytorch_lora_weights.safetensors"),
-        )
-    card.mkdir(parents=True)
-    (card / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# card\n")
-    (card / "grid.png").write_bytes(b"\x89PNG fake")
-    return adapters, blends, card
-
-
 @pytest.fixture()
 def bundle(tmp_path):
-    adapters, blends, card = make_inputs(tmp_path)
+    adapters, blends, card = make_release_inputs(tmp_path)
     out = tmp_path / "dist" / "release"
     summary = build_bundle(out, adapters, blends, card, Params())
     return out, summary
@@ -140,7 +111,7 @@ def test_sums_round_trip():
 
 def test_build_is_reproducible_with_source_date_epoch(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    adapters, blends, card = make_inputs(tmp_path)
+    adapters, blends, card = make_release_inputs(tmp_path)
     build_bundle(tmp_path / "a", adapters, blends, card, Params())
     build_bundle(tmp_path / "b", adapters, blends, card, Params())
     assert (tmp_path / "a" / SUMS_NAME).read_text() == (tmp_path / "b" / SUMS_NAME).read_text()
@@ -156,12 +127,12 @@ def test_params_hash_tracks_artefact_sections_only():
 
 
 def test_missing_inputs_are_named(tmp_path):
-    adapters, blends, card = make_inputs(tmp_path)
+    adapters, blends, card = make_release_inputs(tmp_path)
     shutil.rmtree(adapters / "noir")
     with pytest.raises(BundleError, match="adapter of style 'noir'.*train"):
         build_bundle(tmp_path / "out", adapters, blends, card, Params())
     assert not (tmp_path / "out").exists()  # nothing half-built
-    adapters, blends, card = make_inputs(tmp_path / "again")
+    adapters, blends, card = make_release_inputs(tmp_path / "again")
     (card / "README.md").unlink()
     with pytest.raises(BundleError, match="README.md.*docs"):
         build_bundle(tmp_path / "out", adapters, blends, card, Params())
@@ -181,47 +152,6 @@ def test_example_uses_stock_diffusers_only():
     assert "load_lora_weights" in source and "set_adapters" in source
 
 
-def test_handoff_stage(tmp_path, capsys):
-    from stages import handoff
-
-    adapters, blends, card = make_inputs(tmp_path)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text("{}\n")
-    out = tmp_path / "dist" / "release"
-    handoff.main(
-        [
-            "--params",
-            str(params_file),
-            "--adapters",
-            str(adapters),
-            "--blends",
-            str(blends),
-            "--model-card",
-            str(card),
-            "--out",
-            str(out),
-        ]
-    )
-    assert verify_bundle(out).ok
-    assert "checksums verified" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        handoff.main(
-            [
-                "--params",
-                str(params_file),
-                "--adapters",
-                str(tmp_path / "nope"),
-                "--blends",
-                str(blends),
-                "--model-card",
-                str(card),
-                "--out",
-                str(out),
-            ]
-        )
-    assert exc.value.code == 2
-
-
 @pytest.mark.slow
 def test_example_runs_against_a_real_base_model(tiny_base, tmp_path):
     """example.py loads the embedded base model and real diffusers LoRA files, with no stunning import."""
@@ -233,7 +163,7 @@ def test_example_runs_against_a_real_base_model(tiny_base, tmp_path):
 
     base = tiny_base  # SD3 without T5, like the micro model
     params = Params.model_validate({"base": {"source": "local", "path": str(base)}})
-    adapters, blends, card = make_inputs(tmp_path / "inputs", params)
+    adapters, blends, card = make_release_inputs(tmp_path / "inputs", params)
     fam = get_family("sd3")
     pipe = fam.load_pipeline(base, torch.device("cpu"), torch.float32)
     torch.manual_seed(0)

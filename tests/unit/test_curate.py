@@ -1,4 +1,4 @@
-"""Curation filters, the deterministic split, the Great Expectations gate and the stage."""
+"""Curation filters, the deterministic split, the Great Expectations gate."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
 
 from stunning.config import CurateConfig, DataConfig
 from stunning.data import DataError
@@ -22,39 +19,18 @@ from stunning.data.curate import (
     read_curated_manifest,
 )
 from stunning.data.expectations import validate_manifest, write_validation_report
-from stunning.data.ingest import ingest
-from tests.factories import blocks, encode, put
+from tests.factories import make_ingested_with_flaws
 
 STYLES = ["impressionist", "noir"]
 DATA = DataConfig(styles=STYLES)
 N_GOOD = 6
 
 
-def _gradient(start: int, size: int = 48) -> Image.Image:
-    ramp = np.linspace(start, start + 150, size)
-    arr = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8)
-    return Image.fromarray(arr, mode="RGB")
-
-
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory) -> Path:
     """Per style: N_GOOD distinct sharp images, then one blurry, one near-duplicate,
     one with a one-word caption and one small original."""
-    root = tmp_path_factory.mktemp("curate")
-    raw = root / "raw"
-    for k, style in enumerate(STYLES):
-        folder = raw / style
-        for i in range(N_GOOD):
-            put(folder, f"img{i}.png", encode(blocks(100 * k + i), "PNG"), f"picture number {i} in {style}")
-        put(folder, "blurry.png", encode(_gradient(20 + 30 * k), "PNG"), "a soft gradient")
-        near = np.clip(np.asarray(blocks(100 * k), dtype=int) + 3, 0, 255).astype(np.uint8)
-        put(folder, "near.png", encode(Image.fromarray(near), "PNG"), "almost picture zero")
-        put(folder, "short.png", encode(blocks(100 * k + 50), "PNG"), "picture")
-        put(folder, "small.png", encode(blocks(100 * k + 60, (26, 26)), "PNG"), "a small original")
-    out = root / "ingested"
-    report = ingest(raw, out, DATA)
-    assert report.rejected == 0
-    return out
+    return make_ingested_with_flaws(tmp_path_factory.mktemp("curate"), N_GOOD)
 
 
 CFG = CurateConfig(min_resolution=30, min_images_per_style=2)
@@ -205,37 +181,3 @@ def test_suite_fails_readably_on_a_broken_manifest(validated):
     text = report.failure_text()
     assert "cubism" in text and str(df.loc[3, "id"]) in text and "31" in text
     assert 'The column "blur"' in text  # the missing column is named, not a traceback
-
-
-def test_curate_stage_main(ingested, tmp_path, capsys):
-    from stages.curate import main
-
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"curate": {"min_resolution": 30, "min_images_per_style": 2}}))
-    out, stats, val = tmp_path / "curated", tmp_path / "r/curate.json", tmp_path / "r/data_validation.json"
-    args = ["--params", str(params), "--ingested", str(ingested), "--out", str(out),
-            "--stats", str(stats), "--validation-report", str(val)]
-    main(args)
-    assert (out / "manifest.csv").is_file()
-    assert json.loads(stats.read_text())["kept"] == 2 * N_GOOD and json.loads(val.read_text())["success"]
-    assert "data validation passed" in capsys.readouterr().out
-
-    # unfit data: exit 1, nothing published, both reports still written for the user
-    params.write_text(yaml.safe_dump({"curate": {"min_resolution": 30, "min_images_per_style": 40}}))
-    stats.unlink()
-    val.unlink()
-    args[args.index(str(out))] = str(tmp_path / "curated2")
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "too few training images" in err and "min_images_per_style (40)" in err
-    assert not (tmp_path / "curated2").exists()
-    written = json.loads(stats.read_text())
-    assert written["kept"] == 2 * N_GOOD and len(written["drops"]) == 8  # the user can see why
-    assert json.loads(val.read_text())["success"] is False
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--params", str(params), "--ingested", str(tmp_path / "none"), "--out", str(out),
-              "--stats", str(stats), "--validation-report", str(val)])
-    assert exit_info.value.code == 2

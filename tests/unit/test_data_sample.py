@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from stunning.config import ConfigError, DataConfig
@@ -115,22 +114,6 @@ def test_local_source_still_writes_the_sample_and_says_it_is_unused(tmp_path):
     summary = generate_sample(out, _cfg(n=2, source="local", styles=["watercolor"]))
     assert summary.styles == list(SAMPLE_STYLES) and not summary.used_for_training
     assert "Unused" in (out / "README.md").read_text()
-
-
-def test_stage_main(tmp_path, capsys):
-    from stages.sample_data import main
-
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"sample_images_per_style": 3}}))
-    main(["--params", str(params), "--out", str(tmp_path / "sample")])
-    assert len(list((tmp_path / "sample/noir").glob("look_*.png"))) == 3
-    assert "3 images x 2 styles" in capsys.readouterr().out
-
-    params.write_text(yaml.safe_dump({"data": {"styles": ["impressionist", "noir", "cubism"]}}))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--params", str(params), "--out", str(tmp_path / "sample2")])
-    assert exit_info.value.code == 2
-    assert "cubism" in capsys.readouterr().err
 
 
 def test_bad_files_get_the_outcome_the_readme_promises(sample, tmp_path):

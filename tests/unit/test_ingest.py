@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image, ImageFilter
 
 from stunning.config import DataConfig
@@ -23,7 +22,7 @@ from stunning.data.images import (
     to_rgb,
 )
 from stunning.data.ingest import ingest, read_manifest, write_ingest_reports
-from tests.factories import blocks, encode, put
+from tests.factories import blocks, encode, make_messy_raw
 
 STYLES = ["impressionist", "noir"]
 
@@ -99,44 +98,7 @@ def test_blur_score_and_phash():
 
 @pytest.fixture()
 def raw(tmp_path) -> Path:
-    root = tmp_path / "raw"
-    a, b = root / "impressionist", root / "noir"
-    good = encode(blocks(1), "PNG")
-    put(a, "good.png", good, "a good picture")
-    arr = np.zeros((40, 60, 3), dtype=np.uint8)
-    arr[:, :30] = (255, 0, 0)
-    arr[:, 30:] = (0, 0, 255)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    put(a, "rotated.jpg", encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif), "a rotated photo")
-    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    rgba.paste((200, 0, 0, 255), (10, 10, 30, 30))
-    put(a, "alpha.png", encode(rgba, "PNG"), "a red square on nothing")
-    put(a, "photo.WEBP", encode(blocks(3), "WEBP", lossless=True), "a webp photo")
-    put(a, "from_meta.png", encode(blocks(4), "PNG"), caption=None)
-    (a / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "from_meta.png", "text": "  a caption\nfrom metadata  "})
-        + "\n"
-        + "not json at all\n"
-        + json.dumps({"file_name": "ghost.png", "text": "missing file"})
-        + "\n"
-    )
-    put(a, "corrupt.png", bytes(range(256)) * 4)
-    put(a, "truncated.png", encode(blocks(5), "PNG")[:200])
-    put(a, "not_image.jpg", b"hello, I am text\n")
-    put(a, "no_caption.png", encode(blocks(6), "PNG"), caption=None)
-    put(a, "blank.png", encode(blocks(7), "PNG"), caption="  \n ")
-    put(a, "tiny.png", encode(blocks(8, (8, 8)), "PNG"))
-    put(a, "good_copy.png", good)
-    put(a, "scan.bmp", encode(blocks(9), "BMP"))
-    put(a, ".hidden.png", encode(blocks(10), "PNG"))
-    (a / "README.md").write_text("notes about this folder")
-    (a / "gone.png").symlink_to(tmp_path / "does-not-exist.png")
-    (a / "orphan.txt").write_text("a caption without an image")
-    put(b / "sub", "nested.png", encode(blocks(11, (64, 50)), "PNG"), "a nested picture")
-    put(b, "latin1.png", encode(blocks(12), "PNG"), caption=None)
-    (b / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    return root
+    return make_messy_raw(tmp_path)
 
 
 EXPECTED_REJECTIONS = {
@@ -220,19 +182,3 @@ def test_missing_folders_are_clear_errors(tmp_path):
         ingest(tmp_path / "raw", tmp_path / "out", DataConfig())
     assert str(tmp_path / "raw/noir") in str(err.value) and "data.styles" in str(err.value)
     assert not (tmp_path / "out").exists()
-
-
-def test_ingest_stage_main(raw, tmp_path, capsys):
-    from stages.ingest import main
-
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"raw_dir": str(raw)}}))
-    out, rep, md = tmp_path / "ing", tmp_path / "r/ingest.json", tmp_path / "r/ingest.md"
-    main(["--params", str(params), "--raw", str(raw), "--out", str(out), "--report", str(rep), "--report-md", str(md)])
-    assert json.loads(rep.read_text())["accepted"] == 6 and md.is_file()
-    assert "6 accepted, 11 rejected" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--params", str(params), "--raw", str(tmp_path / "missing"), "--out", str(out),
-              "--report", str(rep), "--report-md", str(md)])
-    assert exit_info.value.code == 2
-    assert "does not exist" in capsys.readouterr().err

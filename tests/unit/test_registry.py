@@ -1,4 +1,4 @@
-"""The MLflow registry: versions, gate tags, @champion / @previous-champion, rollback, stage.
+"""The MLflow registry: versions, gate tags, @champion / @previous-champion, rollback.
 
 One SQLite registry per module (creating one costs seconds); each test registers under its
 own model name, so tests share the database but not their state.
@@ -10,56 +10,31 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stunning.config import RegistryConfig
+from tests.factories import gate_report, make_registry_candidate, make_registry_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def _gate(passed: bool, gain: float = 0.4, reasons: list[str] | None = None) -> dict:
-    checks = [
-        {"name": "style_gain/impressionist", "value": gain, "threshold": 0.05, "passed": gain >= 0.05, "detail": ""},
-        {"name": "latency_s", "value": 0.25, "threshold": 5.0, "passed": True, "detail": "p50"},
-        {"name": "peak_memory_mb", "value": None, "threshold": 4096.0, "passed": passed, "detail": "not measured"},
-    ]
-    return {
-        "passed": passed,
-        "checks": checks,
-        "reasons": reasons if reasons is not None else ([] if passed else ["style_gain/impressionist 0.01 < 0.05"]),
-        "candidate": {"metrics": {"style_gain": {"impressionist": gain, "noir": 0.3}, "quant_mse": 0.002}},
-    }
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A project-like root whose registry database is created once for the module."""
-    from stunning.registry import aliases
-    from stunning.tracking import configure_mlflow
-
-    root = tmp_path_factory.mktemp("registry")
-    configure_mlflow(RegistryConfig(), root)
-    assert aliases(RegistryConfig(), root) == {}
-    return root
+    return make_registry_store(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="module")
 def candidate(tmp_path_factory) -> dict[str, Path]:
     """Adapter and blend folders in the layout the train/merge stages write (the registry
     copies them; it does not read the weights)."""
-    root = tmp_path_factory.mktemp("candidate")
-    for folder in ("adapters/impressionist", "adapters/noir", "blends/half-half"):
-        (root / folder).mkdir(parents=True)
-        (root / folder / "pytorch_lora_weights.safetensors").write_bytes(folder.encode())
-    (root / "adapters/noir/train_config.yaml").write_text("rank: 4\n")
-    return {"adapters": root / "adapters", "blends": root / "blends"}
+    return make_registry_candidate(tmp_path_factory.mktemp("candidate"))
 
 
 def _register(store, candidate, base, name, passed, **kw):
     from stunning.registry import register_candidate
 
     cfg = RegistryConfig(model_name=name)
-    gate = kw.pop("gate", None) or _gate(passed)
+    gate = kw.pop("gate", None) or gate_report(passed)
     return register_candidate(cfg, gate, candidate, base, "sd-unet", {"train": {"rank": 4}}, root=store, **kw)
 
 
@@ -114,7 +89,7 @@ def test_failed_gate_is_registered_but_champion_stays(store, candidate, tiny_bas
     cfg = RegistryConfig(model_name="m-fail")
     _register(store, candidate, tiny_base, "m-fail", True)  # v1: champion
     reasons = ["style_gain/impressionist 0.01 < 0.05", "x" * 6000]
-    blocked = _register(store, candidate, tiny_base, "m-fail", False, gate=_gate(False, gain=0.01, reasons=reasons))
+    blocked = _register(store, candidate, tiny_base, "m-fail", False, gate=gate_report(False, gain=0.01, reasons=reasons))
     assert blocked["version"] == 2 and blocked["promoted"] is False
     assert blocked["champion_version"] == 1 and blocked["reasons"] == reasons
     assert blocked["verdict"].startswith("BLOCKED v2: style_gain/impressionist 0.01 < 0.05;")
@@ -183,9 +158,9 @@ def test_bad_inputs_fail_before_touching_the_registry(tmp_path, candidate, tiny_
         register_candidate(cfg, {"checks": []}, candidate, tiny_base, "sd-unet", {}, root=tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RegistryError, match="run the train stage"):
-        register_candidate(cfg, _gate(True), {"adapters": tmp_path / "empty"}, tiny_base, "sd-unet", {}, root=tmp_path)
+        register_candidate(cfg, gate_report(True), {"adapters": tmp_path / "empty"}, tiny_base, "sd-unet", {}, root=tmp_path)
     with pytest.raises(ModelNotFoundError, match="model_index.json"):
-        register_candidate(cfg, _gate(True), candidate, tmp_path / "nope", "sd-unet", {}, root=tmp_path)
+        register_candidate(cfg, gate_report(True), candidate, tmp_path / "nope", "sd-unet", {}, root=tmp_path)
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -201,41 +176,3 @@ def test_gate_metrics_come_from_candidate_metrics_else_checks():
     assert gate_metrics(gate) == {"style_gain/impressionist": 1.0, "latency_s": 0.5}
     checks_only = {"passed": True, "checks": [{"name": "style_gain/noir", "value": 0.2}, {"name": "n", "value": "x"}]}
     assert gate_metrics(checks_only) == {"style_gain/noir": 0.2}
-
-
-def test_register_stage_writes_report_and_exits_zero_when_blocked(store, candidate, tiny_base, monkeypatch, capsys):
-    from stages import register
-
-    monkeypatch.chdir(store)
-    params = {"registry": {"model_name": "m-stage"}, "base": {"path": str(tiny_base)}}
-    Path("params.yaml").write_text(yaml.safe_dump(params))
-    argv = [
-        "--params",
-        "params.yaml",
-        "--gate",
-        "reports/gate.json",
-        "--base",
-        str(tiny_base),
-        "--adapters",
-        str(candidate["adapters"]),
-        "--blends",
-        str(candidate["blends"]),
-        "--out",
-        "reports/registry.json",
-    ]
-
-    with pytest.raises(SystemExit) as exc:
-        register.main(argv)
-    assert exc.value.code == 2 and "validate" in capsys.readouterr().err  # no gate report yet
-
-    Path("reports").mkdir()
-    Path("reports/gate.json").write_text(json.dumps(_gate(True)))
-    register.main(argv)
-    assert "PROMOTED v1 to @champion" in capsys.readouterr().out
-    Path("reports/gate.json").write_text(json.dumps(_gate(False, gain=0.01)))
-    register.main(argv)
-    out = capsys.readouterr().out
-    assert "BLOCKED v2: style_gain/impressionist 0.01 < 0.05; @champion stays v1" in out
-    report = json.loads(Path("reports/registry.json").read_text())
-    assert report["version"] == 2 and report["promoted"] is False and report["champion_version"] == 1
-    assert report["model_name"] == "m-stage"

@@ -1,13 +1,11 @@
-"""Research phase: parameter counts from configs, memory estimates, the plan, the stage."""
+"""Research phase: parameter counts from configs, memory estimates, the plan."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,42 +17,7 @@ from stunning.config import (  # noqa: E402
     ResearchConfig,
     TrainConfig,
 )
-
-SMALL_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 1,
-    "block_out_channels": [16, 32],
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 16,
-    "attention_head_dim": 4,
-    "norm_num_groups": 8,
-}
-SMALL_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "norm_num_groups": 8,
-    "sample_size": 16,
-}
-SMALL_CLIP = {
-    "vocab_size": 100,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 16,
-    "projection_dim": 16,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "pad_token_id": 1,
-}
+from tests.factories import SMALL_CLIP, SMALL_UNET, SMALL_VAE, make_config_only_sd_folder  # noqa: E402
 
 CPU_INFO = {"device": "cpu", "memory": {"total_mb": 16 * 1024.0}, "cuda": {}, "mps": {}}
 
@@ -115,7 +78,7 @@ def test_the_configured_adapter_is_counted_as_the_trainer_makes_it(blocks):
 
 
 def test_the_report_sizes_train_rank_and_targets(tmp_path):
-    folder = _write_folder(tmp_path / "model")
+    folder = make_config_only_sd_folder(tmp_path / "model")
     research = ResearchConfig(candidates=[ResearchCandidate(name="mine", path=str(folder))])
     base = BaseModelConfig(source="local", path=str(folder))
     shipped = rs.build_report(research, base, CPU_INFO)  # no train section given: TrainConfig()'s = params.yaml's
@@ -133,7 +96,8 @@ def test_the_report_sizes_train_rank_and_targets(tmp_path):
 
 
 def test_sd15_reference_counts():
-    cand = rs.size_candidate(ResearchCandidate(name="sd15", preset="sd15-reference"), lora_rank=4)
+    cand = rs.size_candidate(ResearchCandidate(name="sd15", preset="sd15-reference"), lora_rank=4,
+                             targets=rs.ATTENTION_LORA_TARGETS)
     counts = {name: c["params"] for name, c in cand["components"].items()}
     assert counts["unet"] == pytest.approx(859.5e6, rel=0.02)
     assert counts["vae"] == pytest.approx(83.7e6, rel=0.02)
@@ -161,45 +125,18 @@ def test_verdict_thresholds():
     assert rs.verdict(10.5, 10) == "does not fit"
 
 
-def _write_folder(root, with_vae_config=True, configs=None):
-    """A local diffusers folder holding only configs (model_index.json + config.json files)."""
-    configs = configs or {
-        "unet": {"_class_name": "UNet2DConditionModel", **SMALL_UNET},
-        "vae": {"_class_name": "AutoencoderKL", **SMALL_VAE},
-        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **SMALL_CLIP},
-    }
-    root.mkdir(parents=True)
-    (root / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-                "safety_checker": [None, None],
-            }
-        )
-    )
-    for name, cfg in configs.items():
-        (root / name).mkdir()
-        if name != "vae" or with_vae_config:
-            (root / name / "config.json").write_text(json.dumps(cfg))
-    return root
-
-
 def test_local_folder_candidate(tmp_path):
-    folder = _write_folder(tmp_path / "model")
+    folder = make_config_only_sd_folder(tmp_path / "model")
     comps = rs.read_diffusers_folder(folder)
     assert [c.name for c in comps] == ["text_encoder", "unet", "vae"]
-    cand = rs.size_candidate(ResearchCandidate(name="mine", path=str(folder)), lora_rank=2)
+    cand = rs.size_candidate(ResearchCandidate(name="mine", path=str(folder)), lora_rank=2,
+                             targets=rs.ATTENTION_LORA_TARGETS)
     assert cand["components"]["unet"]["params"] == rs.count_parameters("UNet2DConditionModel", SMALL_UNET)
     assert cand["resolution"] == 16  # latent 8 x VAE scale 2
 
 
 def test_local_folder_missing_files_are_named(tmp_path):
-    folder = _write_folder(tmp_path / "model", with_vae_config=False)
+    folder = make_config_only_sd_folder(tmp_path / "model", with_vae_config=False)
     with pytest.raises(ConfigError, match=r"vae/config\.json"):
         rs.read_diffusers_folder(folder)
     with pytest.raises(ConfigError, match="model_index.json"):
@@ -209,7 +146,7 @@ def test_local_folder_missing_files_are_named(tmp_path):
 
 
 def test_plan_picks_highest_precision_that_fits(tmp_path):
-    folder = _write_folder(tmp_path / "model")
+    folder = make_config_only_sd_folder(tmp_path / "model")
     research = ResearchConfig(
         candidates=[
             ResearchCandidate(name="mine", path=str(folder)),
@@ -223,7 +160,7 @@ def test_plan_picks_highest_precision_that_fits(tmp_path):
     assert report["budget_gb"] == pytest.approx(16.0)
 
     # A local SD1.5 folder on a bf16 GPU whose memory rules out fp32 training but not bf16.
-    sd_folder = _write_folder(tmp_path / "sd15", configs=rs.sd15_reference_configs())
+    sd_folder = make_config_only_sd_folder(tmp_path / "sd15", configs=rs.sd15_reference_configs())
     gpu = {
         "device": "cuda",
         "memory": {"total_mb": 64e3},
@@ -248,7 +185,7 @@ def test_plan_picks_highest_precision_that_fits(tmp_path):
 
 
 def test_base_not_among_candidates_is_added(tmp_path):
-    folder = _write_folder(tmp_path / "model")
+    folder = make_config_only_sd_folder(tmp_path / "model")
     research = ResearchConfig(candidates=[ResearchCandidate(name="sd15", preset="sd15-reference")])
     report = rs.build_report(research, BaseModelConfig(source="local", path=str(folder)), CPU_INFO)
     assert [c["name"] for c in report["candidates"]] == ["sd15", "base"]
@@ -268,65 +205,11 @@ def test_unknown_preset():
 
 def test_embedded_micro_preset():
     pytest.importorskip("stunning.embedded")
-    cand = rs.size_candidate(ResearchCandidate(name="tiny", preset="embedded-micro"), lora_rank=4)
+    cand = rs.size_candidate(ResearchCandidate(name="tiny", preset="embedded-micro"), lora_rank=4,
+                             targets=rs.ATTENTION_LORA_TARGETS)
     assert set(cand["components"]) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
     assert 0 < cand["total_params"] < 10_000_000
     assert cand["lora"]["params"] > 0
-
-
-def test_research_stage_writes_json_and_markdown(tmp_path, capsys):
-    from stages import research as stage
-
-    folder = _write_folder(tmp_path / "model")
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        yaml.safe_dump(
-            {
-                "base": {"source": "local", "path": str(folder)},
-                "research": {
-                    "candidates": [{"name": "mine", "path": str(folder)}],
-                    "memory_budget_gb": 4,
-                },
-            }
-        )
-    )
-    out_json, out_md = tmp_path / "r" / "research.json", tmp_path / "r" / "research.md"
-    stage.main(["--params", str(params_file), "--out-json", str(out_json), "--out-md", str(out_md)])
-    report = json.loads(out_json.read_text())
-    assert report["budget_gb"] == 4 and report["budget_source"] == "params research.memory_budget_gb"
-    assert report["plan"]["candidate"] == "mine"
-    md = out_md.read_text()
-    assert "| mine |" in md and "| Candidate | Params | Precision |" in md
-    assert "plan:" in capsys.readouterr().out
-
-
-def test_research_stage_bad_candidate_exits_2(tmp_path, capsys):
-    from stages import research as stage
-
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        yaml.safe_dump(
-            {
-                "base": {"source": "local", "path": str(tmp_path / "missing")},
-                "research": {"candidates": [{"name": "gone", "path": str(tmp_path / "missing")}]},
-            }
-        )
-    )
-    with pytest.raises(SystemExit) as exc:
-        stage.main(
-            ["--params", str(params_file), "--out-json", str(tmp_path / "a.json"), "--out-md", str(tmp_path / "a.md")]
-        )
-    assert exc.value.code == 2
-    assert "research.candidates[gone]" in capsys.readouterr().err
-    assert not (tmp_path / "a.json").exists()
-
-
-def test_environment_stage_writes_probe(tmp_path):
-    from stages import environment as stage
-
-    out = tmp_path / "env" / "environment.json"
-    stage.main(["--params", "params.yaml", "--out", str(out)])
-    assert json.loads(out.read_text())["device"] in ("cpu", "cuda", "mps")
 
 
 def test_flux_and_sd3_shapes_count_packed_patches_and_joint_text_tokens():
