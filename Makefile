@@ -11,9 +11,9 @@ setup:
 run: setup
 	.venv/bin/dvc repro
 
-# Two pytest-xdist workers (the machines are 2-core; tests run one torch thread each). Tests of
-# one end-to-end clone share an xdist group, so each clone is reproduced once, on one worker.
-PYTEST_PAR := -n 2 --dist loadgroup
+# Two pytest-xdist workers (the machines are 2-core; tests run one torch thread each). The tests
+# of one end-to-end clone run on one worker, so each clone is reproduced once (tests/conftest.py).
+PYTEST_PAR := -n 2
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_PAR)

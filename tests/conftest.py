@@ -5,13 +5,14 @@
 - `tiny_dag_project` / `default_dag_project`: the project copied into a temporary git
   repository with `dvc repro` run once, on tiny settings (wiring, reruns, flows) and on the
   shipped defaults (quality: the gate promotes); under `make test` (pytest-xdist) each runs
-  on its own worker while the other tests run beside it.
+  on its own worker while the other tests run beside it (`CLONE_GROUPS`).
 - `prefect_harness`: one session-scoped Prefect test harness (its temporary server takes
   ~10-25 s to start, so it is started once and only by the tests that need it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,47 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from tests.factories import TINY_DAG_PARAMS, copy_project, run_in
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- parallel runs
+# `make test` runs two pytest-xdist workers. Each worker builds its own session fixtures, so
+# the tests that share one reproduced clone must run on the same worker: they form one work
+# unit here, by path (xdist's `xdist_group` mark rewrites a node attribute that pytest 9 no
+# longer reads, so it groups nothing). The clones come first in the collection, so each
+# starts at once on its own worker while the other tests fill in beside them.
+CLONE_GROUPS = {
+    "tests/e2e/test_quality.py": "default-dag",
+    "tests/e2e/test_dag.py": "tiny-dag",
+    "tests/flows/": "tiny-dag",
+}
+
+
+def _clone_group(nodeid: str) -> str | None:
+    return next((group for prefix, group in CLONE_GROUPS.items() if nodeid.startswith(prefix)), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    order = list(dict.fromkeys(CLONE_GROUPS.values()))
+    rank = {group: i for i, group in enumerate(order)}
+    items.sort(key=lambda item: rank.get(_clone_group(item.nodeid), len(order)))  # stable: the rest keep their order
+
+
+if importlib.util.find_spec("xdist") is not None:
+
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class CloneGroupScheduling(LoadScopeScheduling):
+            """One work unit per clone group; every other test is a unit of its own."""
+
+            def _split_scope(self, nodeid: str) -> str:
+                return _clone_group(nodeid) or nodeid
+
+        config.option.loadscopereorder = False  # keep the collection order above
+        return CloneGroupScheduling(config, log)
+
+
+# --------------------------------------------------------------------------- tiny models
 
 
 @pytest.fixture(scope="session")

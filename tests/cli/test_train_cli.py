@@ -274,11 +274,11 @@ def test_defaults_come_from_the_config_models_and_the_family():
         fam = get_family(name)
         cfg = train_config(OneOffOptions(model="m", data=Path("d")), fam)
         assert cfg.target_modules == list(fam.default_lora_targets)
-        assert (cfg.steps, cfg.learning_rate, cfg.batch_size) == (1000, 1e-4, "auto") == tuple(
-            ONEOFF_TRAIN_DEFAULTS[k] for k in ("steps", "learning_rate", "batch_size"))
+        assert (cfg.steps, cfg.learning_rate, cfg.batch_size, cfg.caption_dropout) == (1000, 1e-4, "auto", 0.0) == tuple(
+            ONEOFF_TRAIN_DEFAULTS[k] for k in ("steps", "learning_rate", "batch_size", "caption_dropout"))
         assert cfg.checkpoint_every == 100 and cfg.alpha == float(cfg.rank)
         shipped = TrainConfig()
-        for key in ("rank", "dropout", "caption_dropout", "lr_scheduler", "keep_checkpoints", "mixed_precision"):
+        for key in ("rank", "dropout", "lr_scheduler", "keep_checkpoints", "mixed_precision"):
             assert getattr(cfg, key) == getattr(shipped, key) == oneoff_default(key), key
     # An option given beats the --config file's key; the file beats the defaults.
     opts = OneOffOptions(model="m", data=Path("d"), steps=8, config_overrides={"steps": 50, "rank": 2})

@@ -16,7 +16,7 @@ import yaml
 
 from tests.factories import run_in
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("tiny-dag")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EXPECTED_OUTPUTS = [
     "reports/research.json",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("default-dag")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_default_run_trains_adapters_that_pass_the_gate_and_promotes_them(default_dag_project):

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("tiny-dag")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture()
