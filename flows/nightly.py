@@ -1,7 +1,9 @@
 """Nightly retrain: rerun what changed (DVC decides), validate, promote only through the gate.
 
-The outcome — `nothing-to-do`, `promoted` or `blocked` with the gate's reasons — is the
-flow run's final state message and a markdown artifact in the Prefect UI, and an MLflow run
+The outcome — `nothing-to-do`, `promoted`, `not-promoted` (registered, but held back: a dry
+run, an experiment, rolled-back content), `no-candidate` (the register stage did not run in
+this flow run, so no earlier `reports/registry.json` is reported as tonight's) or `blocked`
+with the gate's reasons — is the flow run's final state message and a markdown artifact in the Prefect UI, and an MLflow run
 (experiment `nightly`, tag `outcome`) beside the training runs.
 
 Serve it on a schedule (needs a running `prefect server start`):
@@ -18,8 +20,26 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from flows.dvc_runner import project_root, status
+from flows.dvc_runner import DvcError, project_root, repro, status
 from flows.pipeline import full_pipeline
+
+ALWAYS_CHANGED = ["always changed"]  # what `dvc status` says of an `always_changed` stage (champion)
+
+
+def refresh_champion(root) -> None:
+    """`dvc repro --single-item champion`: rewrite the champion record (nothing upstream), so
+    that a champion moved since the last run (promote, rollback) shows as a change below."""
+    if not (root / "models" / "adapters").exists():
+        return  # a fresh clone: the whole pipeline is out of date anyway
+    try:
+        repro(["--single-item", "champion"], root)
+    except DvcError as exc:
+        get_run_logger().warning("could not refresh the champion record: %s", exc)
+
+
+def out_of_date(changes: dict) -> list[str]:
+    """Stages `dvc status` reports changed, less those whose only change is `always changed`."""
+    return sorted(name for name, why in changes.items() if why != ALWAYS_CHANGED)
 
 
 def _record_in_mlflow(outcome: dict) -> None:
@@ -37,14 +57,31 @@ def _record_in_mlflow(outcome: dict) -> None:
     tracker.end_run()
 
 
-def decide_outcome(changed: list[str], registry_report: dict | None) -> dict:
-    """Turn what DVC found changed and the register stage's report into one outcome."""
+def decide_outcome(changed: list[str], registry_report: dict | None, register_ran: bool = True) -> dict:
+    """Turn what DVC found changed and the register stage's report into one outcome.
+
+    `register_ran`: whether the register stage ran in this flow run; if not, the report on
+    disk is an earlier night's and is not read."""
     if not changed:
         return {"outcome": "nothing-to-do", "changed": [], "reasons": ["all stages up to date"]}
+    if not register_ran:
+        return {
+            "outcome": "no-candidate",
+            "changed": changed,
+            "reasons": ["the register stage did not run tonight (no new candidate reached it); "
+                        "@champion is unchanged and reports/registry.json is from an earlier run"],
+        }
     if registry_report is None:
         return {"outcome": "blocked", "changed": changed, "reasons": ["the register stage wrote no report"]}
     if registry_report.get("promoted"):
         return {"outcome": "promoted", "changed": changed, "version": registry_report.get("version"), "reasons": []}
+    if registry_report.get("gate_passed") and registry_report.get("not_promoted_reasons"):
+        return {
+            "outcome": "not-promoted",
+            "changed": changed,
+            "version": registry_report.get("version"),
+            "reasons": list(registry_report["not_promoted_reasons"]),
+        }
     return {
         "outcome": "blocked",
         "changed": changed,
@@ -57,14 +94,18 @@ def decide_outcome(changed: list[str], registry_report: dict | None) -> dict:
 def nightly_retrain():
     logger = get_run_logger()
     root = project_root()
-    changed = sorted(status(root))
+    refresh_champion(root)
+    changed = out_of_date(status(root))
     registry_report = None
+    register_ran = False
     if changed:
         logger.info("stages out of date: %s", ", ".join(changed))
-        full_pipeline()
+        phases = full_pipeline()
+        register_ran = any("register" in (p.get("ran") or []) for p in phases or [])
         path = root / "reports" / "registry.json"
-        registry_report = json.loads(path.read_text()) if path.is_file() else None
-    outcome = decide_outcome(changed, registry_report)
+        if register_ran and path.is_file():
+            registry_report = json.loads(path.read_text())
+    outcome = decide_outcome(changed, registry_report, register_ran)
     _record_in_mlflow(outcome)
     create_markdown_artifact(
         key="nightly-outcome",

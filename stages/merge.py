@@ -27,15 +27,17 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from stunning.blend import BlendError
+    from stunning.checks import AdapterError
     from stunning.families import ModelNotFoundError
     from stunning.quantize import QuantizationError
 
-    return (BlendError, ModelNotFoundError, QuantizationError)
+    return (AdapterError, BlendError, ModelNotFoundError, QuantizationError)
 
 
 def preflight(params: Params, base: Path, adapters: Path) -> dict[str, Path]:
-    """Check names and inputs before loading any model; return the adapter folder per style."""
+    """Check names and inputs (adapter files included) before loading any model; return the adapter folder per style."""
     from stunning.blend import LORA_FILE, BlendError
+    from stunning.checks import check_adapters
     from stunning.families import check_model_dir, get_family
 
     try:
@@ -55,7 +57,11 @@ def preflight(params: Params, base: Path, adapters: Path) -> dict[str, Path]:
     missing = sorted(str(dirs[s] / LORA_FILE) for s in needed if not (dirs[s] / LORA_FILE).is_file())
     if missing:
         raise BlendError(f"adapter weights not found: {missing}. Run the train stage (`dvc repro train`) first.")
-    return {s: d for s, d in dirs.items() if (d / LORA_FILE).is_file()}
+    found = {s: d for s, d in dirs.items() if (d / LORA_FILE).is_file()}
+    # Header, byte ranges, finite weights and the family's LoRA layout, before any model loads:
+    # a damaged adapter is an AdapterError naming the file, not a SafetensorError mid-merge.
+    check_adapters(found.values(), family)
+    return found
 
 
 def run(params: Params, base: Path, adapters: Path, out: Path, report: Path, device: str | None = None) -> dict[str, Any]:

@@ -5,12 +5,19 @@ verdict, reasons, checks and metrics; `@champion` moves to it only if the gate p
 replaced champion stays as `@previous-champion` for rollback). A blocked candidate is not
 an error: the stage exits 0 either way and says which happened. Writes
 `reports/registry.json` (the version, whether it was promoted, and where the aliases point).
+
+It never promotes when `gate.mode` is `dry_run` (the version is tagged `dry_run=true`) or
+`disabled`; nor under `dvc exp run` (DVC sets `DVC_EXP_NAME` / `DVC_EXP_BASELINE_REV` in a
+stage's environment) unless `registry.promote_experiments` is true — `stunning promote
+VERSION` promotes such a version by hand; nor a candidate whose adapter content equals a
+rolled-back version's. The report's `reasons` say why.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,19 @@ def read_gate(path: Path) -> dict[str, Any]:
     return gate
 
 
+EXPERIMENT_ENV = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+
+
+def experiment_name(env: dict[str, str] | None = None) -> str | None:
+    """The `dvc exp run` experiment this stage runs in (DVC's env vars), or None."""
+    env = os.environ if env is None else env
+    if env.get("DVC_EXP_NAME"):
+        return env["DVC_EXP_NAME"]
+    if env.get("DVC_EXP_BASELINE_REV"):
+        return f"experiment on {env['DVC_EXP_BASELINE_REV'][:12]}"
+    return None
+
+
 def run(
     params: Params,
     gate_path: Path,
@@ -61,6 +81,9 @@ def run(
             params.base.family,
             params.model_dump(by_alias=True, mode="json"),
             root=root,
+            mode=gate.get("mode") or params.gate.mode,  # what validate did; params otherwise
+            experiment=experiment_name(),
+            promote_experiments=params.registry.promote_experiments,
         )
     except RegistryError as exc:
         raise StageInputError(str(exc)) from exc

@@ -8,7 +8,9 @@ wide CSV (`--plots`: `step,<style>,...`, for `dvc plots`) and as a PNG (`--plot-
 readable without DVC's HTML viewer), and the final sample images (`--samples`). Checkpoints
 go to `--checkpoints` and are reused: an interrupted run resumes where it stopped. The
 metrics carry each style's batch size (`train.batch_size: auto` resolved, after any halving
-for lack of memory) and the seconds the thermal guard paused for heat.
+for lack of memory) and the seconds the thermal guard paused for heat. Training that diverges
+(non-finite loss) even after `train.max_divergence_retries` rollbacks at half the learning rate
+exits 2 with what to change and writes no adapter.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from stages._scaffold import parser, run_stage
 from stunning.config import ConfigError, Params
 from stunning.families import ModelNotFoundError
 from stunning.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
+from stunning.mlflow_store import TrackingStoreError
 from stunning.training.batch import BatchSizeError
 from stunning.training.dataset import DatasetError
+from stunning.training.divergence import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,9 @@ def run(
             )
             histories[style] = summary["loss_history"]
             results[style] = {k: summary[k] for k in METRIC_KEYS}
+            if summary.get("divergence_retries"):  # recovered at a lower learning rate
+                results[style].update(divergence_retries=summary["divergence_retries"],
+                                      learning_rate_final=summary["learning_rate_final"])
 
     report = {
         "styles": {
@@ -191,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
             params,
         ),
         summary=lambda result, a: _print_summary(*result, a),
-        errors=(ModelNotFoundError, DatasetError, BatchSizeError),
+        # TrainingDiverged: non-finite loss even after the retries at lower learning rates (exit 2
+        # with what to change, and no adapter, so merge/validate/handoff never see one).
+        # TrackingStoreError: a corrupt or locked mlflow.db (the message says how to recover).
+        errors=(ModelNotFoundError, DatasetError, BatchSizeError, TrainingDiverged, TrackingStoreError),
     )
 
 

@@ -4,8 +4,13 @@ Generates images for the base, each style adapter, each blend, the fused model a
 int8 model (`validate` prompts and seeds), measures style distances to the curated
 references (`--data`), latency and peak memory, and writes images + `grid.png` to `--out`
 and the metrics to `--metrics`. The promotion gate (`budgets`) compares them — and the
-quantization numbers from `--merge-report` — with the budgets and with the registry's
-`@champion` (or `--champion-metrics FILE`), and writes its verdict to `--gate`.
+quantization numbers from `--merge-report` — with the budgets and with the champion of
+`--champion` (`reports/champion.json`, written by the `champion` stage from the registry;
+else `--champion-metrics FILE`, else the registry's `@champion`), and writes its verdict to
+`--gate`. Per adapter it also measures the held-out denoising loss on the val split
+(`eval_loss` in `--metrics`), for the champion's adapters too when the record names them.
+`gate.mode`: `enabled` (the checks decide), `dry_run` (checks reported, never promoted) or
+`disabled` (checks skipped, the report says so; never promoted automatically).
 
 A failed gate is a result, not an error: the stage writes `--gate` and exits 0; the
 register stage acts on the verdict. Bad input exits 2.
@@ -52,6 +57,35 @@ def load_champion(path: Path | None, params: Params) -> tuple[dict[str, float] |
     return champ, f"registry {params.registry.model_name}@champion" if champ is not None else "no champion"
 
 
+def read_champion_record(path: Path) -> tuple[dict[str, float] | None, str, str | None]:
+    """(metrics or None, source, adapters folder or None) of a `reports/champion.json`."""
+    from stunning.io import read_json
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--champion {path}: file not found; run the champion stage (`dvc repro champion`).")
+    record = read_json(path)
+    if not isinstance(record, dict) or "version" not in record:
+        raise ConfigError(f"--champion {path}: not a champion record; rerun the champion stage.")
+    if record["version"] is None:
+        return None, f"{path}: no champion", None
+    metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    adapters = record.get("adapters")
+    source = f"{record.get('model_name')} v{record['version']} ({path})"
+    return metrics, source, adapters if adapters and Path(adapters).is_dir() else None
+
+
+def eval_metrics(validation: dict[str, Any]) -> dict[str, float]:
+    """Flat `eval_gain/<style>` (+ `_std`, and `eval_loss/<style>`) of measured styles."""
+    out: dict[str, float] = {}
+    for style, e in sorted((validation.get("eval_loss") or {}).items()):
+        if e.get("measured"):
+            out[f"eval_gain/{style}"] = float(e["gain"])
+            out[f"eval_gain_std/{style}"] = float(e["gain_std"])
+            out[f"eval_loss/{style}"] = float(e["adapter"])
+    return out
+
+
 def run(
     params: Params,
     base: Path,
@@ -64,9 +98,11 @@ def run(
     merge_report: Path | None = None,
     champion_metrics: Path | None = None,
     device: str | None = None,
+    champion: Path | None = None,
 ) -> dict[str, Any]:
     """Validate, gate, write `metrics` and `gate` (always, pass or fail); return a summary."""
     from stunning import gate as gate_mod
+    from stunning.checks import check_stage_adapters
     from stunning.device import select_device
     from stunning.families import get_family
     from stunning.io import read_json, write_json
@@ -76,20 +112,31 @@ def run(
         get_family(params.base.family)
     except KeyError as exc:
         raise ConfigError(f"base.family: {exc.args[0]}") from None
+    check_stage_adapters(params, adapters, merged)  # damaged adapter/blend files: AdapterError before any generation
     try:
         dev = select_device(device)
     except ValueError as exc:
         raise ConfigError(f"--device: {exc}") from None
-    champion, champion_source = load_champion(champion_metrics, params)
-    result = validate(params, base, adapters, merged, data, out, device=dev)
+    from stunning.registry import content_hash
+
+    champion_adapters = None
+    if champion is not None:
+        champion_data, champion_source, champion_adapters = read_champion_record(champion)
+        if champion_metrics is not None:  # an explicit metrics file wins for the comparison
+            champion_data, champion_source = load_champion(champion_metrics, params)
+    else:
+        champion_data, champion_source = load_champion(champion_metrics, params)
+    result = validate(params, base, adapters, merged, data, out, device=dev, champion_adapters=champion_adapters)
     merge = read_json(merge_report) if merge_report is not None and Path(merge_report).is_file() else None
     if merge is None:
         log.warning("merge report %s not found: the quantization checks will fail", merge_report)
+    mode = params.gate.mode
+    body = result.to_dict()
     report = gate_mod.evaluate(
         result,
         merge,
         params.budgets,
-        champion,
+        champion_data,
         candidate_info={
             "base": str(base),
             "adapters": str(adapters),
@@ -97,28 +144,43 @@ def run(
             "variants": list(result.variants),
             "device": result.device,
             "champion_source": champion_source,
+            "content_hash": content_hash(adapters),
         },
     )
-    body = result.to_dict()
-    body["gate_passed"] = report.passed
+    for key, value in eval_metrics(body).items():
+        report.metrics.setdefault(key, value)
+    gate_body = report.to_dict()
+    gate_body["mode"] = mode
+    if mode == "disabled":
+        gate_body.update(
+            passed=False,
+            checks=[],
+            reasons=["gate.mode is disabled: checks skipped; not promoted automatically"],
+        )
+    elif mode == "dry_run":
+        gate_body["note"] = "gate.mode is dry_run: checks evaluated and reported; the register stage never promotes"
+    body["gate_passed"] = gate_body["passed"]
+    body["gate_mode"] = mode
     write_json(Path(metrics), body)
-    write_json(Path(gate), report.to_dict())
-    return {"validation": body, "gate": report.to_dict(), "champion_source": champion_source}
+    write_json(Path(gate), gate_body)
+    return {"validation": body, "gate": gate_body, "champion_source": champion_source}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from stunning.checks import AdapterError
     from stunning.families import ModelNotFoundError
     from stunning.quantize import QuantizationError
     from stunning.validation import ValidationInputError
 
-    return (ModelNotFoundError, QuantizationError, ValidationInputError)
+    return (AdapterError, ModelNotFoundError, QuantizationError, ValidationInputError)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = parser(__doc__, "--base", "--adapters", "--merged", "--data", "--out", "--metrics", "--gate", "--merge-report")
+    ap = parser(__doc__, "--base", "--adapters", "--merged", "--data", "--out", "--metrics", "--gate", "--merge-report",
+                "--champion")
     ap.add_argument(
         "--champion-metrics", type=Path, default=None,
-        help="JSON of the champion's metrics (default: the registry's @champion, if any)",
+        help="JSON of metrics to compare with instead of the --champion record's (e.g. an earlier gate report)",
     )
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     run_stage(
@@ -127,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         run=lambda params, a: run(
             params, a.base, a.adapters, a.merged, a.data, a.out, a.metrics, a.gate,
-            a.merge_report, a.champion_metrics, a.device,
+            a.merge_report, a.champion_metrics, a.device, a.champion,
         ),
         summary=_print_summary,
         errors=_user_errors,
@@ -161,7 +223,16 @@ def _print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
             + (f"; largest residual terms: {left}" if left else ""),
             highlight=False,
         )
-    if g["passed"]:
+    for st, e in (v.get("eval_loss") or {}).items():
+        if e.get("measured"):
+            champ = f"; champion gain {e['champion_gain']:+.4f}" if "champion_gain" in e else ""
+            console.print(f"eval loss {st}: base {e['base']:.5f} -> adapter {e['adapter']:.5f} "
+                          f"(gain {e['gain']:+.4f} ± {e['gain_std']:.4f}{champ})", highlight=False)
+        else:
+            console.print(f"eval loss {st}: not measured ({e.get('reason')})", highlight=False)
+    if g.get("mode") == "disabled":
+        console.print("[bold yellow]GATE DISABLED[/] (gate.mode: disabled; checks skipped, not promoted)")
+    elif g["passed"]:
         console.print(f"[bold green]GATE PASSED[/] ({len(g['checks'])} checks; champion: {s['champion_source']})")
     else:
         console.print(f"[bold red]GATE FAILED[/] ({len(g['reasons'])} of {len(g['checks'])} checks; champion: {s['champion_source']})")

@@ -194,6 +194,30 @@ def rollback(
     console.print(result)
 
 
+@app.command()
+def promote(
+    version: Annotated[int, typer.Argument(help="the registry version to make @champion")],
+    params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
+    reason: Annotated[str, typer.Option(help="why; recorded as a tag on the version")] = "manual promotion",
+) -> None:
+    """Move @champion to VERSION (e.g. a `dvc exp run` candidate); its gate must have passed.
+
+    The replaced champion stays as @previous-champion (`stunning rollback` undoes this)."""
+    from stunning.registry import RegistryError
+    from stunning.registry import promote as do_promote
+
+    p = _load_params(params)
+    try:
+        result = do_promote(p.registry, version, root=params.resolve().parent, reason=reason)
+    except RegistryError as exc:
+        fail(str(exc))
+    if result["promoted"]:
+        prev = result["previous_champion_version"]
+        console.print(f"PROMOTED v{version} to @champion" + (f" (previous v{prev} kept as @previous-champion)" if prev else ""))
+    else:
+        console.print("; ".join(result["reasons"]))
+
+
 def _batch_size(value: str | None) -> int | str | None:
     if value is None or value == "auto":
         return value

@@ -161,6 +161,10 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # keep and save an exponential moving average of the adapter
     caption_dropout: float = Field(0.1, ge=0, lt=1)  # share of steps' captions replaced by the empty prompt
     checkpoint_every: int = Field(200, ge=1)
+    # A step with a non-finite loss or gradient rolls back to the last good state (checkpoint or
+    # in-memory snapshot) and retries at half the learning rate, at most this often a run;
+    # then training fails with what to change (stunning/training/divergence.py).
+    max_divergence_retries: int = Field(3, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     sample_every: int = Field(0, ge=0)  # 0: only at the end
     seed: int = 0
@@ -255,7 +259,15 @@ class ValidateConfig(_Section):
 
 
 class BudgetsConfig(_Section):
-    """Promotion budgets. A candidate that violates any of them is not promoted."""
+    """Promotion budgets (stunning/gate.py). A candidate that violates any of them is not promoted.
+
+    The `max_*`/`min_*` keys are absolute budgets. `required` names the gate metrics that must
+    be measured (an unmeasured one blocks; the others are listed as not evaluated). Against the
+    `@champion` every metric may be worse than the champion's reference only by measurement
+    noise: `noise_sigmas` x the validation's per-seed spread where it reports one, never less
+    than `noise_floor` (absolute, in the metric's unit) or `noise_floor_relative` (a fraction
+    of the reference). Metric names (keys of `required` and the floors) are `stunning.gate.METRICS`.
+    """
 
     max_peak_memory_mb: float = 4096.0
     max_latency_s: float = 5.0
@@ -263,7 +275,45 @@ class BudgetsConfig(_Section):
     max_adherence_drop: float = 0.10  # prompt adherence (oracle) may fall at most this much below the base
     max_quantized_size_ratio: float = 0.6  # quantized denoiser bytes / fp32 bytes
     max_quantization_mse: float = 0.01  # pixel MSE of quantized vs unquantized outputs
-    max_regression_vs_champion: float = 0.10  # allowed relative worsening of style gain
+    required: list[str] = Field(
+        default_factory=lambda: ["style_gain", "peak_memory_mb", "latency_s", "quantized_size_ratio", "quantization_mse"]
+    )
+    noise_sigmas: float = Field(2.0, ge=0)
+    noise_floor: dict[str, float] = Field(
+        default_factory=lambda: {
+            "style_gain": 0.03,
+            "eval_loss": 0.0,
+            "adherence_drop": 0.05,
+            "peak_memory_mb": 64.0,
+            "latency_s": 0.05,
+            "quantized_size_ratio": 0.01,
+            "quantization_mse": 0.0001,
+        }
+    )
+    noise_floor_relative: dict[str, float] = Field(
+        default_factory=lambda: {"eval_loss": 0.05, "peak_memory_mb": 0.10, "latency_s": 0.25, "quantization_mse": 0.5}
+    )
+
+    @field_validator("noise_floor", "noise_floor_relative")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not x >= 0}
+        if bad:
+            raise ValueError(f"noise floors must be >= 0: {bad}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "max_regression_vs_champion" in data:
+            raise ValueError(
+                "budgets.max_regression_vs_champion was removed (a fixed 10 % per promotion let quality "
+                "ratchet down): the champion comparison now allows only measurement noise, "
+                "budgets.noise_sigmas x the validation's per-seed spread or the per-metric floors "
+                "budgets.noise_floor / budgets.noise_floor_relative (e.g. noise_floor: {style_gain: 0.03}); "
+                "delete the key"
+            )
+        return data
 
 
 class RegistryConfig(_Section):
@@ -271,6 +321,20 @@ class RegistryConfig(_Section):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns/artifacts"
     experiment: str = "stunning-engine"
+    # A `dvc exp run` candidate is registered and compared, but moves @champion only if
+    # true; otherwise promote it explicitly with `stunning promote VERSION`.
+    promote_experiments: bool = False
+
+
+class GateConfig(_Section):
+    """How the promotion gate acts.
+
+    enabled: checks decide, a passing candidate becomes @champion. dry_run: checks run and
+    are reported, the version is registered tagged `dry_run=true`, never promoted.
+    disabled: checks are skipped (the report says so), never promoted automatically.
+    """
+
+    mode: Literal["enabled", "dry_run", "disabled"] = "enabled"
 
 
 class NightlyConfig(_Section):
@@ -289,6 +353,7 @@ class Params(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     budgets: BudgetsConfig = BudgetsConfig()
     registry: RegistryConfig = RegistryConfig()
+    gate: GateConfig = GateConfig()
     nightly: NightlyConfig = NightlyConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

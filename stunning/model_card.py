@@ -230,8 +230,9 @@ def _validation_section(
         checks = [c for c in gate.get("checks", []) if isinstance(c, Mapping)]
         if checks:
             lines += [""] + _table(
-                ["check", "value", "threshold", "passed", "detail"],
-                [[c.get("name"), c.get("value"), c.get("threshold"), c.get("passed"), c.get("detail")] for c in checks],
+                ["check", "value", "threshold", "verdict", "detail"],
+                [[c.get("name"), c.get("value"), c.get("threshold"), c.get("verdict", c.get("passed")), c.get("detail")]
+                 for c in checks],
             )
         reasons = [r for r in gate.get("reasons", []) if r]
         if reasons:

@@ -98,6 +98,81 @@ class StagedData:
         return str(self.sources[style] / name) if style in self.sources and name else rel
 
 
+class RunLocked(OneOffError):
+    """Another `stunning train` is writing to the same `--out`."""
+
+
+LOCK_NAME = "train.lock"
+
+
+class RunLock:
+    """An exclusive lock on one `--out` folder (`<out>/.work/train.lock`), held while a run lives.
+
+    An OS lock (`fcntl.flock`): the kernel drops it when the process ends however it ends, so
+    the lock of a killed run never blocks the next one; the file holds the holder's pid and
+    command line for the message a second run gets.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.path = Path(work) / LOCK_NAME
+        self._fh: Any = None
+
+    def acquire(self) -> RunLock:
+        import json
+        import os
+        import sys
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+")
+        try:
+            _lock(fh, True)
+        except OSError:
+            fh.seek(0)
+            try:
+                holder = json.loads(fh.read() or "{}")
+            except ValueError:
+                holder = {}
+            fh.close()
+            who = f"pid {holder['pid']}" if holder.get("pid") else "another process"
+            cmd = f": {holder['cmd']}" if holder.get("cmd") else ""
+            raise RunLocked(f"{self.path.parent.parent} is in use by another `stunning train` run ({who}{cmd}). Wait "
+                            f"for it to finish or stop it, or train into another --out (lock: {self.path}).") \
+                from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "cmd": " ".join(sys.argv)[:300]}))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.seek(0)
+            self._fh.truncate()  # no pid left behind that reads like a live holder
+            _lock(self._fh, False)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock(fh, take: bool) -> None:
+    """Take (non-blocking: OSError when held) or release the OS lock on an open file."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK if take else msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(fh.fileno(), (fcntl.LOCK_EX | fcntl.LOCK_NB) if take else fcntl.LOCK_UN)
+
+
 def style_name(text: str) -> str:
     """A folder name usable as a style id (lower case, [a-z0-9_-])."""
     name = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-")
@@ -335,16 +410,22 @@ def train_oneoff(
     :class:`~stunning.families.ModelNotFoundError`, :class:`~stunning.config.ConfigError` or
     :class:`~stunning.data.DataError` before training starts.
     """
+    device = check_options(opts)
+    out = Path(opts.out)
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    with RunLock(work):  # a second run into the same --out fails here instead of training from step 0 too
+        return _train_locked(opts, out, work, device, echo, on_step, progress)
+
+
+def _train_locked(opts: OneOffOptions, out: Path, work: Path, device: str, echo: Callable[[str], None],
+                  on_step: Callable[[int, float], None] | None, progress: bool | None) -> dict[str, Any]:
     from stunning.data.curate import CurationFailed, curate
     from stunning.data.ingest import ingest
     from stunning.families import check_model_dir, get_family
     from stunning.model_source import detect_family, resolve_base
     from stunning.training.trainer import train_style
 
-    device = check_options(opts)
-    out = Path(opts.out)
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_base(opts.model, opts.family, config=opts.model_config, work_dir=work / "models")
     family_name = opts.family or detect_family(model_dir)
     family = get_family(family_name)

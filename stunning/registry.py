@@ -19,6 +19,7 @@ MLflow stays behind this module and `stunning.tracking`; nothing else imports it
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -37,6 +38,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from stunning.config import RegistryConfig
+from stunning.mlflow_store import TrackingStoreError
 from stunning.style_model import LORA_FILE, MANIFEST_NAME, GenerateRequest, StyleModel
 from stunning.tracking import configure_mlflow
 
@@ -64,8 +66,15 @@ RESERVED_TAGS = frozenset(
         "rolled_back",
         "rollback_reason",
         "restored_by_rollback_from",
+        "content_hash",
+        "gate_mode",
+        "dry_run",
+        "experiment",
+        "promoted_by",
+        "not_promoted_reason",
     }
 )
+GATE_MODES = ("enabled", "dry_run", "disabled")
 
 # Requirements recorded with the model; listing them skips MLflow's inference, which would
 # load the model in a subprocess at registration time.
@@ -86,6 +95,11 @@ class RegistryError(ValueError):
 
 class NoChampionError(RegistryError, LookupError):
     """No registry, no registered model, or no version under the requested alias."""
+
+
+class RegistryStoreError(RegistryError, TrackingStoreError):
+    """The MLflow store is corrupt or locked (:mod:`stunning.mlflow_store`); the message names
+    the file and the recovery. A `RegistryError`, so stages and the CLI report it cleanly."""
 
 
 class StunningStyleModel(mlflow.pyfunc.PythonModel):
@@ -124,7 +138,10 @@ def _store_exists(cfg: RegistryConfig, root: str | Path | None) -> bool:
 
 
 def _client(cfg: RegistryConfig, root: str | Path | None) -> MlflowClient:
-    configure_mlflow(cfg, Path(root) if root else None)
+    try:
+        configure_mlflow(cfg, Path(root) if root else None)
+    except TrackingStoreError as exc:
+        raise RegistryStoreError(str(exc)) from exc
     return MlflowClient()
 
 
@@ -234,7 +251,57 @@ def describe_result(result: dict[str, Any]) -> str:
     reasons = "; ".join(result.get("reasons") or []) or "the gate did not pass"
     champ = result.get("champion_version")
     stays = f"@{CHAMPION} stays v{champ}" if champ else f"there is no @{CHAMPION} yet"
+    if result.get("gate_passed") and result.get("not_promoted_reasons"):
+        return f"REGISTERED v{version}, not promoted: {'; '.join(result['not_promoted_reasons'])}; {stays}"
     return f"BLOCKED v{version}: {reasons}; {stays}"
+
+
+def content_hash(adapters_dir: str | Path) -> str | None:
+    """SHA-256 over the adapter weight files (`<style>/pytorch_lora_weights.safetensors`, by
+    relative path and content): equal for the same weights wherever they lie, None if none."""
+    root = Path(adapters_dir)
+    files = sorted(root.glob(f"*/{LORA_FILE}")) if root.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(f.read_bytes()).hexdigest().encode() + b"\n")
+    return digest.hexdigest()
+
+
+def promotion_decision(
+    gate_passed: bool,
+    mode: str = "enabled",
+    experiment: str | None = None,
+    promote_experiments: bool = False,
+    rolled_back_versions: list[int] | None = None,
+) -> tuple[bool, list[str]]:
+    """Whether a registered candidate moves `@champion`, and why not (pure).
+
+    Only an `enabled` gate that passed promotes; a `dry_run` or `disabled` gate never does,
+    a `dvc exp run` experiment only with `registry.promote_experiments`, and never a
+    candidate whose adapter content equals a version that was rolled back (and is not the
+    champion again).
+    """
+    if mode not in GATE_MODES:
+        raise RegistryError(f"gate.mode={mode!r}: expected one of {', '.join(GATE_MODES)}")
+    why: list[str] = []
+    if mode == "dry_run":
+        why.append("gate.mode is dry_run: evaluated and registered, never promoted")
+    elif mode == "disabled":
+        why.append("gate.mode is disabled: checks skipped, never promoted automatically")
+    elif not gate_passed:
+        return False, []
+    if experiment and not promote_experiments:
+        why.append(
+            f"DVC experiment {experiment!r}: registered for comparison; registry.promote_experiments is false "
+            "(promote it with `stunning promote VERSION`)"
+        )
+    if rolled_back_versions:
+        listed = ", ".join(f"v{v}" for v in rolled_back_versions)
+        why.append(f"same adapter content as rolled-back {listed}: not re-promoted over the rollback")
+    return not why, why
 
 
 # --------------------------------------------------------------------------- registration
@@ -331,8 +398,14 @@ def register_candidate(
     params_snapshot: dict[str, Any],
     root: str | Path | None = None,
     base_copy_limit_mb: float = BASE_COPY_LIMIT_MB,
+    *,
+    mode: str = "enabled",
+    experiment: str | None = None,
+    promote_experiments: bool = False,
 ) -> dict[str, Any]:
-    """Register the candidate as a new version; move `@champion` only if the gate passed.
+    """Register the candidate as a new version; move `@champion` only if the gate passed
+    and :func:`promotion_decision` allows it (gate `mode`, a DVC `experiment` run, content
+    equal to a rolled-back version's or the champion's).
 
     `candidate_dir_map` maps artifact names to folders: `adapters` (required, one
     `<style>/pytorch_lora_weights.safetensors` each) and `blends` (may be missing or empty);
@@ -362,6 +435,15 @@ def register_candidate(
     passed = gate["passed"]
     reasons = [str(r) for r in gate.get("reasons") or []]
     metrics = gate_metrics(gate)
+    digest = content_hash(adapters)
+    before = _aliases(client, name) if versions else {}
+    rolled_back = []
+    for v in versions:
+        vtags = client.get_model_version(name, str(v)).tags
+        if digest is not None and vtags.get("content_hash") == digest and vtags.get("rolled_back") == "true" \
+                and before.get(CHAMPION) != v:
+            rolled_back.append(v)
+    promote, held = promotion_decision(passed, mode, experiment, promote_experiments, rolled_back)
 
     with tempfile.TemporaryDirectory(prefix="stunning-register-") as tmp:
         staging = Path(tmp)
@@ -388,13 +470,22 @@ def register_candidate(
                 metadata={"stunning_manifest": manifest},
             )
     version = int(info.registered_model_version)
-    for key, value in _version_tags(gate, metrics, manifest).items():
+    extra = {"gate_mode": mode, "content_hash": digest or "none"}
+    if mode == "dry_run":
+        extra["dry_run"] = "true"
+    if mode == "disabled":
+        extra["gate"] = "disabled"
+    if experiment:
+        extra["experiment"] = _truncate(experiment)
+    if held:
+        extra["not_promoted_reason"] = _truncate("; ".join(held))
+    for key, value in {**_version_tags(gate, metrics, manifest), **extra}.items():
         client.set_model_version_tag(name, str(version), key, value)
 
     current = _aliases(client, name)
     champion = current.get(CHAMPION)
     previous = current.get(PREVIOUS)
-    if passed:
+    if promote:
         if champion is not None and champion != version:
             client.set_registered_model_alias(name, PREVIOUS, str(champion))
             client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
@@ -410,11 +501,16 @@ def register_candidate(
     result = {
         "model_name": name,
         "version": version,
-        "promoted": passed,
+        "promoted": promote,
         "champion_version": champion,
         "previous_champion_version": previous,
-        "reasons": reasons,
+        "reasons": reasons + held,
+        "not_promoted_reasons": held,
         "gate_passed": passed,
+        "gate_mode": mode,
+        "experiment": experiment,
+        "content_hash": digest,
+        "rolled_back_same_content": rolled_back,
         "run_id": run.info.run_id,
         "model_uri": f"models:/{name}/{version}",
         "base_bundled": manifest["base"] == "artifact",
@@ -493,6 +589,16 @@ def rollback(cfg: RegistryConfig, root: str | Path | None = None, reason: str = 
     if champion is not None:
         client.set_model_version_tag(name, str(champion), "rolled_back", "true")
         client.set_model_version_tag(name, str(champion), "rollback_reason", _truncate(reason))
+        if client.get_model_version(name, str(champion)).tags.get("content_hash") in (None, "none"):
+            # registered before content hashes: hash its adapters now, so a retrain of the
+            # same weights is recognised and not re-promoted over this rollback
+            try:
+                folder = model_artifacts(resolve(cfg, root=root, version=champion)[1]).get("adapters")
+                digest = content_hash(folder) if folder is not None else None
+            except (RegistryError, OSError):
+                digest = None
+            if digest:
+                client.set_model_version_tag(name, str(champion), "content_hash", digest)
     client.set_model_version_tag(name, str(previous), "restored_by_rollback_from", str(champion))
     older = client.get_model_version(name, str(previous)).tags.get("previous_champion_version")
     if older and older.isdigit() and int(older) != previous:
@@ -561,3 +667,102 @@ def model_artifacts(model_dir: str | Path) -> dict[str, Path]:
     spec = yaml.safe_load(mlmodel.read_text())
     entries = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {}) or {}
     return {key: model_dir / value["path"] for key, value in entries.items()}
+
+
+# --------------------------------------------------------------------------- promotion by hand
+
+
+def promote(cfg: RegistryConfig, version: int, root: str | Path | None = None, reason: str = "manual promotion") -> dict[str, Any]:
+    """Move `@champion` to `version` by hand (e.g. a `dvc exp run` candidate, or a dry run's).
+
+    Refuses a version whose gate did not pass (tag `gate` is not `passed`) or that was rolled
+    back; the replaced champion becomes `@previous-champion`, as in a gated promotion.
+    """
+    name = cfg.model_name
+    client = _existing_client(cfg, root)
+    if not _registered(client, name):
+        raise NoChampionError(f"no model named {name!r} in the MLflow registry yet.")
+    try:
+        tags = dict(client.get_model_version(name, str(version)).tags)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise NoChampionError(f"model {name!r} has no version {version}.") from None
+        raise
+    if tags.get("gate") != "passed":
+        raise RegistryError(
+            f"{name} v{version}: its gate did not pass (gate={tags.get('gate', 'missing')}: "
+            f"{tags.get('gate_reasons', '')}); only a version that passed the gate can be promoted"
+        )
+    if tags.get("rolled_back") == "true":
+        raise RegistryError(f"{name} v{version} was rolled back ({tags.get('rollback_reason', '')}); not promoted again")
+    current = _aliases(client, name)
+    champion = current.get(CHAMPION)
+    previous = current.get(PREVIOUS)
+    if champion == version:
+        return {"model_name": name, "version": version, "promoted": False, "champion_version": champion,
+                "previous_champion_version": previous, "reasons": [f"v{version} already is @{CHAMPION}"]}
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS, str(champion))
+        client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
+        client.set_model_version_tag(name, str(version), "previous_champion_version", str(champion))
+        previous = champion
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "promoted", "true")
+    client.set_model_version_tag(name, str(version), "promoted_by", _truncate(reason))
+    log.info("promoted %s v%s to @%s by hand (%s)", name, version, CHAMPION, reason)
+    return {"model_name": name, "version": version, "promoted": True, "champion_version": version,
+            "previous_champion_version": previous, "reasons": []}
+
+
+def champion_record(
+    cfg: RegistryConfig, root: str | Path | None = None, candidate_hash: str | None = None
+) -> dict[str, Any]:
+    """The champion a candidate is compared with, as deterministic data (no timestamps), so
+    that a file of it changes exactly when that champion does (`reports/champion.json`).
+
+    `{"model_name", "version", "content_hash", "metrics", "adapters"}` of `@champion`
+    (version null without one). When `candidate_hash` is the champion's own content — the
+    candidate was just promoted — the record is of the champion it replaced: the candidate
+    was compared with that one, and re-validating it against itself would change nothing.
+    """
+    empty = {"model_name": cfg.model_name, "version": None, "content_hash": None, "metrics": {}, "adapters": None}
+    if not _store_exists(cfg, root):
+        return empty
+    client = _client(cfg, root)
+    if not _registered(client, cfg.model_name):
+        return empty
+    version = _aliases(client, cfg.model_name).get(CHAMPION)
+    seen: set[int] = set()
+    while version is not None and version not in seen:
+        seen.add(version)
+        tags = dict(client.get_model_version(cfg.model_name, str(version)).tags)
+        digest = tags.get("content_hash")
+        if candidate_hash is None or digest != candidate_hash:
+            break
+        older = tags.get("previous_champion_version")
+        version = int(older) if older and older.isdigit() else None
+    if version is None:
+        return empty
+    metrics = {}
+    for key in [k for k in tags.get("metric_keys", "").split(",") if k]:
+        try:
+            metrics[key] = float(tags[key])
+        except (KeyError, ValueError):
+            continue
+    adapters = None
+    try:
+        _, model_dir = resolve(cfg, root=root, version=version)
+        folder = model_artifacts(model_dir).get("adapters")
+        if folder is not None and folder.is_dir():
+            adapters = str(folder)
+            if not digest or digest == "none":
+                digest = content_hash(folder)
+    except (RegistryError, OSError) as exc:
+        log.warning("champion v%s: adapters not readable (%s)", version, exc)
+    return {
+        "model_name": cfg.model_name,
+        "version": version,
+        "content_hash": digest if digest and digest != "none" else None,
+        "metrics": dict(sorted(metrics.items())),
+        "adapters": adapters,
+    }

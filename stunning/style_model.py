@@ -42,11 +42,15 @@ MANIFEST_NAME = "stunning_model.json"  # the registered model's manifest artifac
 class GenerateRequest(BaseModel):
     """One generation request (the HTTP body of `POST /generate` and one pyfunc input row)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN and ±Infinity (which Python's JSON parser accepts) are refused
+    # by validation (HTTP 422) instead of reaching the sampler.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="text prompt")
-    style: str | None = Field(None, description="a style adapter name (see GET /health); none: the base model")
-    blend: str | None = Field(None, description="a blend name (see GET /health); exclusive with style")
+    style: str | None = Field(
+        None, max_length=200, description="a style adapter name (see GET /health); none: the base model",
+    )
+    blend: str | None = Field(None, max_length=200, description="a blend name (see GET /health); exclusive with style")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="random seed; same seed, same image")
     steps: int = Field(20, ge=1, le=200, description="denoising steps")
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="classifier-free guidance scale")
@@ -60,6 +64,21 @@ class ModelLoadError(RuntimeError):
     """A registered model's artifacts are incomplete or its base model folder is missing."""
 
 
+_REREGISTER = "register a good model again (`dvc repro register`) or point @champion at a good version"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: the model manifest cannot be read ({exc}); {_REREGISTER}") from None
+    if not isinstance(manifest, dict) or "family" not in manifest:
+        raise ModelLoadError(f"{path}: the model manifest is not a JSON object naming the 'family'; {_REREGISTER}")
+    return manifest
+
+
 def _adapter_dirs(root: Path | None) -> dict[str, Path]:
     """`<root>/<name>/pytorch_lora_weights.safetensors` folders by name (sorted, stable)."""
     if root is None or not Path(root).is_dir():
@@ -71,6 +90,23 @@ def _peft_name(kind: str, name: str) -> str:
     # PEFT keeps adapters in torch ModuleDicts, whose keys may not contain "."; the prefix
     # keeps a blend and a style of the same name apart.
     return f"{kind}_{re.sub(r'[^0-9A-Za-z_-]', '_', name)}"
+
+
+def _own_memory(pipe: Any, peft_name: str) -> None:
+    """Give the just-loaded adapter's weights their own memory.
+
+    diffusers may leave LoRA weights on CPU as views of the safetensors file's memory map; a
+    served model would then die with SIGBUS (not an exception) if that artifact were later
+    truncated or rewritten in place. Adapters are small, so the copy is cheap.
+    """
+    import torch
+
+    marker = f".{peft_name}."
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for pname, param in component.named_parameters():
+                if marker in f".{pname}.":
+                    param.data = param.data.clone()
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -108,38 +144,58 @@ class StyleModel:
         `artifacts` maps `manifest`, `adapters`, `blends` and, when the base was small
         enough to bundle, `base` to local paths (MLflow's `context.artifacts`).
         """
-        import json
-
+        from stunning.checks import AdapterError, check_adapters
         from stunning.device import default_dtype, select_device
-        from stunning.families import get_family
+        from stunning.families import ModelNotFoundError, get_family
 
         if "manifest" not in artifacts:
             raise ModelLoadError(
                 f"the model's artifacts lack {MANIFEST_NAME} (got {sorted(artifacts)}); "
                 "it was not registered by `stages.register` — register it again with `dvc repro register`"
             )
-        manifest = json.loads(Path(artifacts["manifest"]).read_text())
+        manifest = _read_manifest(Path(artifacts["manifest"]))
         base = Path(artifacts["base"]) if artifacts.get("base") else Path(manifest.get("base_path", ""))
         if not base.is_dir():
             raise ModelLoadError(
                 f"the registered model's base model folder {base} does not exist (it was too large to "
                 "bundle, so the model refers to it by path); restore it there or register the model again"
             )
-        family = get_family(manifest["family"])
+        try:
+            family = get_family(str(manifest.get("family")))
+        except KeyError as exc:
+            raise ModelLoadError(f"{artifacts['manifest']}: {exc.args[0]}; {_REREGISTER}") from None
+        folders = {
+            kind: _adapter_dirs(Path(root) if root else None)
+            for kind, root in (("style", artifacts.get("adapters")), ("blend", artifacts.get("blends")))
+        }
+        # Every adapter file is checked (header, byte ranges, finite weights, LoRA layout)
+        # before the pipeline is loaded, so a damaged artifact fails fast with its name.
+        for table in folders.values():
+            try:
+                check_adapters(table.values(), family, fix=_REREGISTER)
+            except AdapterError as exc:
+                raise ModelLoadError(str(exc)) from None
         dev = select_device(device)
-        pipe = family.load_pipeline(base, dev, default_dtype(dev))
+        try:
+            pipe = family.load_pipeline(base, dev, default_dtype(dev))
+        except ModelNotFoundError as exc:
+            raise ModelLoadError(f"the registered model's base model cannot be loaded: {exc}") from None
         styles: dict[str, str] = {}
         blends: dict[str, str] = {}
         with warnings.catch_warnings():
             # PEFT warns on every adapter after the first; several named adapters is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            for kind, root, table in (
-                ("style", artifacts.get("adapters"), styles),
-                ("blend", artifacts.get("blends"), blends),
-            ):
-                for name, folder in _adapter_dirs(Path(root) if root else None).items():
+            for kind, table in (("style", styles), ("blend", blends)):
+                for name, folder in folders[kind].items():
                     peft_name = _peft_name(kind, name)
-                    pipe.load_lora_weights(str(folder), adapter_name=peft_name)
+                    try:
+                        pipe.load_lora_weights(str(folder), adapter_name=peft_name)
+                    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                        raise ModelLoadError(
+                            f"{folder / LORA_FILE}: the {kind} adapter {name!r} does not fit the base model "
+                            f"({type(exc).__name__}: {str(exc)[:300]}); {_REREGISTER}"
+                        ) from None
+                    _own_memory(pipe, peft_name)
                     table[name] = peft_name
         log.info(
             "loaded %s on %s: styles %s, blends %s",

@@ -3,7 +3,7 @@
 `Tracker` is what training and validation talk to; `MlflowTracker` records to an MLflow
 SQLite backend with artifacts under `mlruns/` (MLflow 3 refuses the plain file store), and
 `NullTracker` records nothing (unit tests, dry runs). `configure_mlflow` is the one place
-that points MLflow at the project's store.
+that points MLflow at the project's store (checked and relocated by `stunning.mlflow_store`).
 """
 
 from __future__ import annotations
@@ -61,25 +61,28 @@ def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
     """Point MLflow at the SQLite store and artifact root of `cfg`; return the experiment id.
 
     Relative paths in `cfg` are resolved against `root` (default: the working directory), so
-    a stage run from the project root and a test run in a temporary clone both work.
+    a stage run from the project root and a test run in a temporary clone both work. The
+    store is checked and relocated first (:func:`stunning.mlflow_store.open_store`): a
+    corrupt or locked database raises :class:`~stunning.mlflow_store.TrackingStoreError`
+    (locks after bounded retries), and a copied project's store is pointed at its own
+    `mlruns/artifacts`.
     """
     import mlflow
 
+    from stunning.mlflow_store import open_store, sqlite_path, with_lock_retries
+
     root = Path(root or Path.cwd()).resolve()
-    uri = cfg.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        db = root / uri.removeprefix("sqlite:///")
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{db}"
-    artifacts = (root / cfg.artifact_root).resolve()
-    artifacts.mkdir(parents=True, exist_ok=True)
+    uri, artifacts = open_store(cfg, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
-    else:
-        exp_id = exp.experiment_id
+
+    def experiment() -> str:
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            return mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+        return exp.experiment_id
+
+    exp_id = with_lock_retries(sqlite_path(cfg, root) or Path(uri), experiment)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -24,6 +24,15 @@ prompts) = mean distance to the other styles minus distance to its own (positive
 to its own style than to the others). ``reference_floor`` is the distance between a
 style's train and val images: the distance a perfect model of the style would still have.
 
+Per adapter, ``eval_loss`` is a quality signal that works on any user's photos: the
+trainer's fixed-noise denoising objective (:func:`stunning.training.evaluation.evaluate_loss`)
+on the style's held-out val images (``data/curated`` split ``val``), encoded as the trainer
+encodes them, with the same timesteps and noise for the base, the adapter and the champion's
+adapter (when ``reports/champion.json`` names one): ``{"base", "adapter", "gain": 1 − adapter/base,
+"gain_std"`` (spread over :data:`EVAL_REPEATS` noise draws, from which a gate derives a noise
+band), ``"champion", "champion_gain"...}``; a style without val images is reported
+``{"measured": false, "reason": ...}``.
+
 Images go to ``<out>/<variant>/``, the content-matched sets to
 ``<out>/style-sets/<style>-{base,adapter}/``, and a labelled contact sheet to
 ``<out>/grid.png``.
@@ -112,6 +121,8 @@ class ValidationResult:
     # Per style: the largest per-feature terms of the adapter's content-matched distance.
     style_residual: dict[str, dict[str, float]] = field(default_factory=dict)
     style_set_images: dict[str, int] = field(default_factory=dict)
+    # Per style: held-out denoising loss of base / adapter / champion (see the module doc).
+    eval_loss: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``reports/validation.json`` body (numbers only, so `dvc metrics` can diff it)."""
@@ -126,6 +137,7 @@ class ValidationResult:
             "readable_attributes": dict(self.readable_attributes),
             "style_residual": {s: {k: round(x, 6) for k, x in d.items()} for s, d in self.style_residual.items()},
             "style_set_images": dict(self.style_set_images),
+            "eval_loss": {s: dict(d) for s, d in self.eval_loss.items()},
             "images_per_variant": len(self.prompts) * len(self.seeds),
             "seconds": round(self.seconds, 2),
         }
@@ -215,8 +227,12 @@ def validate(
     out_dir: str | Path,
     device: Any = None,
     progress: Callable[[str], None] | None = None,
+    champion_adapters: str | Path | None = None,
 ) -> ValidationResult:
-    """Generate every variant, measure it, and publish images + grid to ``out_dir`` atomically."""
+    """Generate every variant, measure it, and publish images + grid to ``out_dir`` atomically.
+
+    `champion_adapters`: the `@champion`'s adapters folder (from ``reports/champion.json``),
+    whose eval loss is measured on the same val images and noise as the candidate's."""
     import torch
 
     from stunning.blend import LORA_FILE
@@ -285,6 +301,11 @@ def validate(
                 for im in family.generate(pipe, [p], [sd], cfg.steps, cfg.guidance_scale)]
 
     pipe = family.load_pipeline(Path(base_path), device, dtype)
+    say("eval loss")
+    losses = eval_losses(
+        family, pipe, data_dir, styles, adapter_dirs, seed=int(params.base.seed),
+        train_cfg=params.train, champion_adapters=champion_adapters,
+    )
     run(pipe, "base", "base", str(base_path))
     for style, st in sets.items():
         say(f"base, {style} style set")
@@ -379,7 +400,99 @@ def validate(
         readable_attributes=readable,
         style_residual=residual,
         style_set_images={s: len(st.references) for s, st in sets.items()},
+        eval_loss=losses,
     )
+
+
+# --------------------------------------------------------------------------- held-out loss
+
+EVAL_REPEATS = 4  # noise draws per model: the spread between them is the measurement noise
+EVAL_BATCH = 8
+
+
+def eval_losses(
+    family: Any,
+    pipe: Any,
+    data_dir: str | Path,
+    styles: list[str],
+    adapter_dirs: dict[str, Path],
+    *,
+    seed: int = 0,
+    train_cfg: Any = None,
+    champion_adapters: str | Path | None = None,
+    repeats: int = EVAL_REPEATS,
+) -> dict[str, dict[str, Any]]:
+    """Per style: the held-out denoising loss of the base, the style's adapter and (if given)
+    the champion's adapter of that style, on the style's val images with fixed noise.
+
+    Reuses the trainer's encoding (:func:`~stunning.training.encoding.encode_buckets`, with its
+    DreamBooth caption mapping from `train_cfg`) and objective
+    (:func:`~stunning.training.evaluation.evaluate_loss`): every model sees the same latents,
+    timesteps and noise per repeat, so differences are the models'. Repeat `r` draws with seed
+    ``seed + 1000 r``; ``*_std`` are the standard deviations over the repeats.
+    """
+    from stunning.blend import LORA_FILE
+    from stunning.training.dataset import CuratedDataset
+    from stunning.training.dreambooth import instance_caption_fn
+    from stunning.training.encoding import encode_buckets
+    from stunning.training.evaluation import evaluate_loss
+
+    captions = instance_caption_fn(train_cfg) if train_cfg is not None else None
+    scheduler = family.noise_scheduler(pipe)
+    report: dict[str, dict[str, Any]] = {}
+    encoded: dict[str, list] = {}
+    for style in styles:
+        val = CuratedDataset(data_dir, style, "val", allow_empty=True)
+        if not len(val):
+            report[style] = {"measured": False, "reason": f"no val images of {style!r} in {data_dir} (curate.val_fraction)"}
+            continue
+        encoded[style] = encode_buckets(family, pipe, val, seed, caption_fn=captions)
+        report[style] = {"measured": True, "val_images": len(val), "repeats": repeats}
+
+    def per_repeat(buckets) -> list[float]:
+        total = sum(lat.shape[0] for lat, _ in buckets)
+        return [
+            sum(
+                evaluate_loss(family, pipe, scheduler, lat, cond, seed + 1000 * r + i, EVAL_BATCH, repeats=1)
+                * lat.shape[0] / total
+                for i, (lat, cond) in enumerate(buckets)
+            )
+            for r in range(repeats)
+        ]
+
+    def with_adapter(folder: Path, name: str, buckets) -> list[float]:
+        pipe.load_lora_weights(str(folder), adapter_name=name)
+        try:
+            return per_repeat(buckets)
+        finally:
+            pipe.unload_lora_weights()
+
+    champion_dir = Path(champion_adapters) if champion_adapters else None
+    for style, buckets in encoded.items():
+        base = per_repeat(buckets)
+        entry = report[style]
+        entry.update(_loss_stats("base", base))
+        entry.update(_loss_stats("adapter", with_adapter(adapter_dirs[style], f"eval_{style}", buckets), base))
+        if champion_dir is not None and (champion_dir / style / LORA_FILE).is_file():
+            champ = with_adapter(champion_dir / style, f"eval_champion_{style}", buckets)
+            entry.update(_loss_stats("champion", champ, base))
+        log.info("%s: eval loss base %.5f, adapter %.5f (gain %+.4f ± %.4f)", style, entry["base"],
+                 entry["adapter"], entry["gain"], entry["gain_std"])
+    return report
+
+
+def _loss_stats(name: str, losses: list[float], base: list[float] | None = None) -> dict[str, float]:
+    """Mean and std of `losses`; with `base` also the gain 1 − loss/base (mean ratio and the
+    std of the per-repeat gains)."""
+    arr = np.asarray(losses, dtype=np.float64)
+    out = {name: round(float(arr.mean()), 8), f"{name}_std": round(float(arr.std()), 8)}
+    if base is not None:
+        b = np.asarray(base, dtype=np.float64)
+        gains = 1.0 - arr / b
+        key = "gain" if name == "adapter" else f"{name}_gain"
+        out[key] = round(float(1.0 - arr.mean() / b.mean()), 8)
+        out[f"{key}_std"] = round(float(gains.std()), 8)
+    return out
 
 
 def adapter_prompt(cfg: Any, prompt: str, style: str) -> str:

@@ -7,8 +7,16 @@ training on. Filters, in order (the first that applies is the recorded reason):
 2. ``blurry`` -- variance of the Laplacian below ``curate.blur_threshold``;
 3. ``short_caption`` -- fewer than ``curate.min_caption_words`` words;
 4. ``near_duplicate`` -- perceptual-hash distance <= ``curate.near_duplicate_distance`` to
-   an image of the same style already kept (images are visited in id order, so which copy
-   survives does not depend on file names or walk order).
+   an image of the same style that is kept.
+
+Which near-duplicate survives is decided by content only, never by file name or listing
+order: the images that passed filters 1-3 are visited best first and each is kept unless it
+is within the distance of one already kept. "Best" is (a) the largest original pixel count
+(``orig_width * orig_height``), then (b) the sharpest (highest blur score, rounded to 4
+decimals), then (c) the lowest sha256 of the source bytes (the id when a manifest has no
+sha256). The dropped image's detail names the kept one and which of (a)-(c) decided.
+Exact duplicates (identical bytes) never get here: ingest keeps one copy by a rule of the
+same kind (:mod:`stunning.data.ingest`).
 
 The split hashes ``split_seed`` and the image id, so an image keeps its split when others
 are added or removed; each style with at least two images gets at least one validation
@@ -143,13 +151,31 @@ def _check_records(records: list[dict[str, Any]], ingested_dir: Path, data_cfg: 
         )
 
 
+def _quality_key(rec: dict[str, Any], blur: float) -> tuple[int, float, str]:
+    """The near-duplicate rule's order (lowest is best): most original pixels, sharpest, lowest sha256."""
+    pixels = int(rec["orig_width"]) * int(rec["orig_height"])
+    return (-pixels, -round(blur, 4), str(rec.get("sha256") or rec["id"]))
+
+
+def _why_kept(kept: tuple[dict[str, Any], float], other: tuple[dict[str, Any], float]) -> str:
+    (krec, kblur), (orec, oblur) = kept, other
+    kkey, okey = _quality_key(krec, kblur), _quality_key(orec, oblur)
+    if kkey[0] != okey[0]:
+        return (
+            f"larger original ({krec['orig_width']}x{krec['orig_height']} vs "
+            f"{orec['orig_width']}x{orec['orig_height']})"
+        )
+    if kkey[1] != okey[1]:
+        return f"same original size, sharper (blur {kblur:.2f} vs {oblur:.2f})"
+    return "same original size and sharpness, lower sha256"
+
+
 def _filter(
     records: list[dict[str, Any]], ingested_dir: Path, cfg: CurateConfig
 ) -> tuple[list[dict[str, Any]], list[Drop], dict[str, Image.Image]]:
-    kept: list[dict[str, Any]] = []
     drops: list[Drop] = []
     images: dict[str, Image.Image] = {}
-    kept_hashes: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # style -> (id, phash, source)
+    passed: list[tuple[dict[str, Any], float, int, str]] = []  # (record, blur, words, source)
     for rec in tqdm(sorted(records, key=lambda r: (r["style"], r["id"])), desc="curate", unit="img", disable=None, leave=False):
         source = str(rec.get("source", rec["path"]))
 
@@ -169,19 +195,36 @@ def _filter(
         if words < cfg.min_caption_words:
             drop("short_caption", f"{words} word(s) {rec['caption']!r} < curate.min_caption_words={cfg.min_caption_words}")
             continue
-        near = [(hash_distance(rec["phash"], h), i, s) for i, h, s in kept_hashes[rec["style"]]]
+        passed.append((rec, blur, words, source))
+        images[rec["id"]] = img
+
+    # near-duplicates: best first (see the module docstring), so the survivor is chosen by content
+    kept: list[dict[str, Any]] = []
+    kept_by_style: dict[str, list[tuple[dict[str, Any], float, str]]] = defaultdict(list)
+    for rec, blur, words, source in sorted(passed, key=lambda p: (p[0]["style"], _quality_key(p[0], p[1]))):
+        near = [
+            (hash_distance(rec["phash"], krec["phash"]), krec["id"], krec, kblur, ksource)
+            for krec, kblur, ksource in kept_by_style[rec["style"]]
+        ]
         near = [n for n in near if n[0] <= cfg.near_duplicate_distance]
         if near:
-            dist, other_id, other_source = min(near)
-            drop(
-                "near_duplicate",
-                f"perceptual-hash distance {dist} <= curate.near_duplicate_distance="
-                f"{cfg.near_duplicate_distance} to {other_id} ({other_source}), which is kept",
+            dist, other_id, krec, kblur, other_source = min(near, key=lambda n: (n[0], n[1]))
+            drops.append(
+                Drop(
+                    rec["id"],
+                    rec["style"],
+                    source,
+                    "near_duplicate",
+                    f"perceptual-hash distance {dist} <= curate.near_duplicate_distance="
+                    f"{cfg.near_duplicate_distance} to {other_id} ({other_source}), which is kept: "
+                    f"{_why_kept((krec, kblur), (rec, blur))}",
+                )
             )
+            del images[rec["id"]]
             continue
-        kept_hashes[rec["style"]].append((rec["id"], rec["phash"], source))
+        kept_by_style[rec["style"]].append((rec, blur, source))
         kept.append({**rec, "blur": round(blur, 4), "caption_words": words})
-        images[rec["id"]] = img
+    kept.sort(key=lambda r: (r["style"], r["id"]))
     return kept, drops, images
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +34,14 @@ RejectReason = Literal[
     "unreadable_caption",
     "duplicate_file",
     "hidden_file",
+    "outside_raw_dir",
+    "too_large",
 ]
+
+#: Most pixels an input may declare (Pillow's own decompression-bomb warning threshold). A
+#: header claiming more is refused before any pixel is decoded: a few-kilobyte PNG can
+#: declare a 50000x50000 image and expand to gigabytes.
+MAX_IMAGE_PIXELS = 89_478_485
 
 #: What a person should do about each rejection; used in the Markdown ingest report.
 REMEDIES: dict[str, str] = {
@@ -51,6 +59,10 @@ REMEDIES: dict[str, str] = {
     "unreadable_caption": "The caption file is not UTF-8 text. Save it as UTF-8.",
     "duplicate_file": "Byte-identical to a file already accepted. Delete one of the copies.",
     "hidden_file": "Hidden files (name starting with '.') are skipped. Rename it if it is a photo.",
+    "outside_raw_dir": "A symlink (or a folder link) that leads outside data.raw_dir: ingest reads only files "
+    "inside the data folder. Copy the file into the folder instead of linking to it.",
+    "too_large": "The image declares more pixels than ingest decodes (possibly a decompression bomb). "
+    "Downscale it before adding it.",
 }
 
 
@@ -131,8 +143,20 @@ def decode_image(data: bytes) -> LoadedImage:
     and fully loaded, which catches truncation in formats ``verify`` does not check.
     """
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with warnings.catch_warnings():  # the size check below rejects what Pillow only warns about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            probe = Image.open(io.BytesIO(data))
+        with probe:
+            width, height = probe.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageRejected(
+                    "too_large",
+                    f"its header declares {width}x{height} = {width * height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS} ingest decodes (a decompression bomb or a huge scan)",
+                )
             probe.verify()
+    except ImageRejected:
+        raise
     except UnidentifiedImageError:
         if _looks_truncated_webp(data):
             raise ImageRejected("truncated", "WebP data ends before the length in its header") from None
@@ -140,7 +164,7 @@ def decode_image(data: bytes) -> LoadedImage:
             "undecodable", "not a recognised image format (check the file really is an image)"
         ) from None
     except Image.DecompressionBombError as exc:
-        raise ImageRejected("undecodable", f"refused as a decompression bomb: {exc}") from None
+        raise ImageRejected("too_large", f"refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- any decoder failure is a rejection, never a crash
         raise _classify_decode_error(data, exc) from None
     try:

@@ -207,8 +207,9 @@ class Family(abc.ABC):
         if unknown:
             raise ValueError(f"{self.name} LoRA files hold {list(self.lora_components)} layers, not {unknown}")
         kwargs = {f"{c}_lora_layers": v for c, v in layers.items()}
-        kwargs.update({f"{c}_lora_adapter_metadata": v for c, v in configs.items()})
+        kwargs.update({f"{c}_lora_adapter_metadata": canonical_lora_config(v) for c, v in configs.items()})
         self.pipeline_class().save_lora_weights(Path(out_dir), safe_serialization=True, **kwargs)
+        canonicalize_safetensors(Path(out_dir) / LORA_FILE)
 
     # ------------------------------------------------------------------ sampling
 
@@ -358,7 +359,50 @@ def write_lora_metadata(lora_file: Path, metadata: dict[str, object]) -> None:
     header.update({f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json_dumps(v) for k, v in metadata.items()})
     tmp = lora_file.with_name(lora_file.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
+    canonicalize_safetensors(tmp)
     os.replace(tmp, lora_file)
+
+
+def canonical_lora_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT LoraConfig dict whose serialisation is the same in every process: sets (PEFT keeps
+    `target_modules` as a set, iterated in the process's string-hash order) and the target list
+    become sorted lists. Byte-identical files for the same inputs keep DVC from rerunning."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, (set, frozenset)) or (key in ("target_modules", "exclude_modules")
+                                                   and isinstance(value, (list, tuple))):
+            value = sorted(value, key=str)
+        out[key] = value
+    return out
+
+
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys (in place, atomically; the
+    tensor bytes are untouched).
+
+    `safetensors` keeps `__metadata__` in a hash map whose order changes from process to
+    process, so the same tensors and metadata would give different bytes (and DVC hashes).
+    """
+    import json
+    import os
+    import struct
+    from pathlib import Path
+
+    path = Path(path)
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        data = fh.read()
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes; the data stays aligned
+    tmp = path.with_name(path.name + ".canon.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        fh.write(data)
+    os.replace(tmp, path)
 
 
 def json_dumps(value: object) -> str:

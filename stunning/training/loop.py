@@ -18,7 +18,9 @@ All randomness goes through explicit generators seeded from `train.seed` (batch 
 CPU generator, noise and timesteps on a generator of the compute device) whose states are
 checkpointed with the weights, so a resumed run continues exactly where the interrupted one
 stopped. A step that runs out of memory is rewound and redone with half the batch; the batch
-size in use is checkpointed, so a resumed run continues with it (never re-probed).
+size in use is checkpointed, so a resumed run continues with it (never re-probed). A step whose
+loss or gradients are not finite is never applied: the run rolls back to its last good state
+and goes on at half the learning rate (:mod:`stunning.training.divergence`).
 
 With aspect-ratio buckets every batch is drawn from one bucket, chosen with probability
 proportional to its image count on the loop generator. With DreamBooth prior preservation
@@ -29,6 +31,7 @@ each step adds the same objective on as many class images, weighted by
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ from stunning.training.batch import BatchSizeError, probe_batch_size
 from stunning.training.cache import EncodingCache
 from stunning.training.checkpoint import Checkpoint, CheckpointStore
 from stunning.training.dataset import CuratedDataset, curated_data_config
+from stunning.training.divergence import NonFiniteStep, TrainingDiverged, advice, cpu_copy, set_learning_rate, snapshot
 from stunning.training.dreambooth import class_image_size, class_set, instance_caption_fn
 from stunning.training.encoding import check_bucket_sizes, encode_buckets
 from stunning.training.evaluation import evaluate_buckets
@@ -100,6 +104,8 @@ class LoopResult:
     thermal: dict[str, float]  # the thermal guard's counters
     buckets: int
     mixed_precision: str  # on a CPU with auto: what calibration chose
+    divergence_retries: int = 0  # rollbacks to the last good state after a non-finite step (whole run)
+    learning_rate: float | None = None  # the base learning rate at the end (lowered by each retry)
 
 
 @dataclass
@@ -148,6 +154,8 @@ class Progress:
     history: list[float] = field(default_factory=list)
     backoffs: int = 0
     images: int = 0
+    retries: int = 0  # divergence rollbacks so far (a resumed run continues the count of its checkpoint)
+    rolled_back_to: int | None = None  # the step of the last rollback's target
 
 
 def run_training(job: TrainJob) -> LoopResult:
@@ -162,7 +170,7 @@ def run_training(job: TrainJob) -> LoopResult:
     start_step, history = restore(job, model, opt, ckpt)
     job.tracker.log_metrics({"batch_size": batch}, step=start_step)
     prepare_accelerator(job, opt, mixed_precision, ckpt)
-    progress = Progress(batch, start_step, history)
+    progress = Progress(batch, start_step, history, retries=int(ckpt.meta.get("divergence_retries", 0)) if ckpt else 0)
     loop_seconds, guard = train_loop(job, model, data, opt, progress, mixed_precision)
     val_loss, base_val_loss = evaluate(job, model, data, opt, progress.batch)
     opt.accelerator.free_memory()
@@ -179,6 +187,8 @@ def run_training(job: TrainJob) -> LoopResult:
         thermal=guard.metrics(),
         buckets=len(data.buckets),
         mixed_precision=mixed_precision,
+        divergence_retries=progress.retries,
+        learning_rate=float(opt.lr_schedule.base_lrs[0]),
     )
 
 
@@ -403,9 +413,16 @@ def train_step(
                                               scheduler=model.scheduler)
                     parts.append((loss.detach().float().item(), prior.detach().float().item()))
                     loss = loss + cfg.prior_loss_weight * prior
+            loss_value = loss.detach().float().item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteStep("loss", loss_value)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.params, MAX_GRAD_NORM)
+                grad_norm = accelerator.clip_grad_norm_(model.params, MAX_GRAD_NORM)
+                # With an fp16 loss scaler an infinite gradient is the scaler's to handle (it
+                # skips the step and lowers the scale); without one it is divergence.
+                if grad_norm is not None and accelerator.scaler is None and not bool(torch.isfinite(grad_norm)):
+                    raise NonFiniteStep("gradient norm", float(grad_norm))
             opt.optimizer.step()
             if accelerator.sync_gradients:
                 updated[0] = True  # from here on the step cannot be redone
@@ -414,7 +431,7 @@ def train_step(
             opt.lr_schedule.step()
             if opt.ema is not None:
                 opt.ema.step(model.params)
-        micro.append(loss.detach().float().item())
+        micro.append(loss_value)
     return micro, parts
 
 
@@ -461,6 +478,10 @@ def train_loop(
     `train.sample_every` steps, a checkpoint every `train.checkpoint_every` steps and at the
     end, then `job.on_step` (an exception there stops the run; the newest checkpoint survives).
     Pauses for heat and sampling are not counted as training time.
+
+    A step with a non-finite loss or gradient norm (and a checkpoint interval reached with
+    non-finite adapter weights) rolls the run back to the last good state at half the
+    learning rate (:func:`roll_back`); the steps after that state are redone.
     """
     from tqdm.auto import tqdm
 
@@ -480,12 +501,24 @@ def train_loop(
         unit="step",
         disable=None if job.progress is None else not job.progress,
     )
+    # The last good state in memory: the start of this run (small: where a state that diverges
+    # again after a rollback goes back to), and without checkpointing the newest checkpoint
+    # interval; with checkpointing the checkpoints themselves are the newest good states.
+    origin = good = _snapshot(job, model, opt, progress, progress.start_step, mixed_precision)
     t0 = time.perf_counter()
+    step = progress.start_step + 1
     try:
-        for step in range(progress.start_step + 1, cfg.steps + 1):
+        while step <= cfg.steps:
             step_metrics: dict[str, float] = {}
             batch_before = progress.batch
-            micro, parts = step_with_backoff(job, model, data, opt, progress, step)
+            try:
+                micro, parts = step_with_backoff(job, model, data, opt, progress, step)
+            except NonFiniteStep as exc:
+                step = roll_back(job, model, opt, progress, good, origin, step, exc) + 1
+                pending[:] = [(s, m) for s, m in pending if s < step]
+                bar.n = step - 1
+                bar.refresh()
+                continue
             if progress.batch != batch_before:
                 step_metrics["batch_size"] = progress.batch
             progress.images += progress.batch * cfg.gradient_accumulation
@@ -506,21 +539,80 @@ def train_loop(
             if guard.last_state is not None:
                 postfix["thermal"] = describe(guard.last_state)
             bar.set_postfix(postfix)
+            interval = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if interval and not _weights_finite(model):
+                # Finite losses but weights that overflowed: never checkpoint (or save) them.
+                step = roll_back(job, model, opt, progress, good, origin, step, NonFiniteStep("adapter weights", math.nan)) + 1
+                pending[:] = [(s, m) for s, m in pending if s < step]
+                bar.n = step - 1
+                bar.refresh()
+                continue
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                 t_sample = time.perf_counter()
                 log_intermediate_samples(job.fam, model.pipe, cfg, job.style, step, job.dev, job.tracker)
                 t0 += time.perf_counter() - t_sample  # sampling is not training throughput
-            if job.store is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            if job.store is not None and interval:
                 _save_checkpoint(job, model, opt, progress, step, mixed_precision)
                 # Metrics are flushed with each checkpoint: per-step database writes would
                 # slow the loop, and a crashed run still shows its curve up to here.
                 _flush(job.tracker, pending)
+            elif job.store is None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                good = _snapshot(job, model, opt, progress, step, mixed_precision)
             if job.on_step is not None:
                 job.on_step(step, step_loss)
+            step += 1
     finally:
         bar.close()
         _flush(job.tracker, pending)
     return time.perf_counter() - t0, guard
+
+
+def roll_back(
+    job: TrainJob, model: Model, opt: Optimization, progress: Progress, good: Checkpoint, origin: Checkpoint,
+    step: int, exc: NonFiniteStep,
+) -> int:
+    """Put the last good state back (the newer of the newest checkpoint and `good`; `origin`, the
+    start of this run, when that state already diverged again after a rollback, since the
+    high rate may have spoilt it without a NaN yet) and halve the learning rate; the step it
+    rolled back to. :class:`TrainingDiverged` once `train.max_divergence_retries` retries are spent."""
+    cfg = job.cfg
+    lr = float(opt.optimizer.param_groups[0]["lr"])
+    cause = str(exc)
+    candidates = [c for c in (job.store.latest() if job.store is not None else None, good) if c is not None]
+    target = max(candidates, key=lambda c: c.step)
+    if target.step == progress.rolled_back_to:
+        target = origin
+    progress.rolled_back_to = target.step
+    if progress.retries >= cfg.max_divergence_retries:
+        raise TrainingDiverged(advice(job.style, step, cause, lr, progress.retries, job.mixed_precision,
+                                      MAX_GRAD_NORM))
+    progress.retries += 1
+    state = cpu_copy(target.optimizer) if target.path is None else target.optimizer  # in memory: never aliased
+    for p in model.params:
+        p.grad = None
+    load_trainable_state(model.denoiser, target.lora)
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.lr_schedule.load_state_dict(state["lr_scheduler"])
+    if opt.ema is not None and "ema" in state:
+        opt.ema.load_state_dict(state["ema"])
+        opt.ema.to(device=job.dev)
+    if opt.accelerator.scaler is not None and state.get("scaler"):
+        opt.accelerator.scaler.load_state_dict(state["scaler"])
+    set_rng_state(target.rng, opt.loop_gen, opt.noise_gen, job.dev)
+    opt.accelerator.step = 0  # a good state is always on an optimizer-step boundary
+    progress.history[:] = list(target.loss_history)
+    new_lr = set_learning_rate(opt.optimizer, opt.lr_schedule, cfg.learning_rate * 0.5 ** progress.retries)
+    where = f"checkpoint {target.path}" if target.path is not None else "the in-memory snapshot"
+    log.warning("%s: step %d diverged (%s at learning rate %g); rolled back to step %d (%s), retry %d of %d at "
+                "learning rate %g", job.style, step, cause, lr, target.step, where, progress.retries,
+                cfg.max_divergence_retries, new_lr)
+    job.tracker.log_metrics({"divergence_retries": progress.retries, "diverged_at_step": step,
+                             "learning_rate": new_lr}, step=target.step)
+    return target.step
+
+
+def _weights_finite(model: Model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.params)
 
 
 def evaluate(
@@ -543,22 +635,42 @@ def evaluate(
     return val_loss, base_val_loss
 
 
-def _save_checkpoint(
-    job: TrainJob, model: Model, opt: Optimization, progress: Progress, step: int, mixed_precision: str
-) -> None:
+def _checkpoint_state(
+    opt: Optimization, progress: Progress, mixed_precision: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer state, meta) of a checkpoint."""
     opt_state = {"optimizer": opt.optimizer.state_dict(), "lr_scheduler": opt.lr_schedule.state_dict()}
     if opt.ema is not None:
         opt_state["ema"] = opt.ema.state_dict()
     if opt.accelerator.scaler is not None:
         opt_state["scaler"] = opt.accelerator.scaler.state_dict()
+    meta = {"batch_size": progress.batch, "cpu_setup": [torch.get_num_threads(), mixed_precision]}
+    if progress.retries:  # only after a rollback: checkpoints of runs that never diverged are unchanged
+        meta["divergence_retries"] = progress.retries
+    return opt_state, meta
+
+
+def _save_checkpoint(
+    job: TrainJob, model: Model, opt: Optimization, progress: Progress, step: int, mixed_precision: str
+) -> None:
+    opt_state, meta = _checkpoint_state(opt, progress, mixed_precision)
     job.store.save(
         step,
         trainable_state(model.denoiser),
         opt_state,
         rng_state(opt.loop_gen, opt.noise_gen, job.dev),
         progress.history,
-        meta={"batch_size": progress.batch, "cpu_setup": [torch.get_num_threads(), mixed_precision]},
+        meta=meta,
     )
+
+
+def _snapshot(
+    job: TrainJob, model: Model, opt: Optimization, progress: Progress, step: int, mixed_precision: str
+) -> Checkpoint:
+    """The state a checkpoint would hold, in memory (CPU copies): the rollback target without checkpoints."""
+    opt_state, meta = _checkpoint_state(opt, progress, mixed_precision)
+    return snapshot(step, trainable_state(model.denoiser), opt_state, rng_state(opt.loop_gen, opt.noise_gen, job.dev),
+                    progress.history, meta)
 
 
 def _flush(tracker: Tracker, pending: list[tuple[int, dict[str, float]]]) -> None:

@@ -25,6 +25,7 @@ from stunning.io import atomic_dir
 from stunning.tracking import NullTracker, Tracker
 from stunning.training.checkpoint import CheckpointStore, fingerprint
 from stunning.training.dataset import CuratedDataset, style_rows
+from stunning.training.divergence import TrainingDiverged
 from stunning.training.dreambooth import class_images_dir, trigger_words
 from stunning.training.loop import LoopResult, StepCallback, TrainJob, run_training
 from stunning.training.precision import resolve_mixed_precision
@@ -90,7 +91,13 @@ def train_style(
     `adapter`, `resumed_from_step`, `fingerprint`, `device`, `mixed_precision`, `loss_history`,
     `batch_size` (the one in use at the end: `batch_size: auto` resolved, after any halving),
     `batch_backoffs` (steps redone with half the batch after running out of memory),
-    `thermal_checks`, `thermal_throttled_checks` and `thermal_paused_s` (of this call).
+    `thermal_checks`, `thermal_throttled_checks` and `thermal_paused_s` (of this call), and
+    after a divergence rollback `divergence_retries` and `learning_rate_final` (the lowered rate).
+
+    A run whose loss or gradients go non-finite rolls back and retries at half the learning
+    rate (`train.max_divergence_retries` times), then raises
+    :class:`~stunning.training.divergence.TrainingDiverged`; no adapter with a non-finite
+    value is ever written.
     """
     from stunning.device import PeakMemory, select_device
     from stunning.families import get_family
@@ -141,6 +148,8 @@ def train_style(
         steps_per_s = steps_run / result.loop_seconds if steps_run and result.loop_seconds > 0 else None
         images_per_s = result.images / result.loop_seconds if steps_per_s else None
         run_facts = {"batch_size": result.batch_size, "batch_backoffs": result.batch_backoffs, **result.thermal}
+        if result.divergence_retries:  # only for runs that diverged: the summary of the others is unchanged
+            run_facts.update(divergence_retries=result.divergence_retries, learning_rate_final=result.learning_rate)
 
         adapter_dir = _save_adapter(fam, result, cfg, style, out_dir, base_path, fp)
         samples = write_samples(fam, result.pipe, cfg, style, samples_dir, sample_seeds) if sample_seeds else None
@@ -229,6 +238,7 @@ def _save_adapter(
     """Write the adapter (diffusers LoRA layout, with its metadata) and the resolved config to
     `out_dir/<style>/`, atomically; the folder."""
     adapter_dir = out_dir / style
+    _check_finite(fam, result, style, cfg)
     with atomic_dir(adapter_dir) as tmp:
         fam.save_lora(result.pipe, tmp, metadata={
             "style": style,
@@ -245,6 +255,19 @@ def _save_adapter(
         })
         dump_resolved(cfg, tmp / "train_config.yaml")
     return adapter_dir
+
+
+def _check_finite(fam, result: LoopResult, style: str, cfg: TrainConfig) -> None:
+    """The last line of defence: refuse to write an adapter holding NaN or infinite values."""
+    bad = [f"{comp}.{key}" for comp, layers in fam.lora_layers(result.pipe).items() for key, t in sorted(layers.items())
+           if not bool(torch.isfinite(t).all())]
+    if bad:
+        lr = result.learning_rate if result.learning_rate is not None else cfg.learning_rate
+        raise TrainingDiverged(
+            f"{style}: the trained adapter holds non-finite values in {len(bad)} tensor(s) (e.g. {bad[0]}); "
+            f"refusing to save it. Lower train.learning_rate (e.g. to {lr / 10:g}) or use train.mixed_precision "
+            "bf16 or no instead of fp16."
+        )
 
 
 def _code_identity(fam) -> dict[str, str]:

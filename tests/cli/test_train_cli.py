@@ -144,7 +144,8 @@ def test_bad_model_data_and_options_fail_before_any_work(tiny_base, tmp_path):
         assert "Traceback" not in result.output and not (out / ".work" / "raw").exists(), result.output
         return result.output
 
-    result = runner.invoke(app, ["train", "--model", str(tmp_path / "nowhere"), "--data", str(data), "--prompt", PROMPT])
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "nowhere"), "--data", str(data), "--prompt", PROMPT,
+                                 "--out", str(out)])  # never the default ./lora-out of the repo
     assert result.exit_code == 2 and "not found" in result.output and "Hugging Face" in result.output
     index = tmp_path / "alien" / "model_index.json"
     index.parent.mkdir()

@@ -55,10 +55,12 @@ def test_full_dag_produces_every_phase_output(tiny_dag_project):
 
 def test_second_repro_does_nothing(tiny_dag_project):
     proc = run_in(tiny_dag_project, sys.executable, "-m", "dvc", "repro")
-    out = proc.stdout + proc.stderr
+    # `champion` reads the registry on every repro (always_changed); its record is unchanged,
+    # so nothing downstream of it runs.
+    out = (proc.stdout + proc.stderr).replace("Running stage 'champion'", "")
     assert "Running stage" not in out, out
     status = run_in(tiny_dag_project, sys.executable, "-m", "dvc", "status", "--json")
-    assert json.loads(status.stdout or "{}") == {}
+    assert {k: v for k, v in json.loads(status.stdout or "{}").items() if v != ["always changed"]} == {}
 
 
 def test_param_change_reruns_only_dependents(tiny_dag_project, tmp_path):
@@ -69,7 +71,7 @@ def test_param_change_reruns_only_dependents(tiny_dag_project, tmp_path):
         params["budgets"]["max_latency_s"] = 0.5 * params["budgets"]["max_latency_s"]
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         proc = run_in(tiny_dag_project, sys.executable, "-m", "dvc", "status", "--json")
-        changed = set(json.loads(proc.stdout or "{}"))
+        changed = {k for k, v in json.loads(proc.stdout or "{}").items() if v != ["always changed"]}
         assert changed == {"validate"}, changed  # downstream stages follow once validate reruns
         dry = run_in(tiny_dag_project, sys.executable, "-m", "dvc", "repro", "--dry")
         ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}

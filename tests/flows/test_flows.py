@@ -51,3 +51,65 @@ def test_nightly_blocks_a_regressing_candidate_and_keeps_champion(prefect_harnes
     after = json.loads((in_clone / "reports/registry.json").read_text())
     assert after["promoted"] is False
     assert after["champion_version"] == before["champion_version"]
+
+
+def test_nightly_outcome_is_tonights_only():
+    """Pure: a report on disk from an earlier night is not tonight's outcome."""
+    from flows.nightly import decide_outcome, out_of_date
+
+    old = {"promoted": True, "version": 3, "reasons": []}
+    outcome = decide_outcome(["docs"], old, register_ran=False)
+    assert outcome["outcome"] == "no-candidate" and "version" not in outcome
+    assert "did not run" in outcome["reasons"][0]
+    assert decide_outcome(["train"], old, register_ran=True)["outcome"] == "promoted"
+    held = {"promoted": False, "gate_passed": True, "version": 4, "not_promoted_reasons": ["gate.mode is dry_run"]}
+    assert decide_outcome(["train"], held)["outcome"] == "not-promoted"
+    assert out_of_date({"champion": ["always changed"], "docs": [{"changed deps": {}}]}) == ["docs"]
+
+
+def test_nightly_reports_no_candidate_when_register_did_not_run(prefect_harness, in_clone):
+    import sys
+
+    from flows.nightly import nightly_retrain
+    from tests.factories import run_in
+
+    run_in(in_clone, sys.executable, "-m", "dvc", "repro")  # earlier tests may leave stages stale
+    card = in_clone / "stunning" / "model_card.py"
+    original = card.read_text()
+    try:
+        card.write_text(original + "\n# touched by a test: only docs and handoff rerun\n")
+        outcome = nightly_retrain()
+    finally:
+        card.write_text(original)
+    assert outcome["outcome"] == "no-candidate", outcome
+    assert "register" not in outcome["changed"] and "docs" in outcome["changed"]
+
+
+def test_a_new_champion_reruns_validate(in_clone):
+    """`stunning promote` moves @champion outside the DAG: the champion record changes, so DVC
+    sees validate out of date; rolling back restores the record byte for byte."""
+    import sys
+
+    from stunning.config import load_params
+    from stunning.registry import register_candidate
+    from tests.factories import gate_report, make_registry_candidate, run_in
+
+    params = load_params(in_clone / "params.yaml")
+    record = in_clone / "reports" / "champion.json"
+    before = record.read_bytes()
+    other = make_registry_candidate(in_clone.parent / "other-candidate")
+    reg = register_candidate(params.registry, gate_report(True), other, in_clone / "models" / "embedded",
+                             params.base.family, {}, root=in_clone, experiment="exp-test")
+    assert reg["promoted"] is False
+    run_in(in_clone, sys.executable, "-m", "dvc", "repro", "--single-item", "champion")
+    assert record.read_bytes() == before  # registering an experiment moves nothing
+    run_in(in_clone, sys.executable, "-m", "stunning.cli", "promote", str(reg["version"]))
+    try:
+        run_in(in_clone, sys.executable, "-m", "dvc", "repro", "--single-item", "champion")
+        assert json.loads(record.read_text())["version"] == reg["version"]
+        changed = json.loads(run_in(in_clone, sys.executable, "-m", "dvc", "status", "--json").stdout or "{}")
+        assert "validate" in changed, changed
+    finally:
+        run_in(in_clone, sys.executable, "-m", "stunning.cli", "rollback", "--reason", "test")
+        run_in(in_clone, sys.executable, "-m", "dvc", "repro", "--single-item", "champion")
+    assert record.read_bytes() == before

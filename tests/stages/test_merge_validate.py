@@ -44,8 +44,17 @@ def validate_args(root: Path, tiny_base: Path, tag: str, *extra: str) -> list[st
         "--params", str(root / "params.yaml"), "--base", str(tiny_base), "--adapters", str(root / "adapters"),
         "--merged", str(root / "merged"), "--data", str(root / "curated"), "--out", str(root / tag / "validation"),
         "--metrics", str(root / tag / "validation.json"), "--gate", str(root / tag / "gate.json"),
-        "--merge-report", str(root / "reports" / "merge.json"), "--device", "cpu", *extra,
+        "--merge-report", str(root / "reports" / "merge.json"), "--champion", str(no_champion(root)),
+        "--device", "cpu", *extra,
     ]
+
+
+def no_champion(root: Path) -> Path:
+    """A champion record of a registry without a champion (what the champion stage writes then)."""
+    record = root / "no-champion.json"
+    if not record.is_file():
+        record.write_text(json.dumps({"model_name": "stunning-style", "version": None}))
+    return record
 
 
 def test_merge_stage_outputs(project):
@@ -141,3 +150,57 @@ def test_plain_prompt_inverts_the_adapter_prompt_template():
     assert adapter_prompt(trigger, plain_prompt(trigger, "sks noir, a hat", "noir"), "noir") == "sks noir, a hat"
     bare = ValidateConfig(adapter_prompt="{prompt}")
     assert plain_prompt(bare, "a hat", "noir") == "a hat"
+
+
+@pytest.mark.slow  # trains a tiny adapter (~10 s)
+def test_eval_loss_is_lower_with_an_adapter_trained_on_the_style(project, tiny_base, tmp_path, one_torch_thread):
+    """The held-out denoising loss: same val images, timesteps and noise for base and adapter;
+    an adapter trained a few steps on the style's train images lowers it on its val images."""
+    import torch
+
+    from stunning.families import get_family
+    from stunning.training.trainer import train_style
+    from stunning.validation import eval_losses
+    from tests.factories import make_curated, tiny_train_config
+
+    data = make_curated(tmp_path / "curated", n_train=4, n_val=2)
+    style = "noir"
+    cfg = tiny_train_config(steps=40, learning_rate=5e-3)
+    train_style(tiny_base, "sd3", data, style, cfg, tmp_path / "adapters", None, None, device="cpu", sample_seeds=())
+    fam = get_family("sd3")
+    pipe = fam.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
+    report = eval_losses(fam, pipe, data, [style, "absent"], {style: tmp_path / "adapters" / style},
+                         champion_adapters=tmp_path / "adapters")
+    e = report[style]
+    assert e["measured"] and e["val_images"] == 2 and e["repeats"] == 4
+    assert e["adapter"] < e["base"] and e["gain"] == pytest.approx(1 - e["adapter"] / e["base"], abs=1e-6)
+    assert e["gain_std"] >= 0 and e["base_std"] > 0
+    assert e["champion"] == pytest.approx(e["adapter"])  # same weights, same noise: same loss
+    assert report["absent"]["measured"] is False and "no val images" in report["absent"]["reason"]
+    again = eval_losses(fam, pipe, data, [style], {style: tmp_path / "adapters" / style})
+    assert again[style]["base"] == e["base"] and again[style]["adapter"] == e["adapter"]  # fixed noise
+
+
+def test_validate_reads_the_champion_record_and_obeys_gate_modes(project, tiny_base, capsys):
+    from stages import validate
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"].update(prompts=["a red dress on a white background"], steps=1, style_set_size=2)
+    params["gate"] = {"mode": "disabled"}
+    (project / "params-off.yaml").write_text(yaml.safe_dump(params))
+    record = project / "champion-record.json"
+    record.write_text(json.dumps({"model_name": "m", "version": 7, "content_hash": "abc", "adapters": None,
+                                  "metrics": {"style_gain/noir": 100.0}}))
+    args = validate_args(project, tiny_base, "run4", "--champion", str(record))
+    args[args.index("--params") + 1] = str(project / "params-off.yaml")
+    validate.main(args)
+    gate = json.loads((project / "run4" / "gate.json").read_text())
+    body = json.loads((project / "run4" / "validation.json").read_text())
+    assert gate["mode"] == "disabled" and gate["passed"] is False and gate["checks"] == []
+    assert "disabled" in gate["reasons"][0] and "GATE DISABLED" in capsys.readouterr().out
+    assert gate["champion"] == {"style_gain/noir": 100.0} and "v7" in gate["candidate"]["champion_source"]
+    assert len(gate["candidate"]["content_hash"]) == 64
+    for style in STYLES:
+        e = body["eval_loss"][style]
+        assert e["measured"] and e["gain"] == pytest.approx(1 - e["adapter"] / e["base"], abs=1e-6)
+        assert gate["candidate"]["metrics"][f"eval_gain/{style}"] == pytest.approx(e["gain"])

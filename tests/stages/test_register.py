@@ -63,3 +63,39 @@ def test_register_stage_writes_report_and_exits_zero_when_blocked(store, candida
     report = json.loads(Path("reports/registry.json").read_text())
     assert report["version"] == 2 and report["promoted"] is False and report["champion_version"] == 1
     assert report["model_name"] == "m-stage"
+
+
+def test_register_under_dvc_exp_run_does_not_promote_and_champion_stage_records_it(
+    store, candidate, tiny_base, monkeypatch, capsys
+):
+    from stages import champion, register
+    from stunning.config import RegistryConfig
+    from stunning.registry import aliases
+
+    monkeypatch.chdir(store)
+    Path("params-exp.yaml").write_text(yaml.safe_dump({"registry": {"model_name": "m-exp-stage"}}))
+    Path("reports").mkdir(exist_ok=True)
+    Path("reports/gate-exp.json").write_text(json.dumps(gate_report(True)))
+    argv = ["--params", "params-exp.yaml", "--gate", "reports/gate-exp.json", "--base", str(tiny_base),
+            "--adapters", str(candidate["adapters"]), "--blends", str(candidate["blends"]),
+            "--out", "reports/registry-exp.json"]
+    record_argv = ["--params", "params-exp.yaml", "--adapters", str(candidate["adapters"]), "--out", "reports/champion-exp.json"]
+    champion.main(record_argv)
+    assert json.loads(Path("reports/champion-exp.json").read_text())["version"] is None
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-rank8")  # what `dvc exp run` sets in a stage's environment
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
+    register.main(argv)
+    assert "REGISTERED v1, not promoted: DVC experiment 'exp-rank8'" in capsys.readouterr().out
+    report = json.loads(Path("reports/registry-exp.json").read_text())
+    assert report["promoted"] is False and report["experiment"] == "exp-rank8" and report["gate_passed"] is True
+    assert aliases(RegistryConfig(model_name="m-exp-stage"), store) == {}
+    before = Path("reports/champion-exp.json").read_bytes()
+    champion.main(record_argv)
+    assert Path("reports/champion-exp.json").read_bytes() == before  # no champion moved: same bytes
+
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    register.main(argv)  # the pipeline's own run promotes
+    assert json.loads(Path("reports/registry-exp.json").read_text())["promoted"] is True
+    champion.main(record_argv)  # the candidate is the champion now: validated against "none", unchanged
+    assert Path("reports/champion-exp.json").read_bytes() == before

@@ -67,6 +67,7 @@ def test_prompt_adherence_on_unseen_colour_garment_pairs(micro_base, one_torch_t
     assert acc["colour"] >= 0.8, acc
 
 
+@pytest.mark.slow  # ~40 s: 300 full-model steps
 def test_one_pair_overfit_drives_the_loss_near_zero(tiny_base, one_torch_thread):
     from stunning import pretrain
 

@@ -1,5 +1,11 @@
 """On the shipped micro model, an adapter trained with an absurd learning rate is refused.
 
+With the divergence sentinel (stunning/training/divergence.py) such a run no longer ends
+with NaN weights: it either fails with `TrainingDiverged` (no adapter is written, so nothing
+can be merged, validated or promoted) or recovers at a halved learning rate, and then the
+adapter it writes is finite and still refused by the gate. Either way an absurd learning
+rate never produces a promoted adapter, which is what this module proves.
+
 Measured through the same library calls as the DAG's train and validate stages, on the
 embedded sample set. (That the default adapters pass the gate — style distance halved,
 adherence within 10 points — is asserted on the real `dvc repro` in tests/test_e2e.py.)
@@ -52,7 +58,17 @@ def test_an_adapter_trained_with_an_absurd_learning_rate_fails_the_gate(micro_ba
     raw["train"].update(learning_rate=5.0, steps=40)  # ...with an absurd learning rate
     raw["validate"]["seeds"] = [0, 1]
     params = Params.model_validate(raw)
-    v = train_and_validate(params, micro_base, curated, tmp_path)
+    from stunning.training.divergence import TrainingDiverged
+
+    try:
+        v = train_and_validate(params, micro_base, curated, tmp_path)
+    except TrainingDiverged as exc:
+        # Refused before any adapter exists: nothing reaches the gate at all.
+        assert "train.learning_rate" in str(exc)
+        style = str(exc).split(":")[0]
+        assert style in params.data.styles
+        assert not (tmp_path / "adapters" / style / "pytorch_lora_weights.safetensors").exists()
+        return
     gate = evaluate(v, None, params.budgets)
     failed = {c.name for c in gate.checks if not c.passed}
     assert not gate.passed, gate.reasons

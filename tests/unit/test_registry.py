@@ -176,3 +176,120 @@ def test_gate_metrics_come_from_candidate_metrics_else_checks():
     assert gate_metrics(gate) == {"style_gain/impressionist": 1.0, "latency_s": 0.5}
     checks_only = {"passed": True, "checks": [{"name": "style_gain/noir", "value": 0.2}, {"name": "n", "value": "x"}]}
     assert gate_metrics(checks_only) == {"style_gain/noir": 0.2}
+
+
+# --------------------------------------------------------------------------- promotion policy
+
+
+def _other_candidate(root: Path, tag: str) -> dict[str, Path]:
+    """Adapters with content of their own (`tag` in the weight bytes)."""
+    cand = make_registry_candidate(root)
+    for style in ("impressionist", "noir"):
+        (cand["adapters"] / style / "pytorch_lora_weights.safetensors").write_bytes(f"{tag}-{style}".encode())
+    return cand
+
+
+def test_promotion_decision_by_mode_experiment_and_rollback():
+    from stunning.registry import RegistryError, promotion_decision
+
+    assert promotion_decision(True) == (True, [])
+    assert promotion_decision(False) == (False, [])
+    promote, why = promotion_decision(True, "dry_run")
+    assert promote is False and "dry_run" in why[0]
+    promote, why = promotion_decision(False, "disabled")
+    assert promote is False and "disabled" in why[0]
+    promote, why = promotion_decision(True, experiment="exp-rank8")
+    assert promote is False and "exp-rank8" in why[0] and "stunning promote" in why[0]
+    assert promotion_decision(True, experiment="exp-rank8", promote_experiments=True) == (True, [])
+    promote, why = promotion_decision(True, rolled_back_versions=[3])
+    assert promote is False and "rolled-back v3" in why[0]
+    with pytest.raises(RegistryError, match="gate.mode"):
+        promotion_decision(True, "sometimes")
+
+
+def test_dry_run_and_disabled_gates_register_but_never_promote(store, candidate, tiny_base):
+    from stunning.registry import aliases, version_tags
+
+    cfg = RegistryConfig(model_name="m-modes")
+    dry = _register(store, candidate, tiny_base, "m-modes", True, mode="dry_run")
+    assert dry["promoted"] is False and dry["gate_passed"] is True and dry["champion_version"] is None
+    assert dry["verdict"].startswith("REGISTERED v1, not promoted: gate.mode is dry_run")
+    tags = version_tags(cfg, 1, store)
+    assert tags["dry_run"] == "true" and tags["gate"] == "passed" and tags["promoted"] == "false"
+    off = _register(store, candidate, tiny_base, "m-modes", False, mode="disabled",
+                    gate={**gate_report(False, reasons=["gate.mode is disabled"]), "checks": []})
+    assert off["promoted"] is False and version_tags(cfg, 2, store)["gate"] == "disabled"
+    assert aliases(cfg, store) == {}
+
+
+def test_experiment_is_registered_not_promoted_until_stunning_promote(store, candidate, tiny_base, tmp_path):
+    from typer.testing import CliRunner
+
+    from stunning.cli import app
+    from stunning.registry import RegistryError, aliases, champion_metrics, promote, version_tags
+
+    cfg = RegistryConfig(model_name="m-exp")
+    _register(store, candidate, tiny_base, "m-exp", True)  # v1: champion
+    exp = _register(store, _other_candidate(tmp_path / "c2", "rank8"), tiny_base, "m-exp", True,
+                    gate=gate_report(True, gain=0.2), experiment="exp-rank8")
+    assert exp["version"] == 2 and exp["promoted"] is False and exp["champion_version"] == 1
+    assert any("exp-rank8" in r for r in exp["reasons"])
+    assert version_tags(cfg, 2, store)["experiment"] == "exp-rank8"
+    assert aliases(cfg, store) == {"champion": 1}
+    assert champion_metrics(cfg, store)["style_gain/impressionist"] == 0.4  # still compared with v1
+    _register(store, candidate, tiny_base, "m-exp", False, gate=gate_report(False, gain=0.01))  # v3: failed
+    with pytest.raises(RegistryError, match="gate did not pass"):
+        promote(cfg, 3, root=store)
+
+    # `stunning promote VERSION` (the CLI on the project's params)
+    (store / "params-exp.yaml").write_text("registry:\n  model_name: m-exp\n")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["promote", "3", "--params", str(store / "params-exp.yaml")])
+    assert refused.exit_code == 2 and "gate did not pass" in refused.output
+    done = runner.invoke(app, ["promote", "2", "--params", str(store / "params-exp.yaml")])
+    assert done.exit_code == 0, done.output
+    assert "PROMOTED v2 to @champion (previous v1 kept as @previous-champion)" in done.output
+    assert aliases(cfg, store) == {"champion": 2, "previous-champion": 1}
+    assert version_tags(cfg, 2, store)["previous_champion_version"] == "1"
+
+
+def test_rolled_back_content_is_not_promoted_again(store, candidate, tiny_base, tmp_path):
+    from stunning.registry import aliases, rollback, version_tags
+
+    cfg = RegistryConfig(model_name="m-rerun")
+    _register(store, candidate, tiny_base, "m-rerun", True)  # v1
+    bad = _other_candidate(tmp_path / "bad", "bad")
+    assert _register(store, bad, tiny_base, "m-rerun", True)["promoted"] is True  # v2
+    rollback(cfg, root=store, reason="noir artefacts")
+    assert aliases(cfg, store) == {"champion": 1}
+    # the retrain reproduces the rolled-back weights: registered, not promoted over the rollback
+    again = _register(store, bad, tiny_base, "m-rerun", True)
+    assert again["version"] == 3 and again["promoted"] is False and again["rolled_back_same_content"] == [2]
+    assert any("rolled-back v2" in r for r in again["reasons"])
+    assert again["content_hash"] == version_tags(cfg, 2, store)["content_hash"]
+    assert aliases(cfg, store) == {"champion": 1}
+    # different weights are promoted as usual
+    fresh = _register(store, _other_candidate(tmp_path / "fresh", "fresh"), tiny_base, "m-rerun", True)
+    assert fresh["promoted"] is True and aliases(cfg, store)["champion"] == 4
+
+
+def test_champion_record_is_deterministic_and_follows_the_champion(store, candidate, tiny_base, tmp_path):
+    from stunning.registry import champion_record, content_hash, promote
+
+    cfg = RegistryConfig(model_name="m-record")
+    assert champion_record(cfg, store)["version"] is None
+    first = _register(store, candidate, tiny_base, "m-record", True)  # v1
+    own = content_hash(candidate["adapters"])
+    assert first["content_hash"] == own
+    # the candidate just promoted is the champion: it was validated against "none", and still is
+    assert champion_record(cfg, store, candidate_hash=own)["version"] is None
+    record = champion_record(cfg, store)
+    assert record == champion_record(cfg, store)  # no timestamps: same registry, same record
+    assert record["version"] == 1 and record["content_hash"] == own
+    assert record["metrics"]["style_gain/noir"] == 0.3 and Path(record["adapters"]).is_dir()
+    other = _other_candidate(tmp_path / "other", "other")
+    _register(store, other, tiny_base, "m-record", True, experiment="exp")  # v2, not promoted
+    assert champion_record(cfg, store) == record  # registering alone does not change it
+    promote(cfg, 2, root=store)
+    moved = champion_record(cfg, store, candidate_hash=own)
+    assert moved["version"] == 2 and moved != record

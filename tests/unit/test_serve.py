@@ -176,3 +176,91 @@ def test_concurrent_requests_keep_their_own_adapter(client):
         got = list(pool.map(lambda b: _pixels(client.post("/generate", json=b).content), bodies * 2))
     for i, image in enumerate(got):
         assert np.array_equal(image, expected[i % len(bodies)]), bodies[i % len(bodies)]
+
+
+def _register_fresh(champion: Path, tiny_base: Path, model_name: str) -> tuple[RegistryConfig, Path]:
+    """`model_name` v1 as @champion (the module's adapters); returns its config and noir adapter artifact."""
+    from stunning.registry import model_artifacts, register_candidate, resolve
+
+    cfg = RegistryConfig(model_name=model_name)
+    dirs = {"adapters": champion / "candidate/adapters", "blends": champion / "candidate/blends"}
+    gate = {"passed": True, "checks": [], "reasons": [], "candidate": {}}
+    register_candidate(cfg, gate, dirs, tiny_base, "sd3", {}, root=champion)
+    _, model_dir = resolve(cfg, root=champion)
+    return cfg, model_artifacts(model_dir)["adapters"] / "noir" / "pytorch_lora_weights.safetensors"
+
+
+def test_broken_champion_starts_degraded_and_reload_keeps_the_last_good_model(champion, tiny_base):
+    from fastapi.testclient import TestClient
+
+    from stunning.serve import create_app
+
+    cfg, noir = _register_fresh(champion, tiny_base, "serve-broken")
+    good = noir.read_bytes()
+    noir.write_bytes(good[: len(good) // 2])  # a champion artifact cut short
+    app = create_app(None, cfg, root=champion, device="cpu")
+    with TestClient(app) as c:  # start-up must not crash
+        health = c.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] == "degraded" and body["model"] == "models:/serve-broken@champion"
+        assert str(noir) in body["error"] and "dvc repro register" in body["error"]
+        r = c.post("/generate", json=REQUEST)
+        assert r.status_code == 503 and str(noir) in r.json()["error"]
+
+        noir.write_bytes(good)  # repaired: a reload swaps the model in
+        assert app.state.reload() is True
+        ok = c.get("/health").json()
+        assert ok["status"] == "ok" and ok["error"] is None and ok["styles"] == ["impressionist", "noir"]
+        assert c.post("/generate", json=REQUEST).status_code == 200
+
+        noir.write_bytes(b"")  # broken again: the reload fails, the last good model keeps serving
+        assert app.state.reload() is False
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert "still serving v1" in health.json()["error"] and "0 bytes" in health.json()["error"]
+        r = c.post("/generate", json={**REQUEST, "style": "noir"})
+        assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+    noir.write_bytes(good)
+
+
+def test_non_finite_numbers_get_422_with_an_encodable_body(client):
+    for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+        raw = f'{{"prompt": "a hat", "steps": 2, "guidance_scale": {literal}}}'
+        r = client.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (literal, r.text)
+        err = r.json()["detail"][0]
+        assert err["loc"] == ["body", "guidance_scale"] and isinstance(err["input"], str)
+    r = client.post("/generate", content='{"prompt": "a hat", "seed": NaN}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "seed"]
+
+
+def test_error_bodies_never_echo_large_inputs(client):
+    big = "x" * 50_000  # under the body limit, over every field limit
+    for body in ({**REQUEST, "prompt": big}, {**REQUEST, "style": big}, {**REQUEST, "extra": big}, {"seed": 1, big[:1000]: 1}):
+        r = client.post("/generate", json=body)
+        assert r.status_code == 422 and len(r.content) < 3000, (len(r.content), list(body)[-1][:10])
+    many = {f"k{i}": i for i in range(500)}
+    r = client.post("/generate", json={**REQUEST, **many})
+    assert r.status_code == 422 and len(r.json()["detail"]) == 20 and r.json()["omitted_errors"] == 480
+
+
+def test_large_bodies_get_413_without_being_read(champion):
+    from fastapi.testclient import TestClient
+
+    from stunning.serve import create_app
+
+    # No model needed: the limit applies before routing (this project has no such registry).
+    with TestClient(create_app(None, RegistryConfig(model_name="never-registered"), root=champion, max_body_bytes=1024)) as c:
+        huge = b'{"prompt": "' + b"y" * 20_000_000 + b'"}'
+        r = c.post("/generate", content=huge, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "1024 bytes" in r.json()["detail"] and len(r.content) < 200
+
+        def chunks():  # no Content-Length: chunked, counted while read
+            for _ in range(100):
+                yield b"z" * 100
+
+        r = c.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/generate", json={"prompt": "small enough"})
+        assert r.status_code == 503  # past the limit check, to the (missing) model
