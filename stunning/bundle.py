@@ -220,12 +220,19 @@ def build_bundle(
     model_card_dir: str | Path,
     params: Params,
     base_model: str | None = None,
+    *,
+    model: dict[str, Any] | None = None,
+    created: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the release folder `out_dir` atomically; returns a summary.
 
     Every style in `params.data.styles` must have an adapter in `adapters_dir/<style>/` and
     every blend in `params.merge.blends` a folder `blends_dir/<name>/`; the model card
     folder must hold README.md. A missing input is a :class:`BundleError` naming it.
+    `model` (which registered model the adapters are, e.g. ``{"source": "champion",
+    "version": 3}``) goes into the manifest; `created` is its build time (default:
+    SOURCE_DATE_EPOCH, else now) — the handoff stage passes the registered version's
+    creation time, so a rebuild of the same model writes the same bytes.
     """
     from stunning.io import atomic_dir
 
@@ -269,7 +276,7 @@ def build_bundle(
         ]
         manifest = {
             "format": "stunning-release/1",
-            "created": _created_timestamp(),
+            "created": created or _created_timestamp(),
             "params_sha256": params_hash(params),
             "params_sections": list(HASHED_SECTIONS),
             "base_model": {
@@ -282,6 +289,8 @@ def build_bundle(
             "blends": [b.name for b in blends],
             "files": files,
         }
+        if model is not None:
+            manifest["model"] = dict(model)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         sums = {f["path"]: f["sha256"] for f in files}
         sums[MANIFEST_NAME] = sha256_file(tmp / MANIFEST_NAME)
@@ -295,6 +304,7 @@ def build_bundle(
         "styles": styles,
         "blends": [b.name for b in blends],
         "params_sha256": manifest["params_sha256"],
+        "model": manifest.get("model"),
     }
 
 

@@ -69,3 +69,30 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys (in place, atomically; the
+    tensor bytes are untouched).
+
+    `safetensors` keeps `__metadata__` in a hash map whose order changes from process to
+    process, so the same tensors and metadata would give different bytes (and DVC hashes).
+    Every safetensors file the project writes goes through this after `save_file`.
+    """
+    import struct
+
+    path = Path(path)
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        data = fh.read()
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes; the data stays aligned
+    tmp = path.with_name(path.name + ".canon.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        fh.write(data)
+    os.replace(tmp, path)

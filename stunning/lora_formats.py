@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from stunning.io import canonicalize_safetensors
+
 LAYOUTS = ("diffusers", "kohya", "comfyui")
 
 PREFIXES: dict[str, dict[str, str]] = {
@@ -165,5 +167,6 @@ def convert_lora_file(src: str | Path, dst: str | Path, layout: str, family: str
     if "stunning.trigger_words" in header:
         meta["ss_tag_frequency"] = json.dumps({"trigger": {w: 1 for w in json.loads(header["stunning.trigger_words"])}})
     save_file(converted, str(tmp), metadata=meta)
+    canonicalize_safetensors(tmp)
     os.replace(tmp, dst)
     return dst

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stunning.io import atomic_dir, atomic_write_text
+from stunning.io import atomic_dir, atomic_write_text, canonicalize_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +104,7 @@ def quantize_denoiser(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quantization": scheme})
+        canonicalize_safetensors(tmp / WEIGHTS_FILE)
         atomic_write_text(tmp / QMAP_FILE, json.dumps(qmap, indent=2, sort_keys=True) + "\n")
         model.save_config(tmp)
         meta = {

@@ -373,7 +373,8 @@ def _version_tags(gate: dict[str, Any], metrics: dict[str, float], manifest: dic
     for check in gate.get("checks") or []:
         if not isinstance(check, dict) or not check.get("name"):
             continue
-        verdict = "pass" if check.get("passed") else "fail"
+        # pass | fail | not_measured (gate reports before verdicts existed: from `passed`)
+        verdict = check.get("verdict") or ("pass" if check.get("passed") else "fail")
         tags[f"check.{_tag_key(check['name'])}"] = (
             f"{_fmt(check.get('value'))}/{_fmt(check.get('threshold'))}/{verdict}"
         )
@@ -513,6 +514,7 @@ def register_candidate(
         "rolled_back_same_content": rolled_back,
         "run_id": run.info.run_id,
         "model_uri": f"models:/{name}/{version}",
+        "created": version_created(cfg, version, root),
         "base_bundled": manifest["base"] == "artifact",
         "styles": manifest["styles"],
         "blends": manifest["blends"],
@@ -571,6 +573,16 @@ def aliases(cfg: RegistryConfig, root: str | Path | None = None) -> dict[str, in
 def version_tags(cfg: RegistryConfig, version: int, root: str | Path | None = None) -> dict[str, str]:
     client = _existing_client(cfg, root)
     return dict(client.get_model_version(cfg.model_name, str(version)).tags)
+
+
+def version_created(cfg: RegistryConfig, version: int, root: str | Path | None = None) -> str:
+    """When `version` was registered (ISO 8601, UTC): a fixed fact of that version, so files
+    that record it stay byte-identical when they are rebuilt."""
+    from datetime import UTC, datetime
+
+    client = _existing_client(cfg, root)
+    ms = client.get_model_version(cfg.model_name, str(version)).creation_timestamp
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="seconds")
 
 
 def rollback(cfg: RegistryConfig, root: str | Path | None = None, reason: str = "manual rollback") -> dict[str, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from stunning.families import check_model_dir, get_family
+from stunning.io import canonicalize_safetensors
 
 EXPORTABLE = ("sd-unet", "sdxl", "sd3")
 
@@ -257,5 +258,6 @@ def export_single_file(folder: str | Path, dst: str | Path, family: str = "sd-un
     tmp = dst.with_name(dst.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"format": "pt", "stunning.family": family, "stunning.exported_from": str(folder)})
+    canonicalize_safetensors(tmp)
     os.replace(tmp, dst)
     return dst

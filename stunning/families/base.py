@@ -22,6 +22,8 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from stunning.io import canonicalize_safetensors
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -374,35 +376,6 @@ def canonical_lora_config(config: dict[str, Any]) -> dict[str, Any]:
             value = sorted(value, key=str)
         out[key] = value
     return out
-
-
-def canonicalize_safetensors(path: Path) -> None:
-    """Rewrite a safetensors file's JSON header with sorted keys (in place, atomically; the
-    tensor bytes are untouched).
-
-    `safetensors` keeps `__metadata__` in a hash map whose order changes from process to
-    process, so the same tensors and metadata would give different bytes (and DVC hashes).
-    """
-    import json
-    import os
-    import struct
-    from pathlib import Path
-
-    path = Path(path)
-    with path.open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-        data = fh.read()
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes; the data stays aligned
-    tmp = path.with_name(path.name + ".canon.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def json_dumps(value: object) -> str:
