@@ -100,7 +100,7 @@ def nightly_retrain():
     register_ran = False
     if changed:
         logger.info("stages out of date: %s", ", ".join(changed))
-        phases = full_pipeline()
+        phases = full_pipeline(changed)
         register_ran = any("register" in (p.get("ran") or []) for p in phases or [])
         path = root / "reports" / "registry.json"
         if register_ran and path.is_file():

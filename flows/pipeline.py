@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prefect import flow
 
-from flows.phases import PHASE_FLOWS
+from flows.phases import PHASE_FLOWS, PHASES
+
+
+def first_phase(out_of_date: Iterable[str]) -> int:
+    """Index of the first phase holding one of the `out_of_date` stages (`dvc status`); 0 if
+    none is known. The phases before it are up to date: `dvc status` lists every stage whose
+    own inputs changed, and the stages upstream of those did not."""
+    stale = set(out_of_date)
+    for i, stages in enumerate(PHASES.values()):
+        if stale & set(stages):
+            return i
+    return 0
 
 
 @flow(name="stunning-pipeline", log_prints=True)
-def full_pipeline() -> list[dict]:
-    """Run every phase; DVC skips the stages whose inputs did not change."""
-    return [phase_flow() for phase_flow in PHASE_FLOWS]
+def full_pipeline(out_of_date: list[str] | None = None) -> list[dict]:
+    """Run every phase, or, given the stages `dvc status` found out of date, every phase from
+    the first that holds one of them (each phase is a `dvc repro` process: the nightly run
+    after a budget change starts at validation, not at research). DVC skips the stages whose
+    inputs did not change."""
+    start = first_phase(out_of_date) if out_of_date else 0
+    return [phase_flow() for phase_flow in PHASE_FLOWS[start:]]
 
 
 if __name__ == "__main__":

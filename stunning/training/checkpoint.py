@@ -183,7 +183,10 @@ class CheckpointStore:
         return removed
 
     def load(self, path: Path) -> Checkpoint:
+        from stunning.checks import check_checkpoint
+
         path = Path(path)
+        check_checkpoint(path)  # headers, byte ranges, finite LoRA weights: a CheckpointError (ValueError) names the fault
         missing = [f for f in _FILES if not (path / f).is_file()]
         if missing:
             raise ValueError(f"{path}: incomplete checkpoint (missing {missing})")

@@ -33,24 +33,13 @@ def test_nightly_with_nothing_changed_does_nothing(prefect_harness, in_clone):
     assert outcome["outcome"] == "nothing-to-do"
 
 
-def test_nightly_blocks_a_regressing_candidate_and_keeps_champion(prefect_harness, in_clone):
-    from flows.nightly import nightly_retrain
+def test_the_pipeline_starts_at_the_first_phase_with_an_out_of_date_stage():
+    from flows.phases import PHASES
+    from flows.pipeline import first_phase
 
-    before = json.loads((in_clone / "reports/registry.json").read_text())
-    params_path = in_clone / "params.yaml"
-    original = params_path.read_text()
-    try:
-        params = yaml.safe_load(original)
-        params["budgets"]["max_latency_s"] = 1e-6  # no candidate can meet this budget
-        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        outcome = nightly_retrain()
-    finally:
-        params_path.write_text(original)
-    assert outcome["outcome"] == "blocked"
-    assert any("latency" in r for r in outcome["reasons"]), outcome
-    after = json.loads((in_clone / "reports/registry.json").read_text())
-    assert after["promoted"] is False
-    assert after["champion_version"] == before["champion_version"]
+    assert list(PHASES)[first_phase(["validate"])] == "validation"
+    assert first_phase(["docs", "train"]) == 4  # the earliest wins
+    assert first_phase(["ingest"]) == 2 and first_phase([]) == 0 and first_phase(["unknown"]) == 0
 
 
 def test_nightly_outcome_is_tonights_only():
@@ -113,3 +102,23 @@ def test_a_new_champion_reruns_validate(in_clone):
         run_in(in_clone, sys.executable, "-m", "stunning.cli", "rollback", "--reason", "test")
         run_in(in_clone, sys.executable, "-m", "dvc", "repro", "--single-item", "champion")
     assert record.read_bytes() == before
+
+
+def test_nightly_blocks_a_regressing_candidate_and_keeps_champion(prefect_harness, in_clone):
+    from flows.nightly import nightly_retrain
+
+    before = json.loads((in_clone / "reports/registry.json").read_text())
+    params_path = in_clone / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["budgets"]["max_latency_s"] = 1e-6  # no candidate can meet this budget
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        outcome = nightly_retrain()
+    finally:
+        params_path.write_text(original)
+    assert outcome["outcome"] == "blocked"
+    assert any("latency" in r for r in outcome["reasons"]), outcome
+    after = json.loads((in_clone / "reports/registry.json").read_text())
+    assert after["promoted"] is False
+    assert after["champion_version"] == before["champion_version"]
