@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the tests that share one reproduced clone must run on the same worker: they form one work
 # unit here, by path (xdist's `xdist_group` mark rewrites a node attribute that pytest 9 no
 # longer reads, so it groups nothing). The clones come first in the collection, so each
-# starts at once on its own worker while the other tests fill in beside them.
+# starts at once on its own worker while the other tests fill in beside them, slow ones first.
 CLONE_GROUPS = {
     "tests/e2e/test_quality.py": "default-dag",
     "tests/e2e/test_dag.py": "tiny-dag",
@@ -49,9 +49,20 @@ def _clone_group(nodeid: str) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Clone groups first, then the modules holding `slow` tests, then the rest, each module's
+    tests kept together and in file order (module fixtures are built once): long work starts
+    early, so the two workers finish together instead of one waiting on the other."""
     order = list(dict.fromkeys(CLONE_GROUPS.values()))
     rank = {group: i for i, group in enumerate(order)}
-    items.sort(key=lambda item: rank.get(_clone_group(item.nodeid), len(order)))  # stable: the rest keep their order
+    slow_modules = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+
+    def key(item) -> tuple[int, int]:
+        group = rank.get(_clone_group(item.nodeid))
+        if group is not None:
+            return (0, group)
+        return (1, 0) if item.nodeid.split("::")[0] in slow_modules else (2, 0)
+
+    items.sort(key=key)  # stable: equal keys keep their order
 
 
 if importlib.util.find_spec("xdist") is not None:
@@ -60,10 +71,11 @@ if importlib.util.find_spec("xdist") is not None:
         from xdist.scheduler import LoadScopeScheduling
 
         class CloneGroupScheduling(LoadScopeScheduling):
-            """One work unit per clone group; every other test is a unit of its own."""
+            """One work unit per clone group, and one per test module (its module fixtures are
+            built once, on one worker)."""
 
             def _split_scope(self, nodeid: str) -> str:
-                return _clone_group(nodeid) or nodeid
+                return _clone_group(nodeid) or nodeid.split("::")[0]
 
         config.option.loadscopereorder = False  # keep the collection order above
         return CloneGroupScheduling(config, log)
