@@ -71,11 +71,11 @@ if importlib.util.find_spec("xdist") is not None:
         from xdist.scheduler import LoadScopeScheduling
 
         class CloneGroupScheduling(LoadScopeScheduling):
-            """One work unit per clone group, and one per test module (its module fixtures are
-            built once, on one worker)."""
+            """One work unit per clone group; every other test is a unit of its own (whole
+            modules as units measured 23 s slower: the workers finish further apart)."""
 
             def _split_scope(self, nodeid: str) -> str:
-                return _clone_group(nodeid) or nodeid.split("::")[0]
+                return _clone_group(nodeid) or nodeid
 
         config.option.loadscopereorder = False  # keep the collection order above
         return CloneGroupScheduling(config, log)
