@@ -38,7 +38,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from stunning.config import RegistryConfig
-from stunning.mlflow_store import TrackingStoreError
+from stunning.mlflow_store import TrackingStoreError, sqlite_path
 from stunning.style_model import LORA_FILE, MANIFEST_NAME, GenerateRequest, StyleModel
 from stunning.tracking import configure_mlflow
 
@@ -122,18 +122,8 @@ class StunningStyleModel(mlflow.pyfunc.PythonModel):
 # --------------------------------------------------------------------------- helpers
 
 
-def _sqlite_file(cfg: RegistryConfig, root: str | Path | None) -> Path | None:
-    """The SQLite file of `cfg.tracking_uri` (relative to `root`), or None for other stores."""
-    uri = cfg.tracking_uri
-    if not uri.startswith("sqlite:///"):
-        return None
-    if uri.startswith("sqlite:////"):
-        return Path(uri.removeprefix("sqlite:///"))
-    return Path(root or Path.cwd()).resolve() / uri.removeprefix("sqlite:///")
-
-
 def _store_exists(cfg: RegistryConfig, root: str | Path | None) -> bool:
-    db = _sqlite_file(cfg, root)
+    db = sqlite_path(cfg, root)
     return db is None or db.is_file()
 
 
@@ -148,7 +138,7 @@ def _client(cfg: RegistryConfig, root: str | Path | None) -> MlflowClient:
 def _existing_client(cfg: RegistryConfig, root: str | Path | None) -> MlflowClient:
     """A client for a store that already exists; never creates an empty database."""
     if not _store_exists(cfg, root):
-        raise NoChampionError(f"no MLflow registry at {_sqlite_file(cfg, root)} yet.")
+        raise NoChampionError(f"no MLflow registry at {sqlite_path(cfg, root)} yet.")
     return _client(cfg, root)
 
 
@@ -514,7 +504,7 @@ def register_candidate(
         "rolled_back_same_content": rolled_back,
         "run_id": run.info.run_id,
         "model_uri": f"models:/{name}/{version}",
-        "created": version_created(cfg, version, root),
+        "created": _created(client, name, version),
         "base_bundled": manifest["base"] == "artifact",
         "styles": manifest["styles"],
         "blends": manifest["blends"],
@@ -578,10 +568,13 @@ def version_tags(cfg: RegistryConfig, version: int, root: str | Path | None = No
 def version_created(cfg: RegistryConfig, version: int, root: str | Path | None = None) -> str:
     """When `version` was registered (ISO 8601, UTC): a fixed fact of that version, so files
     that record it stay byte-identical when they are rebuilt."""
+    return _created(_existing_client(cfg, root), cfg.model_name, version)
+
+
+def _created(client: MlflowClient, name: str, version: int) -> str:
     from datetime import UTC, datetime
 
-    client = _existing_client(cfg, root)
-    ms = client.get_model_version(cfg.model_name, str(version)).creation_timestamp
+    ms = client.get_model_version(name, str(version)).creation_timestamp
     return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="seconds")
 
 

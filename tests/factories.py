@@ -278,6 +278,31 @@ def random_lora(
     return path
 
 
+# Captured `pmset -g therm` outputs (an Intel MacBook Pro, nominal and throttled; an Apple
+# Silicon Mac, which reports no CPU power status), for the device probe and the thermal guard.
+PMSET_NOMINAL = """\
+Note: No thermal warning level has been recorded
+Note: No performance warning level has been recorded
+2024-03-02 09:14:51 +0100 CPU Power notify
+\tCPU_Scheduler_Limit \t= 100
+\tCPU_Available_CPUs \t= 12
+\tCPU_Speed_Limit \t= 100
+"""
+PMSET_APPLE_SILICON = """\
+Note: No thermal warning level has been recorded
+Note: No performance warning level has been recorded
+Note: No CPU power status has been recorded
+"""
+PMSET_THROTTLED = """\
+Thermal Warning Level = 2
+Note: No performance warning level has been recorded
+2020-11-24 13:10:40 +0100 CPU Power notify
+\tCPU_Scheduler_Limit \t= 100
+\tCPU_Available_CPUs \t= 8
+\tCPU_Speed_Limit \t= 35
+"""
+
+
 # --------------------------------------------------------------------------- project clones
 
 

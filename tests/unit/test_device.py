@@ -13,33 +13,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stunning import device as dev  # noqa: E402
-
-# Captured `pmset -g therm` outputs.
-PMSET_INTEL_NOMINAL = """\
-Note: No thermal warning level has been recorded
-Note: No performance warning level has been recorded
-2024-03-02 09:14:51 +0100 CPU Power notify
-\tCPU_Scheduler_Limit \t= 100
-\tCPU_Available_CPUs \t= 12
-\tCPU_Speed_Limit \t= 100
-"""
-PMSET_APPLE_SILICON = """\
-Note: No thermal warning level has been recorded
-Note: No performance warning level has been recorded
-Note: No CPU power status has been recorded
-"""
-PMSET_THROTTLED = """\
-Thermal Warning Level = 2
-Note: No performance warning level has been recorded
-2020-11-24 13:10:40 +0100 CPU Power notify
-\tCPU_Scheduler_Limit \t= 100
-\tCPU_Available_CPUs \t= 8
-\tCPU_Speed_Limit \t= 35
-"""
+from tests.factories import PMSET_APPLE_SILICON, PMSET_NOMINAL, PMSET_THROTTLED  # noqa: E402
 
 
 def test_pmset_nominal_intel():
-    t = dev.parse_pmset_therm(PMSET_INTEL_NOMINAL)
+    t = dev.parse_pmset_therm(PMSET_NOMINAL)
     assert t["state"] == "nominal"
     assert t["cpu_speed_limit_pct"] == 100
     assert t["cpu_available_cpus"] == 12
@@ -60,7 +38,7 @@ def test_pmset_throttled():
 
 
 def test_pmset_speed_limit_alone_means_throttled():
-    text = PMSET_INTEL_NOMINAL.replace("CPU_Speed_Limit \t= 100", "CPU_Speed_Limit \t= 58")
+    text = PMSET_NOMINAL.replace("CPU_Speed_Limit \t= 100", "CPU_Speed_Limit \t= 58")
     assert dev.parse_pmset_therm(text)["state"] == "throttled"
 
 

@@ -10,29 +10,8 @@ import pytest
 
 from stunning.device import parse_linux_thermal, parse_pmset_therm
 from stunning.training.thermal import ThermalGuard, describe, is_throttling
+from tests.factories import PMSET_APPLE_SILICON, PMSET_NOMINAL, PMSET_THROTTLED
 
-# Captured `pmset -g therm` outputs (an Intel MacBook Pro, nominal and throttled).
-PMSET_NOMINAL = """\
-Note: No thermal warning level has been recorded
-Note: No performance warning level has been recorded
-2024-03-02 09:14:51 +0100 CPU Power notify
-\tCPU_Scheduler_Limit \t= 100
-\tCPU_Available_CPUs \t= 12
-\tCPU_Speed_Limit \t= 100
-"""
-PMSET_THROTTLED = """\
-Thermal Warning Level = 2
-Note: No performance warning level has been recorded
-2020-11-24 13:10:40 +0100 CPU Power notify
-\tCPU_Scheduler_Limit \t= 100
-\tCPU_Available_CPUs \t= 8
-\tCPU_Speed_Limit \t= 35
-"""
-PMSET_APPLE_SILICON = """\
-Note: No thermal warning level has been recorded
-Note: No performance warning level has been recorded
-Note: No CPU power status has been recorded
-"""
 NOMINAL = parse_pmset_therm(PMSET_NOMINAL)
 THROTTLED = parse_pmset_therm(PMSET_THROTTLED)
 
