@@ -20,6 +20,7 @@ This module imports neither torch nor diffusers at import time (stages import
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stunning.io import canonicalize_safetensors
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what `save_lora` writes and stock `load_lora_weights` reads
 PROJECT_FILE = "stunning.json"  # optional per-model settings written by this project
 METADATA_PREFIX = "stunning."
+
+# on_step(step, total_steps, latents): called by `Family.generate` after each sampling step.
+StepCallback = Callable[[int, int, "torch.Tensor"], None]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -230,8 +234,52 @@ class Family(abc.ABC):
         seeds: list[int],
         steps: int,
         guidance_scale: float,
+        *,
+        negative_prompts: list[str] | None = None,
+        on_step: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """One PIL image per (prompt, seed) at :meth:`resolution`, seeded per image (reproducible)."""
+        """One PIL image per (prompt, seed) at :meth:`resolution`, seeded per image (reproducible).
+
+        `negative_prompts` (one per prompt; None or "" is the empty negative prompt, which is what
+        classifier-free guidance uses anyway, so None and [""] draw the same pixels) steer away
+        from what they describe. `on_step(step, total, latents)` is called after every sampling
+        step with the current latents in the family's image layout `(batch, channels, h, w)`
+        (see :meth:`step_kwargs`); it may raise to cancel the generation (the exception
+        propagates out of this call, no image is returned).
+        """
+
+    def step_kwargs(self, pipe: DiffusionPipeline, on_step: StepCallback | None, steps: int) -> dict[str, Any]:
+        """The diffusers `callback_on_step_end` arguments that call `on_step` after each step.
+
+        Families whose pipelines keep latents in another layout (FLUX packs 2x2 patches)
+        override :meth:`preview_latents` to hand `on_step` the unpacked `(b, c, h, w)` form.
+        """
+        if on_step is None:
+            return {}
+
+        def callback(pipeline, step_index, timestep, callback_kwargs):
+            on_step(int(step_index) + 1, int(steps), self.preview_latents(pipe, callback_kwargs["latents"]))
+            return {}
+
+        return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+    def preview_latents(self, pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's in-loop latents as `(batch, channels, h, w)` (the VAE latent layout)."""
+        return latents
+
+
+def negatives_for(negative_prompts: list[str] | None, prompts: list[str]) -> list[str] | None:
+    """One negative prompt per prompt, or None when all are empty.
+
+    None lets each pipeline use its own unconditional input (SDXL zeroes it rather than
+    encoding ""), so an empty negative prompt draws exactly what no negative prompt draws.
+    """
+    if negative_prompts is None:
+        return None
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: give one per prompt")
+    negatives = [str(n or "") for n in negative_prompts]
+    return negatives if any(negatives) else None
 
 
 # --------------------------------------------------------------------------- model folders

@@ -44,6 +44,7 @@ from stunning.families.base import (
     ModelNotFoundError,
     check_model_dir,
     model_settings,
+    negatives_for,
     sample_posterior,
 )
 
@@ -266,24 +267,39 @@ class FluxFamily(Family):
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
 
     @torch.no_grad()
-    def generate(self, pipe, prompts, seeds, steps, guidance_scale):
+    def preview_latents(self, pipe, latents):
+        """The pipeline's packed 2x2-patch latents unpacked to `(b, c, h, w)` at the model's size."""
+        side = self.resolution(pipe) // pipe.vae_scale_factor
+        return unpack_latents(latents, side, side)
+
+    def generate(self, pipe, prompts, seeds, steps, guidance_scale, *, negative_prompts=None, on_step=None):
         """One image per (prompt, seed), seeded per image so results are reproducible.
 
         `guidance_scale` feeds the guidance embedding of guidance-distilled models (FLUX.1-dev);
-        models without one ignore it, as the stock pipeline does. A stochastic sampler
+        models without one ignore it, as the stock pipeline does. A non-empty negative prompt
+        turns on the stock pipeline's true classifier-free guidance at `guidance_scale` (two
+        transformer passes per step). A stochastic sampler
         (euler-ancestral) draws its step noise from the global RNG, which `FluxPipeline` gives no
         generator for: each image is then sampled alone with that RNG forked and seeded.
         """
         res = self.resolution(pipe)
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=res, width=res,
-                      output_type="pil", max_sequence_length=self.t5_tokens(pipe))
+                      output_type="pil", max_sequence_length=self.t5_tokens(pipe),
+                      **self.step_kwargs(pipe, on_step, steps))
+        negatives = negatives_for(negative_prompts, prompts)
+        if negatives is not None and any(negatives):
+            kwargs["true_cfg_scale"] = max(float(guidance_scale), 1.0)
         if not pipe.scheduler.config.get("stochastic_sampling", False):
             gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            if negatives is not None and any(negatives):
+                kwargs["negative_prompt"] = negatives
             return list(pipe(list(prompts), generator=gens, **kwargs).images)
         dev = pipe.transformer.device
         fork = {"devices": [dev], "device_type": dev.type} if dev.type in ("cuda", "mps") else {"devices": []}
         images = []
-        for prompt, seed in zip(prompts, seeds, strict=True):
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+            if negatives is not None and any(negatives):
+                kwargs["negative_prompt"] = [negatives[i]]
             with torch.random.fork_rng(**fork):
                 torch.manual_seed(int(seed))
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -35,6 +35,7 @@ from stunning.families.base import (
     absent_components,
     check_model_dir,
     model_settings,
+    negatives_for,
     sample_posterior,
 )
 
@@ -162,7 +163,8 @@ class SD3Family(Family):
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
 
     @torch.no_grad()
-    def generate(self, pipe, prompts, seeds, steps, guidance_scale, tiled_vae: bool = False):
+    def generate(self, pipe, prompts, seeds, steps, guidance_scale, tiled_vae: bool = False, *,
+                 negative_prompts=None, on_step=None):
         """One image per (prompt, seed), seeded per image so results are reproducible."""
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         res = self.resolution(pipe)
@@ -172,6 +174,8 @@ class SD3Family(Family):
             out = pipe(
                 list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
                 height=res, width=res, output_type="pil", max_sequence_length=self.t5_tokens(pipe),
+                negative_prompt=negatives_for(negative_prompts, prompts),
+                **self.step_kwargs(pipe, on_step, steps),
             )
         finally:
             if tiled_vae:

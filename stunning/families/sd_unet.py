@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stunning.families.base import Family, ModelNotFoundError, sample_posterior  # noqa: F401
+from stunning.families.base import Family, ModelNotFoundError, negatives_for, sample_posterior  # noqa: F401
 from stunning.families.base import check_model_dir as _check
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class SDUNetFamily(Family):
         return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
-    def generate(self, pipe, prompts, seeds, steps, guidance_scale):
+    def generate(self, pipe, prompts, seeds, steps, guidance_scale, *, negative_prompts=None, on_step=None):
         """One image per (prompt, seed), seeded per image so results are reproducible."""
         device = pipe.unet.device
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -113,6 +113,8 @@ class SDUNetFamily(Family):
             height=res,
             width=res,
             output_type="pil",
+            negative_prompt=negatives_for(negative_prompts, prompts),
+            **self.step_kwargs(pipe, on_step, steps),
         )
         log.debug("generated %d images on %s", len(out.images), device)
         return list(out.images)

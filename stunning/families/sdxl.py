@@ -42,6 +42,7 @@ from stunning.families.base import (
     Family,
     ModelNotFoundError,
     check_model_dir,
+    negatives_for,
     sample_posterior,
 )
 
@@ -192,7 +193,7 @@ class SDXLFamily(Family):
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
 
     @torch.no_grad()
-    def generate(self, pipe, prompts, seeds, steps, guidance_scale):
+    def generate(self, pipe, prompts, seeds, steps, guidance_scale, *, negative_prompts=None, on_step=None):
         """One image per (prompt, seed), seeded per image so results are reproducible.
 
         The stock pipeline denoises; :func:`decode` turns its latents into images (see the
@@ -203,6 +204,7 @@ class SDXLFamily(Family):
         latents = pipe(
             list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
             height=res, width=res, output_type="latent",
+            negative_prompt=negatives_for(negative_prompts, prompts), **self.step_kwargs(pipe, on_step, steps),
         ).images
         return decode(pipe, latents)
 
