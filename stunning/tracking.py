@@ -57,6 +57,12 @@ class NullTracker:
         pass
 
 
+# `mlflow ui` opens an experiment in its GenAI overview unless this tag says it holds model
+# training runs; with it, the UI shows the runs table, metrics and the model registry.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
     """Point MLflow at the SQLite store and artifact root of `cfg`; return the experiment id.
 
@@ -79,7 +85,11 @@ def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
     def experiment() -> str:
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is None:
-            return mlflow.create_experiment(cfg.experiment, artifact_location=artifacts.as_uri())
+            return mlflow.create_experiment(
+                cfg.experiment, artifact_location=artifacts.as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # a store made before the tag existed
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
 
     exp_id = with_lock_retries(sqlite_path(cfg, root) or Path(uri), experiment)

@@ -252,3 +252,20 @@ def test_copied_project_uses_only_its_own_store(project, tmp_path):
     assert _tree_hashes(original) == before
     version, model_dir = resolve(CFG, root=original)
     assert model_dir.resolve().is_relative_to(original.resolve())
+
+
+# --- the UI view ------------------------------------------------------------------------
+
+
+def test_experiment_opens_in_the_model_training_view(project, tmp_path):
+    """`mlflow ui` shows the runs table (not the GenAI overview) for the project's experiment,
+    also in a store made before the tag existed (the tag is added on the next open)."""
+    import mlflow
+
+    from stunning.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure_mlflow
+
+    db = _db_copy(project, tmp_path)
+    with sqlite3.connect(db) as con:  # an older store: the experiment without the tag
+        con.execute("DELETE FROM experiment_tags WHERE key = ?", (EXPERIMENT_KIND_TAG,))
+    exp_id = configure_mlflow(CFG, tmp_path)
+    assert mlflow.MlflowClient().get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
