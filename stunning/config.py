@@ -245,6 +245,9 @@ class ValidateConfig(_Section):
     # this many of) each style's reference captions, one image each, and are compared with
     # those references, so the distance measures style and not which scenes were drawn.
     style_set_size: int = Field(32, ge=1)
+    # Optional CLIP text-image and image-image style scores (stunning/clip_scores.py): a CLIP
+    # model id already in the local Hugging Face cache, or a local folder; None: not measured.
+    clip_model: str | None = None
 
     @field_validator("adapter_prompt")
     @classmethod
@@ -288,6 +291,8 @@ class BudgetsConfig(_Section):
             "latency_s": 0.05,
             "quantized_size_ratio": 0.01,
             "quantization_mse": 0.0001,
+            "clip_style_gain": 0.01,
+            "clip_adherence_drop": 0.01,
         }
     )
     noise_floor_relative: dict[str, float] = Field(

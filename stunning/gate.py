@@ -202,6 +202,29 @@ def _adherence_drop(v: Mapping[str, Any], merge: Mapping[str, Any] | None) -> li
     return out
 
 
+def _clip(key: str, what: str) -> Measure:
+    """A per-style CLIP score from ``validation["clip"]`` (optional: ``validate.clip_model``)."""
+
+    def measure(v: Mapping[str, Any], merge: Mapping[str, Any] | None) -> list[Measurement]:
+        clip = v.get("clip")
+        name = f"clip_{key}"
+        if not isinstance(clip, Mapping) or not clip.get("measured"):
+            why = clip.get("reason") if isinstance(clip, Mapping) and clip.get("reason") else "no CLIP scores reported"
+            return [Measurement(name, None, reason=f"not measured: {why}")]
+        out = []
+        for style in sorted(v.get("style_gain", {})):
+            entry = clip.get("styles", {}).get(style)
+            value = _num(entry.get(key)) if isinstance(entry, Mapping) else None
+            if not isinstance(entry, Mapping):
+                out.append(Measurement(f"{name}/{style}", None, reason=f"no CLIP scores for adapter {style!r}"))
+            else:
+                out.append(Measurement(f"{name}/{style}", math.nan if value is None else value,
+                                       f"{what} ({clip.get('model')})"))
+        return out
+
+    return measure
+
+
 def _worst_variant(key: str, what: str) -> Measure:
     """The worst variant counts (any of them may be served)."""
 
@@ -264,6 +287,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("style_gain", HIGHER, "min_style_gain", _style_gain),
     Metric("eval_loss", LOWER, None, _eval_loss),
     Metric("adherence_drop", LOWER, "max_adherence_drop", _adherence_drop),
+    Metric("clip_style_gain", HIGHER, None, _clip("style_gain", "CLIP image-image similarity to the style's references, adapter minus base")),
+    Metric("clip_adherence_drop", LOWER, None, _clip("adherence_drop", "CLIP text-image similarity, base minus adapter")),
     Metric("peak_memory_mb", LOWER, "max_peak_memory_mb", _worst_variant("peak_memory_mb", "worst variant")),
     Metric("latency_s", LOWER, "max_latency_s", _worst_variant("latency_s", "mean seconds per image; worst variant")),
     Metric("quantized_size_ratio", LOWER, "max_quantized_size_ratio", _from_merge("size_ratio", "quantized_size_ratio", _size_detail)),

@@ -229,3 +229,29 @@ def build_tiny(out_dir: str | Path, family: str = "sd3", seed: int = 0) -> Path:
         raise ValueError(f"no tiny build for family {family!r}; families with one: {families()}")
     builder, settings = BUILDERS[family]
     return save_model(builder(seed), out_dir, settings)
+
+
+# --------------------------------------------------------------------------- CLIP scorer
+
+
+def build_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a randomly initialised tiny `CLIPModel` + `CLIPProcessor` to `out_dir`.
+
+    The classes, files and processor are those of a real CLIP checkpoint (what
+    ``validate.clip_model`` loads), over the embedded tokenizer; its scores mean nothing,
+    which is what tests of the scoring path need.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = load_tokenizer()
+    text = clip_config(len(tok), hidden=32, layers=2, heads=2)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": image_size, "patch_size": 8, "projection_dim": 32}
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
+    return out

@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from stunning import metrics
+from stunning.clip_scores import clip_report
 from stunning.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class ValidationResult:
     style_set_images: dict[str, int] = field(default_factory=dict)
     # Per style: held-out denoising loss of base / adapter / champion (see the module doc).
     eval_loss: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Optional CLIP scores (stunning/clip_scores.py): {"measured": bool, "model", "styles"|"reason"}.
+    clip: dict[str, Any] = field(default_factory=lambda: {"measured": False, "reason": "not computed"})
 
     def to_dict(self) -> dict[str, Any]:
         """The ``reports/validation.json`` body (numbers only, so `dvc metrics` can diff it)."""
@@ -138,6 +141,7 @@ class ValidationResult:
             "style_residual": {s: {k: round(x, 6) for k, x in d.items()} for s, d in self.style_residual.items()},
             "style_set_images": dict(self.style_set_images),
             "eval_loss": {s: dict(d) for s, d in self.eval_loss.items()},
+            "clip": dict(self.clip),
             "images_per_variant": len(self.prompts) * len(self.seeds),
             "seconds": round(self.seconds, 2),
         }
@@ -370,6 +374,13 @@ def validate(
             info["other_distance"] = float(np.mean(others))
         adapters[style] = info
 
+    say("clip scores" if cfg.clip_model else "clip scores: off")
+    clip = clip_report(cfg.clip_model, {
+        style: {"base_images": st.base_images, "adapter_images": st.adapter_images,
+                "base_prompts": st.base_prompts, "references": [Image.open(p).convert("RGB") for p in st.references]}
+        for style, st in sets.items()
+    } if cfg.clip_model else {})
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         for v in variants.values():
@@ -401,6 +412,7 @@ def validate(
         style_residual=residual,
         style_set_images={s: len(st.references) for s, st in sets.items()},
         eval_loss=losses,
+        clip=clip,
     )
 
 

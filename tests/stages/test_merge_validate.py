@@ -204,3 +204,52 @@ def test_validate_reads_the_champion_record_and_obeys_gate_modes(project, tiny_b
         e = body["eval_loss"][style]
         assert e["measured"] and e["gain"] == pytest.approx(1 - e["adapter"] / e["base"], abs=1e-6)
         assert gate["candidate"]["metrics"][f"eval_gain/{style}"] == pytest.approx(e["gain"])
+
+
+def _cache_clip(cache: Path, repo_id: str) -> Path:
+    """A tiny random CLIP model placed in a Hugging Face hub cache as `repo_id` (offline)."""
+    from stunning.tiny import build_clip
+
+    revision = "0" * 40
+    model = cache / f"models--{repo_id.replace('/', '--')}"
+    build_clip(model / "snapshots" / revision)
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text(revision)
+    return model
+
+
+def test_validate_reports_clip_scores_from_the_local_hub_cache(project, tiny_base, tmp_path, monkeypatch):
+    """validate.clip_model: a CLIP model found in the local HF cache scores every adapter, the
+    report names it and the gate checks the scores; a model that is not cached is reported as
+    not measured (with the command that fetches it) and validation still completes."""
+    import huggingface_hub.constants as hub
+    import yaml
+
+    from stages import validate
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cache_clip(tmp_path / "hub", "tiny/clip")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for tag, name in (("clip", "tiny/clip"), ("clip-missing", "absent/clip")):
+        params["validate"]["clip_model"] = name
+        (project / f"{tag}.yaml").write_text(yaml.safe_dump(params))
+        args = validate_args(project, tiny_base, tag)
+        args[1] = str(project / f"{tag}.yaml")
+        validate.main(args)
+    body = json.loads((project / "clip" / "validation.json").read_text())
+    clip = body["clip"]
+    assert clip["measured"] and clip["model"] == "tiny/clip" and "snapshots" in clip["source"]
+    for style in STYLES:
+        s = clip["styles"][style]
+        for key in ("text_image_base", "text_image_adapter", "style_image_base", "style_image_adapter"):
+            assert -1.0 <= s[key] <= 1.0
+        assert s["style_gain"] == pytest.approx(s["style_image_adapter"] - s["style_image_base"], abs=2e-6)
+        assert s["adherence_drop"] == pytest.approx(s["text_image_base"] - s["text_image_adapter"], abs=2e-6)
+    assert s["style_image_adapter"] != s["style_image_base"]  # the adapter's images embed differently
+    gate = json.loads((project / "clip" / "gate.json").read_text())
+    check = next(c for c in gate["checks"] if c["name"] == "clip_style_gain/noir")
+    assert check["verdict"] == "pass" and "tiny/clip" in check["detail"]
+    missing = json.loads((project / "clip-missing" / "validation.json").read_text())["clip"]
+    assert not missing["measured"] and "hf download absent/clip" in missing["reason"]
+    gate = json.loads((project / "clip-missing" / "gate.json").read_text())
+    assert "clip_style_gain" in {x["name"] for x in gate["not_evaluated"]}

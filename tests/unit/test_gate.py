@@ -161,6 +161,10 @@ def full(good) -> dict:
     good["eval_loss"] = {"noir": {"base": 0.30, "adapter": 0.20}, "impressionist": {"base": 0.32, "adapter": 0.25}}
     good["readable_attributes"] = {"noir": ["garment"], "impressionist": ["colour", "garment"]}
     good["adherence_drop"] = {"noir": 0.0, "impressionist": 0.02}
+    good["clip"] = {"measured": True, "model": "tiny-clip", "styles": {
+        "noir": {"style_gain": 0.05, "adherence_drop": 0.01},
+        "impressionist": {"style_gain": 0.03, "adherence_drop": 0.0},
+    }}
     return good
 
 
@@ -175,6 +179,9 @@ def _set(metric: str, validation: dict, merge: dict, value: float) -> str:
     if metric == "adherence_drop":
         validation["adherence_drop"]["noir"] = value
         return "adherence_drop/noir"
+    if metric.startswith("clip_"):
+        validation["clip"]["styles"]["noir"][metric.removeprefix("clip_")] = value
+        return f"{metric}/noir"
     if metric in ("peak_memory_mb", "latency_s"):
         validation["variants"]["fused"][metric] = value
         return metric
@@ -196,10 +203,11 @@ ABSOLUTE = [
 def test_the_table_covers_every_metric_once():
     assert len(set(METRIC_NAMES)) == len(METRICS)
     assert {name for name, *_ in ABSOLUTE} == {m.name for m in METRICS if m.budget}
-    assert {m.name for m in METRICS if m.budget is None} == {"eval_loss"}  # compared with the champion only
+    # compared with the champion only
+    assert {m.name for m in METRICS if m.budget is None} == {"eval_loss", "clip_style_gain", "clip_adherence_drop"}
     assert set(BudgetsConfig().noise_floor) == set(METRIC_NAMES)  # every metric has a noise floor
     lower = {m.name for m in METRICS if not m.higher_is_better}
-    assert lower == set(METRIC_NAMES) - {"style_gain"}
+    assert lower == set(METRIC_NAMES) - {"style_gain", "clip_style_gain"}
 
 
 @pytest.mark.parametrize(("metric", "ok", "bad"), ABSOLUTE, ids=[a[0] for a in ABSOLUTE])
@@ -288,7 +296,7 @@ def test_not_measured_is_its_own_verdict_listed_with_its_reason(good):
     rep = evaluate(good, MERGE, BUDGETS)  # free-form prompts, no eval loss, no champion
     d = rep.to_dict()
     listed = {x["name"]: x for x in d["not_evaluated"]}
-    assert set(listed) == {"adherence_drop", "eval_loss", "vs_champion"}
+    assert set(listed) == {"adherence_drop", "eval_loss", "clip_style_gain", "clip_adherence_drop", "vs_champion"}
     assert all(x["required"] is False for x in listed.values()) and rep.passed
     assert "grammar" in listed["adherence_drop"]["reason"] and "eval_loss" in listed["eval_loss"]["reason"]
     for name in listed:
@@ -456,9 +464,30 @@ def test_shipped_budgets_promote_the_measured_default_run_and_its_rerun(good):
     good["adherence_drop"] = {"impressionist": 0.05}
     first = evaluate(good, MERGE, shipped)
     assert first.passed, first.reasons
-    assert {x["name"] for x in first.not_evaluated} == {"adherence_drop/noir", "eval_loss", "vs_champion"}
+    assert {x["name"] for x in first.not_evaluated} == {
+        "adherence_drop/noir", "eval_loss", "clip_style_gain", "clip_adherence_drop", "vs_champion"}
     good["variants"]["fused"]["latency_s"] = 0.24  # 20 % slower on a busy machine
     good["variants"]["fused"]["peak_memory_mb"] = 640.0
     good["style_gain"]["noir"] = 0.59
     rerun = evaluate(good, MERGE, shipped, champion=first.metrics)
     assert rerun.passed, rerun.reasons
+
+
+def test_clip_scores_are_optional_and_named(full):
+    """Without validate.clip_model the CLIP metrics are listed as not evaluated (never a pass,
+    never blocking unless required); measured, they are per style and name the model."""
+    good = copy.deepcopy(full)
+    good["clip"] = {"measured": False, "reason": "validate.clip_model is not set"}
+    rep = evaluate(good, MERGE, BUDGETS)
+    assert rep.passed
+    assert rep.check("clip_style_gain").verdict == "not_measured"
+    assert "validate.clip_model is not set" in rep.check("clip_style_gain").detail
+    assert {x["name"] for x in rep.to_dict()["not_evaluated"]} >= {"clip_style_gain", "clip_adherence_drop"}
+    required = BUDGETS.model_copy(update={"required": [*BUDGETS.required, "clip_style_gain"]})
+    rep = evaluate(good, MERGE, required)
+    assert not rep.passed and any(r.startswith("clip_style_gain") for r in rep.reasons)
+    rep = evaluate(full, MERGE, required)
+    assert rep.passed, rep.reasons
+    c = rep.check("clip_style_gain/noir")
+    assert (c.value, c.verdict) == (0.05, "pass") and "tiny-clip" in c.detail
+    assert rep.metrics["clip_adherence_drop/impressionist"] == 0.0

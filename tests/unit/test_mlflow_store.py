@@ -122,11 +122,11 @@ def test_rollback_command_prints_the_recovery_without_a_traceback(project, tmp_p
 def test_serve_answers_503_with_the_recovery(project, tmp_path):
     from fastapi.testclient import TestClient
 
-    from stunning.serve import create_app
+    from stunning.serve import ServeSettings, create_app
 
     (tmp_path / "mlruns").mkdir()
     (tmp_path / DB).write_bytes(b"garbage" * 100)
-    with TestClient(create_app(None, CFG, root=tmp_path)) as client:
+    with TestClient(create_app(None, CFG, root=tmp_path, settings=ServeSettings(auth=False))) as client:
         response = client.post("/generate", json={"prompt": "a cat"})
     assert response.status_code == 503
     assert "move it aside" in response.text and "mlflow.db" in response.text
