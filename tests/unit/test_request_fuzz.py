@@ -38,7 +38,7 @@ class _Family:
     def resolution(self, pipe) -> int:
         return 8
 
-    def generate(self, pipe, prompts, seeds, steps, guidance_scale):
+    def generate(self, pipe, prompts, seeds, steps, guidance_scale, *, negative_prompts=None, on_step=None):
         assert math.isfinite(guidance_scale) and 1 <= steps <= 200  # what validation guarantees
         return [Image.new("RGB", (8, 8)) for _ in prompts]
 
@@ -59,7 +59,9 @@ def client(tmp_path_factory):
         mp.setattr(registry, "resolve", lambda *a, **k: (7, root))
         mp.setattr(registry, "model_artifacts", lambda model_dir: {})
         mp.setattr(serve.StyleModel, "load", staticmethod(fake_load))
-        with TestClient(serve.create_app(None, RegistryConfig(model_name="fuzz"), root=root)) as c:
+        # Validation is under test here, not keys or rate limits: both off.
+        settings = serve.ServeSettings(auth=False, rate_per_minute=0, poll_seconds=0)
+        with TestClient(serve.create_app(None, RegistryConfig(model_name="fuzz"), root=root, settings=settings)) as c:
             assert c.get("/health").json()["status"] == "ok"
             yield c
 

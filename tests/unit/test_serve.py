@@ -16,9 +16,13 @@ import pytest
 from PIL import Image
 
 from stunning.config import RegistryConfig
+from stunning.serve import ServeSettings
 from tests.factories import random_lora
 
 MODEL = "serve-test"
+# These tests are about generation, not guarding it: no keys, no rate limit, no alias polling
+# (tests/unit/test_serve_api.py covers keys, limits, the queue and the hot switch).
+OPEN = ServeSettings(auth=False, rate_per_minute=0, poll_seconds=0)
 REQUEST = {"prompt": "a red dress on a white background", "seed": 3, "steps": 2, "guidance_scale": 4.0}
 
 
@@ -58,7 +62,7 @@ def client(champion):
 
     from stunning.serve import create_app
 
-    app = create_app(f"models:/{MODEL}@champion", RegistryConfig(model_name=MODEL), root=champion, device="cpu")
+    app = create_app(f"models:/{MODEL}@champion", RegistryConfig(model_name=MODEL), root=champion, device="cpu", settings=OPEN)
     with TestClient(app) as c:  # the context runs the lifespan, which loads the model
         yield c
 
@@ -123,7 +127,7 @@ def test_no_champion_answers_503(champion, tmp_path):
 
     # A registry without this model, and a project with no registry at all.
     for cfg, root in ((RegistryConfig(model_name="never-registered"), champion), (RegistryConfig(), tmp_path)):
-        with TestClient(create_app(None, cfg, root=root, device="cpu")) as c:
+        with TestClient(create_app(None, cfg, root=root, device="cpu", settings=OPEN)) as c:
             health = c.get("/health")
             assert health.status_code == 503 and "dvc repro" in health.json()["detail"]
             r = c.post("/generate", json=REQUEST)
@@ -162,7 +166,7 @@ def test_champion_whose_external_base_is_gone_answers_503(champion, tiny_base, t
     gate = {"passed": True, "checks": [], "reasons": []}
     register_candidate(cfg, gate, dirs, base, "sd3", {}, root=champion, base_copy_limit_mb=0)
     shutil.rmtree(base)
-    with TestClient(create_app(None, cfg, root=champion, device="cpu")) as c:
+    with TestClient(create_app(None, cfg, root=champion, device="cpu", settings=OPEN)) as c:
         r = c.get("/health")
         assert r.status_code == 503 and str(base) in r.json()["detail"] and "does not exist" in r.json()["detail"]
 
@@ -198,7 +202,7 @@ def test_broken_champion_starts_degraded_and_reload_keeps_the_last_good_model(ch
     cfg, noir = _register_fresh(champion, tiny_base, "serve-broken")
     good = noir.read_bytes()
     noir.write_bytes(good[: len(good) // 2])  # a champion artifact cut short
-    app = create_app(None, cfg, root=champion, device="cpu")
+    app = create_app(None, cfg, root=champion, device="cpu", settings=OPEN)
     with TestClient(app) as c:  # start-up must not crash
         health = c.get("/health")
         assert health.status_code == 503
@@ -251,7 +255,8 @@ def test_large_bodies_get_413_without_being_read(champion):
     from stunning.serve import create_app
 
     # No model needed: the limit applies before routing (this project has no such registry).
-    with TestClient(create_app(None, RegistryConfig(model_name="never-registered"), root=champion, max_body_bytes=1024)) as c:
+    with TestClient(create_app(None, RegistryConfig(model_name="never-registered"), root=champion, max_body_bytes=1024,
+                               settings=OPEN)) as c:
         huge = b'{"prompt": "' + b"y" * 20_000_000 + b'"}'
         r = c.post("/generate", content=huge, headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and "1024 bytes" in r.json()["detail"] and len(r.content) < 200
