@@ -72,8 +72,16 @@ RESERVED_TAGS = frozenset(
         "experiment",
         "promoted_by",
         "not_promoted_reason",
+        "registration",
+        "gate_digest",
     }
 )
+# A version is created with `registration: pending` (all its gate tags set at creation) and
+# marked `complete` once its aliases are set. A register killed in between leaves a pending
+# version; the rerun with the same candidate and gate report finishes that version instead
+# of creating another (same version number as an uninterrupted run), and marks any other
+# pending version `abandoned`.
+REGISTRATION = "registration"
 GATE_MODES = ("enabled", "dry_run", "disabled")
 
 # Requirements recorded with the model; listing them skips MLflow's inference, which would
@@ -435,33 +443,10 @@ def register_candidate(
                 and before.get(CHAMPION) != v:
             rolled_back.append(v)
     promote, held = promotion_decision(passed, mode, experiment, promote_experiments, rolled_back)
+    gate_digest = _digest(gate)
+    resumed = _pending_registration(client, name, versions, digest, gate_digest)
 
-    with tempfile.TemporaryDirectory(prefix="stunning-register-") as tmp:
-        staging = Path(tmp)
-        artifacts, manifest = _stage_artifacts(
-            staging, gate, dict(candidate_dir_map), base_path, base_family, params_snapshot, name, base_copy_limit_mb
-        )
-        entry = staging / "stunning_pyfunc.py"
-        entry.write_text(PYFUNC_ENTRY)
-        with mlflow.start_run(
-            run_name=f"register-{n}",
-            tags={"stage": RUN_STAGE_TAG, "gate": "passed" if passed else "failed"},
-            nested=mlflow.active_run() is not None,
-        ) as run:
-            if params_snapshot:
-                mlflow.log_params(_flat_params(params_snapshot))
-            if metrics:
-                mlflow.log_metrics(metrics)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(entry),
-                artifacts=artifacts,
-                registered_model_name=name,
-                pip_requirements=_requirements(),
-                metadata={"stunning_manifest": manifest},
-            )
-    version = int(info.registered_model_version)
-    extra = {"gate_mode": mode, "content_hash": digest or "none"}
+    extra = {"gate_mode": mode, "content_hash": digest or "none", "gate_digest": gate_digest, REGISTRATION: "pending"}
     if mode == "dry_run":
         extra["dry_run"] = "true"
     if mode == "disabled":
@@ -470,8 +455,41 @@ def register_candidate(
         extra["experiment"] = _truncate(experiment)
     if held:
         extra["not_promoted_reason"] = _truncate("; ".join(held))
-    for key, value in {**_version_tags(gate, metrics, manifest), **extra}.items():
-        client.set_model_version_tag(name, str(version), key, value)
+    if resumed is not None:
+        version, run_id = resumed, client.get_model_version(name, str(resumed)).run_id
+        manifest = _manifest_of(client, name, version)
+        log.info("finishing the interrupted registration of v%s (same candidate and gate report)", version)
+    else:
+        with tempfile.TemporaryDirectory(prefix="stunning-register-") as tmp:
+            staging = Path(tmp)
+            artifacts, manifest = _stage_artifacts(
+                staging, gate, dict(candidate_dir_map), base_path, base_family, params_snapshot, name,
+                base_copy_limit_mb,
+            )
+            entry = staging / "stunning_pyfunc.py"
+            entry.write_text(PYFUNC_ENTRY)
+            with mlflow.start_run(
+                run_name=f"register-{n}",
+                tags={"stage": RUN_STAGE_TAG, "gate": "passed" if passed else "failed"},
+                nested=mlflow.active_run() is not None,
+            ) as run:
+                if params_snapshot:
+                    mlflow.log_params(_flat_params(params_snapshot))
+                if metrics:
+                    mlflow.log_metrics(metrics)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(entry),
+                    artifacts=artifacts,
+                    pip_requirements=_requirements(),
+                    metadata={"stunning_manifest": manifest},
+                )
+                run_id = run.info.run_id
+        # The version is created with every tag at once (one call), so it is never seen untagged.
+        created = mlflow.register_model(
+            info.model_uri, name, tags={**_version_tags(gate, metrics, manifest), **extra},
+        )
+        version = int(created.version)
 
     current = _aliases(client, name)
     champion = current.get(CHAMPION)
@@ -488,6 +506,7 @@ def register_candidate(
         champion = version
     else:
         client.set_model_version_tag(name, str(version), "promoted", "false")
+    client.set_model_version_tag(name, str(version), REGISTRATION, "complete")
 
     result = {
         "model_name": name,
@@ -502,7 +521,7 @@ def register_candidate(
         "experiment": experiment,
         "content_hash": digest,
         "rolled_back_same_content": rolled_back,
-        "run_id": run.info.run_id,
+        "run_id": run_id,
         "model_uri": f"models:/{name}/{version}",
         "created": _created(client, name, version),
         "base_bundled": manifest["base"] == "artifact",
@@ -514,6 +533,49 @@ def register_candidate(
     client.update_model_version(name, str(version), description=result["verdict"])
     log.info("%s", result["verdict"])
     return result
+
+
+def _digest(report: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(report, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _pending_registration(
+    client: MlflowClient, name: str, versions: list[int], content: str | None, gate_digest: str,
+) -> int | None:
+    """The interrupted (`pending`) version this registration finishes, if any.
+
+    A pending version with the same adapter content and gate report is the same
+    registration, cut short after the version was created: it is finished, not duplicated.
+    Any other pending version is marked `abandoned` (its description says so); it never
+    holds an alias, because aliases are set only after a version's tags.
+    """
+    found = None
+    for v in versions:
+        tags = client.get_model_version(name, str(v)).tags
+        if tags.get(REGISTRATION) != "pending":
+            continue
+        if found is None and content is not None and tags.get("content_hash") == content \
+                and tags.get("gate_digest") == gate_digest:
+            found = v
+            continue
+        client.set_model_version_tag(name, str(v), REGISTRATION, "abandoned")
+        client.update_model_version(
+            name, str(v), description=f"v{v}: registration interrupted and not resumed (another candidate "
+            "was registered next); never promoted",
+        )
+        log.warning("v%s: an interrupted registration of another candidate, marked abandoned", v)
+    return found
+
+
+def _manifest_of(client: MlflowClient, name: str, version: int) -> dict[str, Any]:
+    """What the registration result needs of a version's manifest, from its creation tags."""
+    tags = client.get_model_version(name, str(version)).tags
+    return {
+        "family": tags.get("base_family"),
+        "base": tags.get("base"),
+        "styles": [s for s in tags.get("styles", "").split(",") if s],
+        "blends": [b for b in tags.get("blends", "").split(",") if b],
+    }
 
 
 def _adapter_names(folder: Path) -> list[str]:
@@ -700,6 +762,11 @@ def promote(cfg: RegistryConfig, version: int, root: str | Path | None = None, r
         )
     if tags.get("rolled_back") == "true":
         raise RegistryError(f"{name} v{version} was rolled back ({tags.get('rollback_reason', '')}); not promoted again")
+    if tags.get(REGISTRATION) in ("pending", "abandoned"):
+        raise RegistryError(
+            f"{name} v{version}: its registration was interrupted ({tags[REGISTRATION]}); rerun `dvc repro register` "
+            "to finish it, or promote a completely registered version"
+        )
     current = _aliases(client, name)
     champion = current.get(CHAMPION)
     previous = current.get(PREVIOUS)

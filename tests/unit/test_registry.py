@@ -293,3 +293,42 @@ def test_champion_record_is_deterministic_and_follows_the_champion(store, candid
     promote(cfg, 2, root=store)
     moved = champion_record(cfg, store, candidate_hash=own)
     assert moved["version"] == 2 and moved != record
+
+
+def test_interrupted_registration_is_finished_not_duplicated(store, candidate, tiny_base, tmp_path):
+    """A register killed after its version was created (before tags and aliases were done)
+    leaves a `pending` version: the rerun with the same candidate and gate report finishes
+    that version (same number as an uninterrupted run); a pending version of another
+    candidate is marked abandoned and never promoted."""
+    from mlflow import MlflowClient
+
+    from stunning.registry import RegistryError, aliases, promote, version_tags
+
+    name = "m-interrupted"
+    cfg = RegistryConfig(model_name=name)
+    first = _register(store, candidate, tiny_base, name, True)
+    assert first["version"] == 1 and version_tags(cfg, 1, store)["registration"] == "complete"
+    other = _register(store, _other_candidate(tmp_path / "other", "other"), tiny_base, name, True)
+    fresh = _register(store, _other_candidate(tmp_path / "fresh", "fresh"), tiny_base, name, True)
+    client = MlflowClient()
+    # the state a kill -9 leaves between creating the version and finishing it
+    for v in (other["version"], fresh["version"]):
+        client.set_model_version_tag(name, str(v), "registration", "pending")
+        client.delete_model_version_tag(name, str(v), "promoted")
+    client.set_registered_model_alias(name, "champion", "1")
+    client.delete_registered_model_alias(name, "previous-champion")
+    assert aliases(cfg, store) == {"champion": 1}
+
+    again = _register(store, _other_candidate(tmp_path / "fresh2", "fresh"), tiny_base, name, True)
+    assert again["version"] == fresh["version"] == 3 and again["promoted"] is True
+    assert again["run_id"] == fresh["run_id"]
+    assert aliases(cfg, store) == {"champion": 3, "previous-champion": 1}
+    assert version_tags(cfg, 3, store)["registration"] == "complete"
+    assert version_tags(cfg, 2, store)["registration"] == "abandoned"
+    assert "interrupted" in client.get_model_version(name, "2").description
+    with pytest.raises(RegistryError, match="interrupted"):
+        promote(cfg, 2, root=store)
+    # a different gate report is a different registration: a new version
+    changed = _register(store, _other_candidate(tmp_path / "fresh3", "fresh"), tiny_base, name, True,
+                        gate=gate_report(True, gain=0.5))
+    assert changed["version"] == 4
