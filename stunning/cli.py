@@ -159,22 +159,107 @@ def verify(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="interface to bind (loopback: the server has no authentication)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="interface to bind (other machines need an API key to generate)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
-    alias: Annotated[str, typer.Option(help="registry alias to serve")] = "champion",
+    alias: Annotated[str, typer.Option(help="registry alias to serve (followed: a promotion or rollback is served without a restart)")] = "champion",
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="no API keys (local use only: refused off loopback)")] = False,
+    keys_file: Annotated[Path | None, typer.Option("--keys-file", help="API key file (default: <project>/studio/keys.json)")] = None,
+    rate_per_minute: Annotated[float, typer.Option("--rate-per-minute", help="requests per minute per key (0: no limit)")] = 60.0,
+    burst: Annotated[int, typer.Option(help="requests a key may make at once before the rate applies")] = 10,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="requests waiting to be drawn before 503")] = 16,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds", help="how often to check the alias for a new version (0: never)")] = 5.0,
 ) -> None:
-    """Serve the registry's @champion over HTTP: GET /health, POST /generate."""
+    """Serve the registry's @champion over HTTP: POST /generate, /generate/stream (SSE); GET /health, /ready, /metrics, /docs."""
     import logging
 
     from stunning.config import ConfigError
-    from stunning.serve import serve_command
+    from stunning.serve import NO_AUTH_WARNING, ServeSettings, UnsafeBindError, check_bind, serve_command
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        serve_command(host, port, params, alias)
-    except ConfigError as exc:
+        settings = ServeSettings(auth=not no_auth, keys_path=keys_file, rate_per_minute=rate_per_minute, burst=burst,
+                                 max_pending=max_queue, poll_seconds=poll_seconds)
+        check_bind(host, settings)
+    except ValueError as exc:  # bad limits, or --no-auth off loopback (UnsafeBindError)
         fail(str(exc))
+    if no_auth:
+        err_console.print(f"[bold yellow]warning:[/] {NO_AUTH_WARNING.format(host=host, port=port)}", highlight=False)
+    try:
+        serve_command(host, port, params, alias, settings=settings)
+    except (ConfigError, UnsafeBindError) as exc:
+        fail(str(exc))
+
+
+keys_app = typer.Typer(help="API keys for `stunning serve`: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store(params: Path, keys_file: Path | None):
+    from stunning.studio.keys import KeyStore, default_keys_path
+
+    return KeyStore(keys_file or default_keys_path(params.resolve().parent))
+
+
+_KEYS_PARAMS = typer.Option("--params", help="the project's params.yaml (its folder holds studio/keys.json)")
+_KEYS_FILE = typer.Option("--keys-file", help="API key file (default: <project>/studio/keys.json)")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="who or what the key is for")] = "",
+    params: Annotated[Path, _KEYS_PARAMS] = Path("params.yaml"),
+    keys_file: Annotated[Path | None, _KEYS_FILE] = None,
+) -> None:
+    """Create a key and print it once (only its hash is stored: copy it now)."""
+    from stunning.studio.keys import KeyStoreError
+
+    try:
+        record, key = _key_store(params, keys_file).create(name)
+    except (KeyStoreError, OSError) as exc:
+        fail(str(exc))
+    err_console.print(f"created API key {record.id} ({name or 'no name'}); it is shown only now:", highlight=False)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    params: Annotated[Path, _KEYS_PARAMS] = Path("params.yaml"),
+    keys_file: Annotated[Path | None, _KEYS_FILE] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List keys: id, name, created, last used (never the key)."""
+    from stunning.studio.keys import KeyStoreError
+
+    try:
+        keys = [k.public() for k in _key_store(params, keys_file).list()]
+    except KeyStoreError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(keys, indent=2))
+        return
+    table = Table(title="API keys", header_style="bold")
+    for column in ("id", "name", "created", "last used"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(k["id"], k["name"], k["created"], k["last_used"] or "never")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (see `stunning keys list`)")],
+    params: Annotated[Path, _KEYS_PARAMS] = Path("params.yaml"),
+    keys_file: Annotated[Path | None, _KEYS_FILE] = None,
+) -> None:
+    """Revoke a key: a running server refuses it from the next request."""
+    from stunning.studio.keys import KeyStoreError
+
+    try:
+        record = _key_store(params, keys_file).revoke(key_id)
+    except KeyStoreError as exc:
+        fail(str(exc))
+    console.print(f"revoked API key {record.id} ({record.name or 'no name'})", highlight=False)
 
 
 @app.command()
@@ -398,6 +483,121 @@ def convert_lora(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     console.print(f"wrote {dst} ({layout} layout, family {family})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str] | None, typer.Argument(help="prompt(s); or use --prompts FILE")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompts", help="a text file, one prompt per line")] = None,
+    style: Annotated[list[str] | None, typer.Option("--style", help="NAME=WEIGHT (repeatable): blend the "
+                                                    "model's styles at request time, e.g. --style noir=0.7")] = None,
+    blend: Annotated[str | None, typer.Option(help="a saved studio blend (studio/blends/NAME.yaml) or a blend "
+                                                   "registered with the model")] = None,
+    negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="first seed; images use seed, seed+1, ...")] = 0,
+    count: Annotated[int, typer.Option(min=1, help="images per prompt")] = 1,
+    steps: Annotated[int, typer.Option(min=1, max=200, help="denoising steps")] = 20,
+    guidance: Annotated[float, typer.Option(min=0.0, max=50.0, help="classifier-free guidance scale")] = 4.0,
+    sampler: Annotated[str | None, typer.Option(help="a sampler of the model's family (default: its own)")] = None,
+    model: Annotated[str | None, typer.Option(help="models:/NAME@ALIAS or models:/NAME/VERSION "
+                                                   "(default: the registry's @champion)")] = None,
+    out: Annotated[Path, typer.Option(help="output folder (PNGs + index.jsonl; rerunning resumes)")] = Path("outputs"),
+    params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available)")] = None,
+) -> None:
+    """Generate PNGs with the registry's model: parameters embedded (A1111 `parameters` chunk),
+    an index.jsonl beside them; rerunning skips images already done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stunning.config import ConfigError
+    from stunning.studio.blends import blends_dir
+    from stunning.studio.generate import (
+        GenerateError,
+        GenerateSpec,
+        apply_blend,
+        generate_to_folder,
+        load_model,
+        parse_style_args,
+        plan_requests,
+        read_prompts,
+    )
+
+    try:
+        if style and blend:
+            raise GenerateError("give --style or --blend, not both")
+        spec = GenerateSpec(prompts=read_prompts(prompts or [], prompt_file), styles=parse_style_args(style or []),
+                            negative_prompt=negative, seed=seed, count=count, steps=steps, guidance_scale=guidance,
+                            sampler=sampler)
+        plan_requests(spec)  # bad limits fail before the model loads
+        with console.status("loading the model"):
+            loaded = load_model(model, params, device=device)
+        if blend:
+            spec = apply_blend(spec, blend, loaded, blends_dir(params.resolve().parent))
+        requests = plan_requests(spec)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err_console) as bar:
+            images = bar.add_task("images", total=len(requests))
+            steps_task = bar.add_task("steps", total=spec.steps)
+            summary = generate_to_folder(
+                loaded, requests, out,
+                on_image=lambda done, total, rec, skipped: (bar.update(images, completed=done),
+                                                            bar.reset(steps_task, total=spec.steps)),
+                on_step=lambda step, total: bar.update(steps_task, completed=step, total=total),
+            )
+    except (GenerateError, ConfigError) as exc:
+        fail(str(exc))
+    per = f", {summary['seconds_per_image']} s/image" if summary["seconds_per_image"] else ""
+    console.print(f"{summary['generated']} generated, {summary['skipped']} already there -> {summary['out_dir']} "
+                  f"({summary['model']} v{summary['model_version']}{per})", highlight=False, soft_wrap=True)
+
+
+negatives_app = typer.Typer(help="Negative prompts that measurably help a style or blend.", no_args_is_help=True)
+app.add_typer(negatives_app, name="negatives")
+
+
+@negatives_app.command("optimize")
+def negatives_optimize(
+    prompts: Annotated[Path, typer.Option("--prompts", help="text file, one prompt a line (half searched on, "
+                                          "half held out for the before/after)")],
+    style: Annotated[str | None, typer.Option(help="a trained style (models/adapters/<style>)")] = None,
+    blend: Annotated[str | None, typer.Option(help="a blend named in params.yaml merge.blends")] = None,
+    blend_weights: Annotated[str | None, typer.Option("--blend-weights", help="an unnamed blend, e.g. "
+                                                      "impressionist=0.5,noir=0.5")] = None,
+    seeds: Annotated[str, typer.Option(help="fixed seeds, comma-separated")] = "0,1",
+    vocab: Annotated[Path | None, typer.Option(help="extra candidate terms, one a line")] = None,
+    out: Annotated[Path | None, typer.Option(help="report folder (default reports/negatives/<target>)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="sampling steps (default validate.steps)")] = None,
+    budget: Annotated[int, typer.Option(min=1, help="most candidates scored on the search prompts")] = 12,
+    save: Annotated[bool, typer.Option(help="store a winner as the default negative (studio/negatives.yaml)")] = True,
+    params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
+    base: Annotated[Path | None, typer.Option(help="base model folder (default base.path)")] = None,
+    adapters: Annotated[Path, typer.Option(help="trained adapters folder")] = Path("models/adapters"),
+    data: Annotated[Path, typer.Option(help="curated data (the style references)")] = Path("data/curated"),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available)")] = None,
+) -> None:
+    """Search a negative prompt for a style/blend; report before/after on held-out prompts."""
+    from stunning.studio.negatives import NegativesInputError, parse_weights, read_vocabulary, run
+
+    p = _load_params(params)
+    try:
+        weights = parse_weights(blend_weights) if blend_weights else None
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        target = style or blend or (blend_weights or "").replace("=", "-").replace(",", "_")
+        report, saved = run(
+            p, prompts=read_vocabulary(prompts), out_dir=out or Path("reports/negatives") / target, style=style,
+            blend=blend, weights=weights, seeds=seed_list, vocabulary_file=vocab, base=base, adapters_dir=adapters,
+            data_dir=data, steps=steps, max_candidates=budget, save=save, root=params.resolve().parent,
+            device=device, progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False),
+        )
+    except (NegativesInputError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"{report.target.key}: {report.verdict}"
+                  + (f" with {report.best!r} {report.improvement()}" if report.verdict == "improvement" else ""),
+                  highlight=False, soft_wrap=True)
+    console.print(f"report: {(out or Path('reports/negatives') / target) / 'negatives.md'}", highlight=False, soft_wrap=True)
+    if saved:
+        console.print(f"saved as the default negative prompt of {report.target.key} in {saved}", highlight=False,
+                      soft_wrap=True)
 
 
 # Further commands follow the pattern above: options -> one lazily imported library call ->

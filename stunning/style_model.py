@@ -7,6 +7,14 @@ image per request (:class:`GenerateRequest`) with the chosen adapter active. The
 wrapper (`stunning.registry.StunningStyleModel`) and the HTTP server (`stunning.serve`) both
 use it, so `mlflow models serve` and `stunning serve` return the same pixels for the same
 request. Both import this module; it imports neither (nor MLflow).
+
+Beyond one adapter per request, a request may blend any of the model's styles at request time
+(``styles={"noir": 0.7, "impressionist": -0.3}``): the already-loaded PEFT adapters are
+activated together with those weights (no reload; switching takes milliseconds), which is the
+same weighted sum of LoRA deltas an offline blend (:func:`stunning.blend.blend_adapters`)
+bakes into one file. A request may also pick a sampler (restored afterwards), a negative
+prompt, and a batch of images (seeds ``seed, seed+1, ...``); ``on_step`` sees the latents
+after every step and :meth:`StyleModel.preview` turns them into a small RGB preview.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ import io
 import logging
 import re
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stunning.families.base import LORA_FILE
 
@@ -29,14 +38,21 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from stunning.families import Family
+    from stunning.families.base import StepCallback
+    from stunning.studio.preview import LatentPreviewer
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LORA_FILE", "MANIFEST_NAME", "GenerateRequest", "ModelLoadError", "StyleModel", "UnknownAdapterError", "png_bytes",
+    "LORA_FILE", "MANIFEST_NAME", "MAX_BATCH", "MAX_BLEND_STYLES", "MAX_STYLE_WEIGHT", "GenerateRequest",
+    "ModelLoadError", "StyleModel", "UnknownAdapterError", "png_bytes",
 ]
 
 MANIFEST_NAME = "stunning_model.json"  # the registered model's manifest artifact
+MAX_BLEND_STYLES = 8  # styles one request-time blend may mix
+MAX_STYLE_WEIGHT = 2.0  # |weight| of a style in a request-time blend
+MAX_BATCH = 4  # images per request
+MAX_NEGATIVE_CHARS = 1000
 
 
 class GenerateRequest(BaseModel):
@@ -54,6 +70,32 @@ class GenerateRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="random seed; same seed, same image")
     steps: int = Field(20, ge=1, le=200, description="denoising steps")
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_NEGATIVE_CHARS, description="what to steer away from; none: the caller's default",
+    )
+    # Plain `dict[str, float]` (limits checked below): MLflow derives the pyfunc's input schema
+    # from these annotations and accepts no constrained (Annotated) dictionary keys.
+    styles: dict[str, float] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BLEND_STYLES,
+        description=f"request-time blend: style name -> weight in [-{MAX_STYLE_WEIGHT:g}, {MAX_STYLE_WEIGHT:g}] "
+        f"(at most {MAX_BLEND_STYLES} of the model's styles); exclusive with style and blend",
+    )
+    sampler: str | None = Field(None, max_length=50, description="a sampler of the model's family; none: its own")
+    batch: int = Field(1, ge=1, le=MAX_BATCH, description="images, seeded seed, seed+1, ...")
+
+    @field_validator("styles")
+    @classmethod
+    def _style_weights(cls, styles: dict[str, float] | None) -> dict[str, float] | None:
+        for name, weight in (styles or {}).items():
+            if not 1 <= len(name) <= 200:
+                raise ValueError(f"style names are 1 to 200 characters (got {len(name)})")
+            if not -MAX_STYLE_WEIGHT <= weight <= MAX_STYLE_WEIGHT:  # NaN/inf are refused before this
+                raise ValueError(
+                    f"weight {weight} of style {name[:50]!r} is outside [-{MAX_STYLE_WEIGHT:g}, {MAX_STYLE_WEIGHT:g}]"
+                )
+        return styles
 
 
 class UnknownAdapterError(ValueError):
@@ -136,6 +178,10 @@ class StyleModel:
         # One diffusers pipeline is not safe to drive from two threads (adapter switching and
         # the scheduler's step state are shared), and FastAPI runs sync endpoints in a pool.
         self._lock = threading.Lock()
+        self._preview_lock = threading.Lock()
+        self._previewer: LatentPreviewer | None = None
+        self.default_negative_prompt: str | None = None  # used when a request's negative_prompt is None
+        self.last_switch_s: float | None = None  # how long the last adapter switch took
 
     @classmethod
     def load(cls, artifacts: Mapping[str, str | Path], device: str | None = None) -> StyleModel:
@@ -211,30 +257,112 @@ class StyleModel:
         """The square image size in pixels this model generates."""
         return int(self.family.resolution(self.pipe))
 
-    def _adapter_for(self, req: GenerateRequest) -> str | None:
+    def _adapters_for(self, req: GenerateRequest) -> tuple[list[str], list[float]] | None:
+        """(PEFT adapter names, weights) the request activates; None: the base model alone."""
         if req.style and req.blend:
             raise UnknownAdapterError("give either 'style' or 'blend', not both")
+        if req.styles is not None and (req.style or req.blend):
+            raise UnknownAdapterError("give either 'styles' (a request-time blend) or 'style'/'blend', not both")
         if req.style:
             if req.style not in self.styles:
                 raise UnknownAdapterError(f"unknown style {req.style!r}; available styles: {sorted(self.styles)}")
-            return self.styles[req.style]
+            return [self.styles[req.style]], [1.0]
         if req.blend:
             if req.blend not in self.blends:
                 raise UnknownAdapterError(f"unknown blend {req.blend!r}; available blends: {sorted(self.blends)}")
-            return self.blends[req.blend]
+            return [self.blends[req.blend]], [1.0]
+        if req.styles is not None:
+            unknown = sorted(set(req.styles) - set(self.styles))
+            if unknown:
+                raise UnknownAdapterError(
+                    f"'styles' names unknown style(s) {unknown}; available styles: {sorted(self.styles)}"
+                )
+            # The request's order is the summation order (PEFT adds active adapters in list order).
+            return [self.styles[name] for name in req.styles], [float(w) for w in req.styles.values()]
         return None
 
-    def generate(self, req: GenerateRequest) -> Image.Image:
-        """One image for `req`, with only its style/blend adapter active (none: the base)."""
-        adapter = self._adapter_for(req)
+    def _check_sampler(self, sampler: str | None) -> str | None:
+        if sampler is None or sampler == "default":
+            return None
+        if sampler not in self.family.samplers:
+            choice = sorted(self.family.samplers)
+            raise UnknownAdapterError(
+                f"unknown sampler {sampler!r}; the {self.family.name} family's samplers: {choice + ['default']}"
+                if choice else f"unknown sampler {sampler!r}: the {self.family.name} family has no sampler choice "
+                "(leave it out, or use 'default')"
+            )
+        return sampler
+
+    def check(self, req: GenerateRequest) -> None:
+        """Raise :class:`UnknownAdapterError` if the model cannot answer `req` (style, blend, sampler)."""
+        self._adapters_for(req)
+        self._check_sampler(req.sampler)
+
+    def _activate(self, adapters: tuple[list[str], list[float]] | None) -> None:
+        """Make exactly `adapters` active (call under the lock)."""
+        if not (self.styles or self.blends):
+            return
+        t0 = time.perf_counter()
+        if adapters is None:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(adapters[0], adapter_weights=adapters[1])
+        self.last_switch_s = time.perf_counter() - t0
+
+    def generate_images(self, req: GenerateRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+        """`req.batch` images for `req` (seeds `seed, seed+1, ...`), with only its adapter(s) active.
+
+        `on_step(step, total, latents)` is called after every sampling step (see
+        :meth:`stunning.families.Family.generate`; it may raise to cancel). Raises
+        :class:`UnknownAdapterError` for a style, blend or sampler the model does not have.
+        """
+        adapters = self._adapters_for(req)
+        sampler = self._check_sampler(req.sampler)
+        prompts = [req.prompt] * req.batch
+        seeds = [req.seed + i for i in range(req.batch)]
+        negative = req.negative_prompt if req.negative_prompt is not None else self.default_negative_prompt
+        # Only non-default keywords are passed: an old-style request reaches the family exactly as before.
+        kwargs: dict[str, Any] = {}
+        if negative:
+            kwargs["negative_prompts"] = [negative] * req.batch
+        if on_step is not None:
+            kwargs["on_step"] = on_step
         with self._lock:
-            if self.styles or self.blends:
-                if adapter is None:
-                    self.pipe.disable_lora()
-                else:
-                    self.pipe.enable_lora()
-                    self.pipe.set_adapters([adapter], adapter_weights=[1.0])
-            return self.family.generate(self.pipe, [req.prompt], [req.seed], req.steps, req.guidance_scale)[0]
+            self._activate(adapters)
+            scheduler = self.pipe.scheduler if sampler else None
+            try:
+                if sampler:
+                    try:
+                        self.family.set_sampler(self.pipe, sampler)
+                    except ValueError as exc:
+                        raise UnknownAdapterError(str(exc)) from None
+                return self.family.generate(self.pipe, prompts, seeds, req.steps, req.guidance_scale, **kwargs)
+            finally:
+                if sampler:  # the next request samples with the model's own scheduler again
+                    self.pipe.scheduler = scheduler
+
+    def generate(self, req: GenerateRequest, on_step: StepCallback | None = None) -> Image.Image:
+        """The first image of :meth:`generate_images` (one image for a default request)."""
+        return self.generate_images(req, on_step=on_step)[0]
+
+    def previewer(self) -> LatentPreviewer:
+        """The model's latent-to-RGB previewer, fitted from its own VAE on first use (then cached).
+
+        Fitting runs only the VAE, which adapters and samplers never change, so it does not
+        take the generation lock (a preview may be asked for from inside `on_step`).
+        """
+        with self._preview_lock:
+            if self._previewer is None:
+                from stunning.studio.preview import fit_previewer
+
+                self._previewer = fit_previewer(self.pipe, self.family)
+            return self._previewer
+
+    def preview(self, latents: Any) -> Image.Image:
+        """A small RGB preview of in-loop latents `(batch, c, h, w)` (as `on_step` receives them);
+        a batch is tiled left to right."""
+        return self.previewer().image(latents)
 
     def generate_base64(self, req: GenerateRequest) -> str:
         return base64.b64encode(png_bytes(self.generate(req))).decode("ascii")
