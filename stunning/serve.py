@@ -379,6 +379,7 @@ def create_app(
 
     from stunning.studio.jobs import JobRunner, QueueFull
     from stunning.studio.keys import KeyStore, KeyStoreError, default_keys_path
+    from stunning.studio.negatives import NegativesInputError, default_negative
     from stunning.studio.ratelimit import RateLimiter
 
     settings = settings or ServeSettings()
@@ -578,6 +579,18 @@ def create_app(
             headers={"Retry-After": str(exc.retry_after)},
         )
 
+    def with_default_negative(req: GenerateRequest) -> GenerateRequest:
+        """`req` with the style's saved default negative prompt (`stunning negatives optimize`,
+        `<root>/studio/negatives.yaml`) when it gives none; an explicit one ("" included) wins."""
+        if req.negative_prompt is not None or root is None:
+            return req
+        try:
+            saved = default_negative(root, style=req.style, blend=req.blend, weights=req.styles)
+        except NegativesInputError as exc:  # a damaged store: draw without, say why in the log
+            log.warning("%s", exc)
+            return req
+        return req if saved is None else req.model_copy(update={"negative_prompt": saved})
+
     def draw_with(model: StyleModel):
         def draw(request: GenerateRequest, on_step) -> list[Any]:
             return model.generate_images(request, on_step=on_step)
@@ -658,6 +671,7 @@ def create_app(
         model, served_version, error = served()
         if model is None or state.jobs is None:
             return unavailable(error)
+        req = with_default_negative(req)
         loop = asyncio.get_running_loop()
         finished: asyncio.Future = loop.create_future()
 
@@ -732,6 +746,7 @@ def create_app(
         model, served_version, error = served()
         if model is None or state.jobs is None:
             return unavailable(error)
+        req = with_default_negative(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

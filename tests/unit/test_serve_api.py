@@ -285,3 +285,31 @@ def test_no_auth_is_refused_off_loopback():
     for host in ("0.0.0.0", "192.168.1.5", "example.org"):
         with pytest.raises(UnsafeBindError, match="without authentication"):
             run_server(host, 1, settings=no_auth)  # refused before anything starts
+
+
+def test_a_saved_default_negative_is_used_unless_the_request_gives_one(project):
+    """`stunning negatives optimize` saves a style's best negative prompt; the server draws with
+    it when a request names none, and an explicit negative prompt ("" = none) wins."""
+    from stunning.studio.negatives import save_default_negative, store_path
+
+    root = project["root"]
+    with _client(_app(project)) as c:
+        def draw(**extra) -> tuple[np.ndarray, dict]:
+            r = c.post("/generate", json={**REQUEST, **extra}, headers={"Accept": "application/json"})
+            assert r.status_code == 200, r.text
+            return _pixels(base64.b64decode(r.json()["image_base64"])), r.json()
+
+        plain, body = draw()
+        assert body["negative_prompt"] is None
+        save_default_negative(root, "style:noir", "a blue hat", {"improvement": {"style_gain": 0.1}})
+        try:
+            steered, body = draw()
+            assert body["negative_prompt"] == "a blue hat"
+            explicit, _ = draw(negative_prompt="a blue hat")
+            assert np.array_equal(steered, explicit) and not np.array_equal(steered, plain)
+            none, body = draw(negative_prompt="")
+            assert body["negative_prompt"] == "" and np.array_equal(none, plain)
+            other, body = draw(style=None)  # the base model: no style, no saved default
+            assert body["negative_prompt"] is None
+        finally:
+            store_path(root).unlink()
