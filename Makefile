@@ -8,7 +8,9 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 setup:
 	@bash scripts/setup.sh
 
+# A `dvc repro` killed mid-write leaves DVC's rwlock file corrupt: repair it first (flows/dvc_runner.py).
 run: setup
+	.venv/bin/python -m flows.dvc_runner repair
 	.venv/bin/dvc repro
 
 # Two pytest-xdist workers (the machines are 2-core; tests run one torch thread each). The tests

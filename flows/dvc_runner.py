@@ -3,6 +3,13 @@
 DVC runs as a subprocess of the current interpreter (`python -m dvc`) in the project root,
 exactly as a user would run it, so a flow never holds DVC's repository lock longer than
 the command it runs and stage code never sees Prefect.
+
+:func:`repair_state` runs before every DVC command (and `make run` runs it before
+`dvc repro`): DVC rewrites its `.dvc/tmp/rwlock` file in place, so a `dvc repro` killed
+while writing it leaves an empty or truncated file, and every later DVC command then fails
+with "Unable to read RWLock-file ... JSON structure is corrupted" until it is removed by hand
+(treeverse/dvc#7615). The repair takes DVC's own guard lock for that file, and only when the
+file does not parse moves it aside (`rwlock.corrupt`) so DVC starts a fresh one.
 """
 
 from __future__ import annotations
@@ -39,7 +46,29 @@ def project_root() -> Path:
     return Path(os.environ.get("STUNNING_ROOT", Path(__file__).resolve().parent.parent))
 
 
+def repair_state(root: Path | None = None) -> str | None:
+    """Move aside a corrupt `.dvc/tmp/rwlock` (see the module docstring); returns what was done."""
+    from dvc.lock import make_lock
+
+    tmp = (root or project_root()) / ".dvc" / "tmp"
+    rwlock = tmp / "rwlock"
+    if not rwlock.is_file():
+        return None
+    # The same guard DVC holds while it edits the file: no DVC process is writing it now.
+    with make_lock(str(tmp / "rwlock.lock"), tmp_dir=str(tmp), wait=True):
+        try:
+            json.loads(rwlock.read_text(encoding="utf-8"))
+            return None
+        except (ValueError, UnicodeDecodeError):
+            os.replace(rwlock, tmp / "rwlock.corrupt")
+    message = (f"{rwlock} was corrupt (a DVC process was killed while writing it); moved to rwlock.corrupt, "
+               "DVC starts a fresh one")
+    log.warning("%s", message)
+    return message
+
+
 def _dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    repair_state(root)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # Stage commands say `python`; make that this interpreter's environment.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -66,3 +95,10 @@ def status(root: Path | None = None) -> dict:
         raise DvcError(f"dvc status failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     text = proc.stdout.strip()
     return json.loads(text) if text else {}
+
+
+if __name__ == "__main__":  # `python -m flows.dvc_runner repair`: what `make run` does before `dvc repro`
+    if sys.argv[1:] != ["repair"]:
+        sys.exit("usage: python -m flows.dvc_runner repair")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(repair_state(Path.cwd()) or "dvc state: ok")

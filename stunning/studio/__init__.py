@@ -9,7 +9,10 @@ Modules (each one concept):
 - ``generate``: batch generation to PNG files with embedded parameters (``stunning generate``),
   resumable through an ``index.jsonl``;
 - ``jobs``: queued, cancellable generation jobs with per-step progress and previews;
-- ``keys``: API keys for the studio's HTTP endpoints;
-- ``negatives``: negative-prompt defaults and choices;
-- ``app``: the studio's HTTP endpoints.
+- ``keys``: API keys (stored hashed) for the HTTP API and the studio UI;
+- ``ratelimit``: per-key token-bucket rate limiting for the HTTP API;
+- ``negatives``: the negative-prompt optimizer and the saved per-style defaults;
+- ``app``: the Gradio studio (``stunning studio``).
+
+The HTTP API itself is :mod:`stunning.serve`; it and the studio UI use these modules.
 """
