@@ -191,6 +191,39 @@ def serve(
         fail(str(exc))
 
 
+@app.command()
+def studio(
+    host: Annotated[str, typer.Option(help="interface to bind (off loopback, visitors sign in with an API key)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 7860,
+    params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
+    model: Annotated[str | None, typer.Option(help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the "
+                                                   "registry's @champion, followed when it moves)")] = None,
+    auth: Annotated[bool | None, typer.Option("--auth/--no-auth", help="sign in with an API key (default: off on "
+                                              "loopback, required elsewhere; --no-auth only on loopback)")] = None,
+    keys_file: Annotated[Path | None, typer.Option("--keys-file", help="API key file (default: <project>/studio/keys.json)")] = None,
+    poll_seconds: Annotated[float, typer.Option("--poll-seconds", help="how often to check the alias for a new version (0: never)")] = 5.0,
+    out: Annotated[Path | None, typer.Option(help="keep result PNGs (with parameters) here (default: a temporary folder)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=100, help="initial denoising steps (default: validate.steps)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available)")] = None,
+) -> None:
+    """Open the style studio in the browser: style sliders with a live preview, saved blends, registry versions."""
+    import logging
+
+    from stunning.config import ConfigError
+    from stunning.serve import UnsafeBindError
+    from stunning.studio.app import StudioError, studio_command
+    from stunning.studio.keys import KeyStoreError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if poll_seconds < 0:
+        fail(f"--poll-seconds {poll_seconds}: use 0 (never) or more")
+    try:
+        studio_command(host, port, params, model_uri=model, device=device, auth=auth, keys_path=keys_file,
+                       poll_seconds=poll_seconds, outputs_dir=out, steps=steps)
+    except (StudioError, UnsafeBindError, ConfigError, KeyStoreError) as exc:
+        fail(str(exc))
+
+
 keys_app = typer.Typer(help="API keys for `stunning serve`: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -598,6 +631,82 @@ def negatives_optimize(
     if saved:
         console.print(f"saved as the default negative prompt of {report.target.key} in {saved}", highlight=False,
                       soft_wrap=True)
+
+
+blends_app = typer.Typer(help="Saved request-time blends (studio/blends/*.yaml): list, save, delete, promote.",
+                         no_args_is_help=True)
+app.add_typer(blends_app, name="blends")
+_BLENDS_PARAMS = typer.Option("--params", help="the project's params.yaml (its folder holds studio/blends/)")
+
+
+@blends_app.command("list")
+def blends_list(params: Annotated[Path, _BLENDS_PARAMS] = Path("params.yaml")) -> None:
+    """The saved blends with their weights and negative prompt."""
+    from stunning.studio.blends import BlendFileError, blends_dir, list_blends
+
+    try:
+        saved = list_blends(blends_dir(params.resolve().parent))
+    except BlendFileError as exc:
+        fail(str(exc))
+    table = Table(title="saved blends", header_style="bold")
+    for column in ("name", "weights", "negative prompt"):
+        table.add_column(column)
+    for b in saved:
+        table.add_row(b.name, ", ".join(f"{k}={v:g}" for k, v in b.weights.items()), b.negative_prompt or "")
+    console.print(table)
+
+
+@blends_app.command("save")
+def blends_save(
+    name: Annotated[str, typer.Argument(help="the blend's name (letters, digits, - and _)")],
+    style: Annotated[list[str], typer.Option("--style", help="NAME=WEIGHT, repeatable (weights in [-2, 2])")],
+    negative: Annotated[str | None, typer.Option(help="the blend's negative prompt")] = None,
+    params: Annotated[Path, _BLENDS_PARAMS] = Path("params.yaml"),
+) -> None:
+    """Save (or replace) a named blend, as the studio's "save blend" does."""
+    from stunning.studio.blends import BlendFileError, SavedBlend, blends_dir, save_blend
+    from stunning.studio.generate import GenerateError, parse_style_args
+
+    try:
+        weights = parse_style_args(style) or {}
+        path = save_blend(SavedBlend(name, weights, negative), blends_dir(params.resolve().parent))
+    except (BlendFileError, GenerateError) as exc:
+        fail(str(exc))
+    console.print(f"saved blend {name!r} -> {path}", highlight=False, soft_wrap=True)
+
+
+@blends_app.command("delete")
+def blends_delete(
+    name: Annotated[str, typer.Argument(help="the saved blend's name")],
+    params: Annotated[Path, _BLENDS_PARAMS] = Path("params.yaml"),
+) -> None:
+    """Delete a saved blend."""
+    from stunning.studio.blends import BlendFileError, blends_dir, delete_blend
+
+    try:
+        if not delete_blend(name, blends_dir(params.resolve().parent)):
+            fail(f"no saved blend named {name!r} (see `stunning blends list`)")
+    except BlendFileError as exc:
+        fail(str(exc))
+    console.print(f"deleted blend {name!r}", highlight=False)
+
+
+@blends_app.command("promote")
+def blends_promote(
+    name: Annotated[str, typer.Argument(help="the saved blend's name")],
+    params: Annotated[Path, _BLENDS_PARAMS] = Path("params.yaml"),
+) -> None:
+    """Add the saved blend to params.yaml's merge.blends: the next `dvc repro` merges, validates,
+    registers and bundles it in dist/release like the pipeline's own blends."""
+    from stunning.studio.blends import BlendFileError, blends_dir, promote_to_params
+
+    try:
+        result = promote_to_params(name, params, blends_dir(params.resolve().parent))
+    except BlendFileError as exc:
+        fail(str(exc))
+    verb = "replaced" if result.get("replaced") else "added"
+    console.print(f"{verb} blend {name!r} in {params} merge.blends; run `dvc repro` to build, validate and bundle it",
+                  highlight=False, soft_wrap=True)
 
 
 # Further commands follow the pattern above: options -> one lazily imported library call ->
