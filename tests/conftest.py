@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLONE_GROUPS = {
     "tests/e2e/test_quality.py": "default-dag",
     "tests/e2e/test_dag.py": "tiny-dag",
+    "tests/e2e/test_kill_repro.py": "tiny-dag",
     "tests/flows/": "tiny-dag",
 }
 
