@@ -16,6 +16,21 @@ if [ -z "$PY" ]; then
   exit 2
 fi
 
+# Chromium for the studio's browser test (tests/e2e/test_studio_browser.py): the system
+# package, never Playwright's own browser download. Checked on every run (cheap), before the
+# stamp, so a machine set up earlier gets it too.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (apt-get) for the studio browser test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+      || echo "setup: could not install chromium; the studio browser test will be skipped (it fails under CI=true)" >&2
+  else
+    echo "setup: /usr/bin/chromium is missing; install it for the studio browser test, e.g." \
+         "sudo apt-get install chromium (it is skipped without it, and fails under CI=true)" >&2
+  fi
+fi
+
 stamp=.venv/.setup-stamp
 if [ -f "$stamp" ] && [ "$stamp" -nt constraints.txt ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0

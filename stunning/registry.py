@@ -622,6 +622,32 @@ def aliases(cfg: RegistryConfig, root: str | Path | None = None) -> dict[str, in
     return _aliases(_client(cfg, root), cfg.model_name)
 
 
+def list_versions(cfg: RegistryConfig, root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every version of the registered model, newest first: `{"version", "aliases", "created",
+    "tags"}` (aliases sorted; created ISO 8601 UTC). Empty without a registry or model; never
+    creates a database."""
+    from datetime import UTC, datetime
+
+    if not _store_exists(cfg, root):
+        return []
+    client = _client(cfg, root)
+    if not _registered(client, cfg.model_name):
+        return []
+    by_version: dict[int, list[str]] = {}
+    for alias, version in _aliases(client, cfg.model_name).items():
+        by_version.setdefault(version, []).append(alias)
+    out = []
+    for mv in client.search_model_versions(f"name = '{cfg.model_name}'"):
+        version = int(mv.version)
+        out.append({
+            "version": version,
+            "aliases": sorted(by_version.get(version, [])),
+            "created": datetime.fromtimestamp(int(mv.creation_timestamp) / 1000, UTC).isoformat(timespec="seconds"),
+            "tags": dict(mv.tags),
+        })
+    return sorted(out, key=lambda v: -v["version"])
+
+
 def version_tags(cfg: RegistryConfig, version: int, root: str | Path | None = None) -> dict[str, str]:
     client = _existing_client(cfg, root)
     return dict(client.get_model_version(cfg.model_name, str(version)).tags)

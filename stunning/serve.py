@@ -582,8 +582,9 @@ def create_app(
     def with_default_negative(req: GenerateRequest) -> GenerateRequest:
         """`req` with the style's saved default negative prompt (`stunning negatives optimize`,
         `<root>/studio/negatives.yaml`) when it gives none; an explicit one ("" included) wins."""
-        if req.negative_prompt is not None or root is None:
-            return req
+        targets = [t for t in (req.style, req.blend, req.styles) if t]
+        if req.negative_prompt is not None or root is None or len(targets) != 1:
+            return req  # several targets: the model answers 400 with the reason
         try:
             saved = default_negative(root, style=req.style, blend=req.blend, weights=req.styles)
         except NegativesInputError as exc:  # a damaged store: draw without, say why in the log

@@ -278,6 +278,33 @@ def random_lora(
     return path
 
 
+
+def register_tiny_champion(root: Path, base: Path, model_name: str | None = None, seed: int = 0,
+                           gate: dict | None = None) -> dict:
+    """Register the tiny sd3 `base` with two random style LoRAs (:data:`STYLES`) as a new
+    version in the project at `root` (the shipped params.yaml is copied there first if it has
+    none); a passing `gate` (the default) promotes it to @champion. Returns the registry's
+    result (`version`, `promoted`, ...)."""
+    import torch
+
+    from stunning.config import load_params
+    from stunning.families import get_family
+    from stunning.registry import register_candidate
+
+    if not (root / "params.yaml").is_file():
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    torch.manual_seed(seed)
+    pipe = get_family("sd3").load_pipeline(base, torch.device("cpu"), torch.float32)
+    candidate = root / f"candidate-{model_name or 'default'}-{seed}"
+    for i, style in enumerate(STYLES):
+        random_lora(pipe, candidate / "adapters" / style, "sd3", seed * 10 + i, scale=0.5)
+    cfg = load_params(root / "params.yaml").registry
+    if model_name:
+        cfg = cfg.model_copy(update={"model_name": model_name})
+    gate = gate or {"passed": True, "checks": [], "reasons": [],
+                    "candidate": {"metrics": {"style_gain": {"noir": 0.25}}}}
+    return register_candidate(cfg, gate, {"adapters": candidate / "adapters"}, base, "sd3", {}, root=root)
+
 # Captured `pmset -g therm` outputs (an Intel MacBook Pro, nominal and throttled; an Apple
 # Silicon Mac, which reports no CPU power status), for the device probe and the thermal guard.
 PMSET_NOMINAL = """\
