@@ -116,18 +116,19 @@ def test_a_damaged_store_is_a_user_error_naming_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def noir_world(tmp_path_factory, micro_base):
-    """A small noir reference set rendered by the embedded world, and a noir adapter trained on
-    it for a few seconds (micro model, tiny train settings)."""
+    """A small noir (and impressionist) reference set rendered by the embedded world, and a noir
+    adapter trained on it for a few seconds (micro model, tiny train settings)."""
     from stunning.data.sample import draw_scene, render
     from stunning.families import get_family
     from stunning.training.trainer import train_style
 
-    rng = np.random.default_rng(0)
     items = []
-    for i in range(12):
-        scene = draw_scene(rng, i)
-        items.append(CuratedItem(f"noir-{i}", "noir", "val" if i < 3 else "train", render(scene, "noir", rng).resize((32, 32)),
-                                 scene.caption("noir")))
+    for style in ("noir", "impressionist"):  # the same 12 scenes in both styles (impressionist: see below)
+        rng = np.random.default_rng(0)
+        for i in range(12):
+            scene = draw_scene(rng, i)
+            items.append(CuratedItem(f"{style}-{i}", style, "val" if i < 3 else "train",
+                                     render(scene, style, rng).resize((32, 32)), scene.caption(style)))
     root = tmp_path_factory.mktemp("negatives")
     data = write_curated(root / "curated", items)
     train_style(micro_base, get_family("sd3"), data, "noir", tiny_train_config(steps=60), root / "adapters", None, None,
@@ -159,6 +160,63 @@ def test_meaningless_terms_give_no_improvement_and_nothing_is_saved(noir_world, 
     assert (out / "grid.png").is_file()
     assert saved is None and not (noir_world / "studio").exists()
     assert N.default_negative(noir_world, style="noir") is None
+
+
+@pytest.fixture(scope="module")
+def impressionist_adapter(noir_world, micro_base):
+    """An impressionist adapter trained on `noir_world`'s impressionist images (100 tiny steps:
+    at 60 it is hardly closer to its references than the base model, nothing to improve on)."""
+    from stunning.families import get_family
+    from stunning.training.trainer import train_style
+
+    train_style(micro_base, get_family("sd3"), noir_world / "curated", "impressionist", tiny_train_config(steps=100),
+                noir_world / "adapters", None, None, "cpu", sample_seeds=(), progress=False)
+    return noir_world / "adapters" / "impressionist"
+
+
+# Twelve prompts of the embedded grammar: six to search on, six held out (alternately).
+WORLD_PROMPTS = [
+    "a red dress on a white background", "a blue hat on a grey background", "a black bag on a beige background",
+    "a green dress on a white background", "a pink shirt on a beige background, on the right",
+    "a pair of yellow trousers on a black background", "an orange bag on a white background, on the left",
+    "a red hat on a grey background, on the right", "a purple shirt on a black background",
+    "a white dress on a grey background, on the left", "a yellow hat on a beige background",
+    "a blue bag on a black background, on the right",
+]
+
+
+def test_a_negative_found_on_search_prompts_improves_the_held_out_style_gain(
+    noir_world, impressionist_adapter, micro_base, one_torch_thread, tmp_path,
+):
+    """The embedded world's impressionist adapter draws brighter pictures than its references
+    (dark, tinted shadows); a negative steering away from that ("low contrast" or "bright") is
+    found on six prompts and beats the gate's noise band on six *other* prompts, on three
+    seeds, with adherence measured and within its band.
+
+    Measured beforehand (all 12 prompts x 4 seeds, 6 steps): style gain "bright" +0.10 (each
+    seed +0.10..+0.11), "low contrast" +0.07 (each seed +0.06..+0.09), adherence unchanged;
+    the style_gain band is 0.03. ("overexposed" also gains style but costs 0.10 adherence.)"""
+    params = Params.model_validate({"base": {"path": str(micro_base)}})
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("bright\nlow contrast\n")
+    out = tmp_path / "report"
+    report, saved = N.run(
+        params, prompts=WORLD_PROMPTS, out_dir=out, style="impressionist", seeds=(0, 1, 2), vocabulary_file=vocab,
+        adapters_dir=impressionist_adapter.parent, data_dir=noir_world / "curated", steps=6, max_candidates=2,
+        default_vocabulary=False, failure_features=0, root=tmp_path, device="cpu",
+    )
+    assert report.verdict == "improvement", (out / "negatives.md").read_text()
+    assert report.best in {"bright", "low contrast", "bright, low contrast", "low contrast, bright"}
+    by = {c.metric: c for c in report.changes}
+    assert by["style_gain"].verdict == "better" and by["style_gain"].delta > by["style_gain"].band == pytest.approx(0.03)
+    assert by["adherence"].verdict == "same" and by["adherence"].before is not None  # measured, within its band
+    assert by["invalid_images"].verdict == "same"
+    assert set(report.held_out_prompts).isdisjoint(report.search_prompts)
+    # Saved with its held-out evidence, and what the server/UI now use for the style.
+    assert saved == N.store_path(tmp_path)
+    assert N.default_negative(tmp_path, style="impressionist") == report.best
+    evidence = yaml.safe_load(saved.read_text())["style:impressionist"]["evidence"]
+    assert evidence["improvement"]["style_gain"] > 0.03 and evidence["seeds"] == [0, 1, 2]
 
 
 def test_the_cli_refuses_two_targets_with_a_message(tmp_path):
