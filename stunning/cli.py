@@ -709,6 +709,97 @@ def blends_promote(
                   highlight=False, soft_wrap=True)
 
 
+# --------------------------------------------------------------------------- export (ONNX, Core ML)
+
+export_app = typer.Typer(help="Export a model folder's denoiser for deployment: ONNX, Core ML.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+_EXPORT_MODEL = typer.Option("--model", help="a diffusers model folder: the fused model (models/merged/fused) or a base")
+_EXPORT_HINT = ("pass a diffusers model folder with --model: the fused model `dvc repro merge` writes "
+                "(models/merged/fused), a base model folder, or stunning/assets/micro")
+
+
+def _export_call(model: Path, run) -> dict:
+    """Run an exporter, turning a bad folder/option into exit 2 with the fix."""
+    from stunning.export import ExportError
+    from stunning.families import ModelNotFoundError
+
+    if not model.is_dir():
+        fail(f"{model} is not a folder; {_EXPORT_HINT}")
+    try:
+        return run()
+    except ModelNotFoundError as exc:
+        fail(f"{exc} ({_EXPORT_HINT})")
+    except KeyError as exc:
+        fail(f"--family: {exc.args[0]}")
+    except ExportError as exc:
+        fail(f"{model}: {exc}")
+
+
+def _export_io_table(report: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("", "name", "shape", "dtype"):
+        table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for item in report[kind]:
+            table.add_row(kind[:-1], item["name"], "x".join(str(d) for d in item["shape"]), item["dtype"])
+    return table
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: Annotated[Path, _EXPORT_MODEL],
+    out: Annotated[Path, typer.Option("--out", help="output folder: denoiser.onnx [+ .data] and export.json")],
+    family: Annotated[str | None, typer.Option(help="model family (default: read from model_index.json)")] = None,
+    batch: Annotated[int, typer.Option(help="images per denoiser call the fixed shapes are made for")] = 1,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="guidance of the sampler (>1 doubles the batch)")] = 4.0,
+    exporter: Annotated[str, typer.Option(help="dynamo (torch.export, default) or torchscript (legacy tracer)")] = "dynamo",
+    external_data: Annotated[bool | None, typer.Option("--external-data/--single-file", help="weights in denoiser.onnx.data (default: only above 1 GiB)")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check with ONNX Runtime: max abs error and image PSNR vs torch")] = True,
+    steps: Annotated[int, typer.Option(help="sampling steps of the image check")] = 8,
+) -> None:
+    """Export the denoiser to ONNX with fixed shapes and check it against torch with ONNX Runtime."""
+    from stunning.export.onnx import export_onnx
+
+    r = _export_call(model, lambda: export_onnx(
+        model, out, family=family, batch=batch, guidance_scale=guidance_scale, exporter=exporter,
+        external_data=external_data, verify=verify, steps=steps))
+    console.print(_export_io_table(r, f"{r['family']} {r['component']} -> {r['path']}"))
+    line = f"{r['bytes'] / 1e6:.2f} MB ({', '.join(r['files'])}), opset {r['opset']}, {r['exporter']} exporter"
+    if verify:
+        psnr = "identical images" if r["psnr_db_min"] is None else f"min PSNR {r['psnr_db_min']:.1f} dB"
+        line += f"; max abs error {r['max_abs_error']:.2e}; {psnr} ({r['identical_images']}/{len(r['images'])} identical)"
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+@export_app.command("coreml")
+def export_coreml_cmd(
+    model: Annotated[Path, _EXPORT_MODEL],
+    out: Annotated[Path, typer.Option("--out", help="output folder: denoiser.mlpackage, denoiser-<n>bit.mlpackage, export.json")],
+    family: Annotated[str | None, typer.Option(help="model family (default: read from model_index.json)")] = None,
+    batch: Annotated[int, typer.Option(help="images per denoiser call the fixed shapes are made for")] = 1,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="guidance of the sampler (>1 doubles the batch)")] = 4.0,
+    nbits: Annotated[list[int] | None, typer.Option("--nbits", help="palettization bit widths (repeat; default 8, 6, 4)")] = None,
+    mode: Annotated[str, typer.Option(help="palettization: kmeans (better, minutes) or uniform (seconds)")] = "kmeans",
+    precision: Annotated[str, typer.Option(help="float weights of the package: float16 (Neural Engine) or float32")] = "float16",
+) -> None:
+    """Convert the denoiser to a Core ML package, palettize it, and compare every palettized layer with torch."""
+    from stunning.export.coreml import DEFAULT_NBITS, export_coreml
+
+    r = _export_call(model, lambda: export_coreml(
+        model, out, family=family, batch=batch, guidance_scale=guidance_scale, nbits=tuple(nbits or DEFAULT_NBITS),
+        mode=mode, precision=precision))
+    console.print(_export_io_table(r, f"{r['family']} {r['component']} -> {r['path']}"))
+    table = Table(title=f"palettization ({r['palettization']['mode']}, per tensor) vs the torch weights")
+    for col in ("package", "MB", "palettized layers", "mean rel. RMS error", "max rel. RMS error"):
+        table.add_column(col)
+    for w in r["weights"].values():
+        table.add_row(w["package"], f"{w['bytes'] / 1e6:.2f}", str(w["palettized_layers"]),
+                      f"{w['rel_rms_error_mean']:.4f}", f"{w['rel_rms_error_max']:.4f}")
+    console.print(table)
+    console.print(f"prediction: {r['prediction'].get('skipped') or r['prediction']}", highlight=False, soft_wrap=True)
+
+
 # Further commands follow the pattern above: options -> one lazily imported library call ->
 # rendering; user errors via fail().
 
