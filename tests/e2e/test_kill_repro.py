@@ -2,7 +2,7 @@
 
 A copy of the tiny reproduced project (`tiny_dag_project`) is the reference. For each stage
 in DAG order, `dvc repro --force --single-item <stage>` is started in its own process group,
-and once the stage's own process has run for a seeded random time of 0.2-4 s (or as soon as
+and once the stage's own process has run for a seeded random time of 0.2-2.5 s (or as soon as
 it has ended, while DVC commits its outputs to the cache and writes dvc.lock, for stages
 shorter than that) the whole group — DVC and the stage — is killed with SIGKILL, as a power
 cut or an OOM kill would. `dvc repro --single-item <stage>` then
@@ -41,6 +41,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.dvc_runner import repair_state
 from tests.factories import project_env, run_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -167,9 +168,9 @@ def test_kill_9_during_every_stage_then_rerun_gives_the_same_outputs(tiny_dag_pr
             run_in(root, sys.executable, "-m", "dvc", "repro", "--single-item", stage)
         before = snapshot(root, outs)
         versions = _registry_versions(root) if stage == "register" else None
-        where = kill_during(root, stage, delay=rng.uniform(0.2, 4.0))
+        where = kill_during(root, stage, delay=rng.uniform(0.2, 2.5))
         # The rerun is what `make run` and the flows do: repair DVC's state, then `dvc repro`.
-        run_in(root, sys.executable, "-m", "flows.dvc_runner", "repair")
+        repair_state(root)
         rerun = run_in(root, sys.executable, "-m", "dvc", "repro", "--single-item", stage, check=False)
         log.append(f"{stage}: killed {where}; rerun rc {rerun.returncode}")
         assert rerun.returncode == 0, "\n".join(log) + f"\n{rerun.stdout[-2000:]}\n{rerun.stderr[-2000:]}"
