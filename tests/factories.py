@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -293,6 +294,7 @@ def register_tiny_champion(root: Path, base: Path, model_name: str | None = None
 
     if not (root / "params.yaml").is_file():
         shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    seed_store(root)
     torch.manual_seed(seed)
     pipe = get_family("sd3").load_pipeline(base, torch.device("cpu"), torch.float32)
     candidate = root / f"candidate-{model_name or 'default'}-{seed}"
@@ -626,14 +628,37 @@ def gate_report(passed: bool, gain: float = 0.4, reasons: list[str] | None = Non
     }
 
 
+_STORE_TEMPLATE: list[Path] = []  # this process's empty MLflow database, made once
+
+
+def seed_store(root: Path) -> Path:
+    """Give the project at `root` an empty MLflow store (default RegistryConfig) by copying a
+    template database made once per test process: creating one runs MLflow's migrations
+    (2-4 s), a copy is opened in a tenth of a second (the store relocates its artifact root to
+    `root` on open, as for any copied project). Does nothing if `root` has a store; returns `root`."""
+    from stunning.config import RegistryConfig
+    from stunning.tracking import configure_mlflow
+
+    db = Path(root) / "mlruns" / "mlflow.db"
+    if db.exists():
+        return root
+    if not _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="stunning-store-template-"))
+        configure_mlflow(RegistryConfig(), template)
+        _STORE_TEMPLATE.append(template / "mlruns" / "mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return root
+
+
 def make_registry_store(root: Path) -> Path:
     """`root` as a project root whose MLflow registry database (default RegistryConfig) is
-    created, empty (no aliases); returns `root`. Creating one costs seconds: build it once per
-    module and give each test its own model name."""
+    created, empty (no aliases); returns `root`. Give each test its own model name."""
     from stunning.config import RegistryConfig
     from stunning.registry import aliases
     from stunning.tracking import configure_mlflow
 
+    seed_store(root)
     configure_mlflow(RegistryConfig(), root)
     assert aliases(RegistryConfig(), root) == {}
     return root

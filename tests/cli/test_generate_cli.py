@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stunning.cli import app
-from tests.factories import random_lora
+from tests.factories import random_lora, seed_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def project(tmp_path_factory, tiny_base, one_torch_thread) -> Path:
     from stunning.families import get_family
     from stunning.registry import register_candidate
 
-    root = tmp_path_factory.mktemp("generate")
+    root = seed_store(tmp_path_factory.mktemp("generate"))
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     torch.manual_seed(0)
     pipe = get_family("sd3").load_pipeline(tiny_base, torch.device("cpu"), torch.float32)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from stunning.config import RegistryConfig
 from stunning.serve import ServeSettings
-from tests.factories import random_lora
+from tests.factories import random_lora, seed_store
 
 MODEL = "serve-test"
 # These tests are about generation, not guarding it: no keys, no rate limit, no alias polling
@@ -48,7 +48,7 @@ def champion(tmp_path_factory, tiny_base) -> Path:
     """A project root whose registry holds `serve-test` v1 as @champion; returns the root."""
     from stunning.registry import register_candidate
 
-    root = tmp_path_factory.mktemp("serve")
+    root = seed_store(tmp_path_factory.mktemp("serve"))
     dirs = _make_adapters(tiny_base, root / "candidate")
     gate = {"passed": True, "checks": [], "reasons": [], "candidate": {}}
     result = register_candidate(RegistryConfig(model_name=MODEL), gate, dirs, tiny_base, "sd3", {}, root=root)

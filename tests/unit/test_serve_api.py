@@ -20,7 +20,7 @@ from PIL import Image
 
 from stunning.config import RegistryConfig
 from stunning.serve import ServeSettings, UnsafeBindError, check_bind, run_server
-from tests.factories import random_lora
+from tests.factories import random_lora, seed_store
 
 MODEL = "api-test"
 REQUEST = {"prompt": "a red dress", "seed": 5, "steps": 2, "style": "noir"}
@@ -50,7 +50,7 @@ def _register(root: Path, base: Path, cfg: RegistryConfig, candidate: dict[str, 
 def project(tmp_path_factory, tiny_base) -> dict:
     """A registry holding `api-test` v1 (one style, `noir`) as @champion, and a second set of
     adapters (other weights) for the hot-switch test to register as v2."""
-    root = tmp_path_factory.mktemp("api")
+    root = seed_store(tmp_path_factory.mktemp("api"))
     first = _adapters(tiny_base, root / "first", seed=1)
     second = _adapters(tiny_base, root / "second", seed=2)
     assert _register(root, tiny_base, RegistryConfig(model_name=MODEL), first) == 1
