@@ -85,15 +85,22 @@ def test_preview_images_are_small_and_fast(micro):
         previewer.image(torch.randn(1, 16, 8, 8))
 
 
-def test_previewer_fits_a_unet_family_vae(tiny_sd_unet):
+@pytest.mark.parametrize("family_name, fixture", [("sd-unet", "tiny_sd_unet"), ("sdxl", "tiny_sdxl"),
+                                                  ("flux", "tiny_flux")])
+def test_every_family_previews_its_sampling_steps(family_name, fixture, request):
+    """The previewer fits each family's VAE, and a preview of the latents the sampler hands
+    `on_step` (FLUX unpacks its 2x2 patches first) is an image after every step."""
     import torch
 
     from stunning.families import get_family
     from stunning.studio.preview import fit_previewer
 
-    family = get_family("sd-unet")
-    pipe = family.load_pipeline(tiny_sd_unet, torch.device("cpu"), torch.float32)
+    family = get_family(family_name)
+    pipe = family.load_pipeline(request.getfixturevalue(fixture), torch.device("cpu"), torch.float32)
     previewer = fit_previewer(pipe, family, n_images=8)
     channels = pipe.vae.config.latent_channels
     assert previewer.weight.shape == (3, channels) and torch.isfinite(previewer.weight).all()
-    assert previewer.image(torch.randn(1, channels, 8, 8)).size == (128, 128)
+    frames = []
+    family.generate(pipe, ["a red dress"], [0], 3, 4.0, on_step=lambda i, n, lat: frames.append(previewer.image(lat)))
+    assert len(frames) == 3 and all(f.size == (128, 128) for f in frames)
+    assert len(set(frames[-1].getdata())) > 1  # not a flat colour
