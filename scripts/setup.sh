@@ -23,7 +23,9 @@ if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing chromium (apt-get) for the studio browser test"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+    # The package lists may be current already; refresh them only if the first try fails.
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 || true; apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
       || echo "setup: could not install chromium; the studio browser test will be skipped (it fails under CI=true)" >&2
   else
     echo "setup: /usr/bin/chromium is missing; install it for the studio browser test, e.g." \
