@@ -45,8 +45,31 @@ CLONE_GROUPS = {
 }
 
 
+# Modules whose module-scoped fixture costs seconds (a Core ML conversion, a trained adapter, a
+# registered champion): one work unit each, so the fixture is built on one worker only (split
+# over both workers, the Core ML conversion ran twice: +29 s).
+MODULE_UNITS = (
+    "tests/unit/test_export_coreml.py",
+    "tests/unit/test_export_onnx.py",
+    "tests/unit/test_studio_negatives.py",
+    "tests/unit/test_serve.py",
+    "tests/unit/test_serve_api.py",
+    "tests/unit/test_studio_app.py",
+    "tests/stages/test_merge_validate.py",
+    "tests/cli/test_generate_cli.py",
+    "tests/unit/test_lora_roundtrip.py",
+    "tests/unit/test_registry.py",
+    "tests/unit/test_mlflow_store.py",
+)
+
+
 def _clone_group(nodeid: str) -> str | None:
     return next((group for prefix, group in CLONE_GROUPS.items() if nodeid.startswith(prefix)), None)
+
+
+def _work_unit(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    return _clone_group(nodeid) or (module if module in MODULE_UNITS else nodeid)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,7 +84,8 @@ def pytest_collection_modifyitems(config, items):
         group = rank.get(_clone_group(item.nodeid))
         if group is not None:
             return (0, group)
-        return (1, 0) if item.nodeid.split("::")[0] in slow_modules else (2, 0)
+        module = item.nodeid.split("::")[0]
+        return (1, 0) if module in slow_modules or module in MODULE_UNITS else (2, 0)
 
     items.sort(key=key)  # stable: equal keys keep their order
 
@@ -72,11 +96,12 @@ if importlib.util.find_spec("xdist") is not None:
         from xdist.scheduler import LoadScopeScheduling
 
         class CloneGroupScheduling(LoadScopeScheduling):
-            """One work unit per clone group; every other test is a unit of its own (whole
-            modules as units measured 23 s slower: the workers finish further apart)."""
+            """One work unit per clone group and per module of :data:`MODULE_UNITS`; every other
+            test is a unit of its own (all modules as units measured 23 s slower: the workers
+            finish further apart)."""
 
             def _split_scope(self, nodeid: str) -> str:
-                return _clone_group(nodeid) or nodeid
+                return _work_unit(nodeid)
 
         config.option.loadscopereorder = False  # keep the collection order above
         return CloneGroupScheduling(config, log)
