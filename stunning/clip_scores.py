@@ -95,15 +95,18 @@ class ClipScorer:
                     input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))))
         return torch.cat(out)
 
-    def text_image(self, images: list[Image.Image], prompts: list[str]) -> float:
-        """Mean cosine similarity of each image with its prompt."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        return float((self.images(images) * self.texts(prompts)).sum(-1).mean())
+    def text_image(self, images: list[Image.Image], texts: torch.Tensor) -> float:
+        """Mean cosine similarity of each image with its prompt (`texts`: :meth:`texts` of the prompts)."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images for {len(texts)} prompts")
+        return float((self.images(images) * texts).sum(-1).mean())
 
-    def style_image(self, images: list[Image.Image], references: list[Image.Image]) -> float:
-        """Mean cosine similarity of each image with the centroid of the references."""
-        centroid = _unit(self.images(references).mean(0, keepdim=True))
+    def centroid(self, references: list[Image.Image]) -> torch.Tensor:
+        """The unit-norm mean embedding of the references, shape (1, dim)."""
+        return _unit(self.images(references).mean(0, keepdim=True))
+
+    def style_image(self, images: list[Image.Image], centroid: torch.Tensor) -> float:
+        """Mean cosine similarity of each image with a references' :meth:`centroid`."""
         return float((self.images(images) @ centroid.T).mean())
 
 
@@ -137,10 +140,11 @@ def clip_report(
         return {"measured": False, "model": name, "reason": str(exc)}
     styles: dict[str, dict[str, float]] = {}
     for style, d in sorted(adapters.items()):
-        base_text = scorer.text_image(d["base_images"], d["base_prompts"])
-        adapter_text = scorer.text_image(d["adapter_images"], d["base_prompts"])
-        base_style = scorer.style_image(d["base_images"], d["references"])
-        adapter_style = scorer.style_image(d["adapter_images"], d["references"])
+        texts, centroid = scorer.texts(d["base_prompts"]), scorer.centroid(d["references"])  # once per style
+        base_text = scorer.text_image(d["base_images"], texts)
+        adapter_text = scorer.text_image(d["adapter_images"], texts)
+        base_style = scorer.style_image(d["base_images"], centroid)
+        adapter_style = scorer.style_image(d["adapter_images"], centroid)
         styles[style] = {
             "text_image_base": round(base_text, 6),
             "text_image_adapter": round(adapter_text, 6),

@@ -436,15 +436,16 @@ def register_candidate(
     metrics = gate_metrics(gate)
     digest = content_hash(adapters)
     before = _aliases(client, name) if versions else {}
+    existing = {v: client.get_model_version(name, str(v)) for v in versions}  # read once, used twice below
     rolled_back = []
-    for v in versions:
-        vtags = client.get_model_version(name, str(v)).tags
+    for v, mv in existing.items():
+        vtags = mv.tags
         if digest is not None and vtags.get("content_hash") == digest and vtags.get("rolled_back") == "true" \
                 and before.get(CHAMPION) != v:
             rolled_back.append(v)
     promote, held = promotion_decision(passed, mode, experiment, promote_experiments, rolled_back)
     gate_digest = _digest(gate)
-    resumed = _pending_registration(client, name, versions, digest, gate_digest)
+    resumed = _pending_registration(client, name, existing, digest, gate_digest)
 
     extra = {"gate_mode": mode, "content_hash": digest or "none", "gate_digest": gate_digest, REGISTRATION: "pending"}
     if mode == "dry_run":
@@ -456,8 +457,8 @@ def register_candidate(
     if held:
         extra["not_promoted_reason"] = _truncate("; ".join(held))
     if resumed is not None:
-        version, run_id = resumed, client.get_model_version(name, str(resumed)).run_id
-        manifest = _manifest_of(client, name, version)
+        version, run_id = resumed, existing[resumed].run_id
+        manifest = _manifest_of(existing[resumed].tags)
         log.info("finishing the interrupted registration of v%s (same candidate and gate report)", version)
     else:
         with tempfile.TemporaryDirectory(prefix="stunning-register-") as tmp:
@@ -540,7 +541,7 @@ def _digest(report: dict[str, Any]) -> str:
 
 
 def _pending_registration(
-    client: MlflowClient, name: str, versions: list[int], content: str | None, gate_digest: str,
+    client: MlflowClient, name: str, existing: dict[int, Any], content: str | None, gate_digest: str,
 ) -> int | None:
     """The interrupted (`pending`) version this registration finishes, if any.
 
@@ -550,8 +551,8 @@ def _pending_registration(
     holds an alias, because aliases are set only after a version's tags.
     """
     found = None
-    for v in versions:
-        tags = client.get_model_version(name, str(v)).tags
+    for v, mv in existing.items():
+        tags = mv.tags
         if tags.get(REGISTRATION) != "pending":
             continue
         if found is None and content is not None and tags.get("content_hash") == content \
@@ -567,9 +568,8 @@ def _pending_registration(
     return found
 
 
-def _manifest_of(client: MlflowClient, name: str, version: int) -> dict[str, Any]:
+def _manifest_of(tags: dict[str, str]) -> dict[str, Any]:
     """What the registration result needs of a version's manifest, from its creation tags."""
-    tags = client.get_model_version(name, str(version)).tags
     return {
         "family": tags.get("base_family"),
         "base": tags.get("base"),

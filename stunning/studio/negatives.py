@@ -670,19 +670,33 @@ def store_path(root: str | Path) -> Path:
     return Path(root) / "studio" / "negatives.yaml"
 
 
+# The parsed store by path, with the (mtime, size) it was read at: the server looks a default
+# up on every request, and the file changes only when `stunning negatives optimize` saves one.
+_STORE_CACHE: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
 def _read_store(root: str | Path) -> dict[str, Any]:
+    import copy
+
     import yaml
 
     path = store_path(root)
-    if not path.is_file():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return {}
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _STORE_CACHE.get(path)
+    if cached is not None and cached[0] == stamp:
+        return copy.deepcopy(cached[1])
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise NegativesInputError(f"{path}: cannot read the saved negative prompts ({exc}); fix or delete the file") from None
     if not isinstance(data, dict):
         raise NegativesInputError(f"{path}: expected a mapping of targets (style:<name>, blend:<name>); fix or delete the file")
-    return data
+    _STORE_CACHE[path] = (stamp, data)
+    return copy.deepcopy(data)
 
 
 def save_default_negative(root: str | Path, target: str, negative_prompt: str, evidence: Mapping[str, Any]) -> Path:
