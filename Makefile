@@ -1,5 +1,6 @@
 # The two quickstart commands: `make run` (set up + run the whole DAG) and `make test`.
 .PHONY: setup run test test-fast lint
+.PHONY: push pull deploy worker
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 # Stage commands in dvc.yaml say `python`: make that the project environment.
@@ -25,3 +26,19 @@ test-fast: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+# Team setup (README): share data, adapters and models through the DVC default remote, and
+# run the Prefect deployments of prefect.yaml on workers (each in its own clone, like this one).
+POOL ?= stunning
+
+push: setup
+	.venv/bin/dvc push
+
+pull: setup
+	.venv/bin/dvc pull
+
+deploy: setup
+	.venv/bin/python -m flows.deploy --pool $(POOL)
+
+worker: setup
+	STUNNING_ROOT=$(CURDIR) STUNNING_POOL=$(POOL) .venv/bin/prefect worker start --pool $(POOL)

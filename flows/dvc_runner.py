@@ -87,6 +87,28 @@ def repro(targets: list[str], root: Path | None = None) -> ReproResult:
     return ReproResult(targets=targets, ran=_RAN.findall(out), skipped=_SKIPPED.findall(out), output=out)
 
 
+def default_remote(root: Path | None = None) -> str | None:
+    """The name of the DVC default remote (`dvc remote add -d NAME URL`, at any config level),
+    or None when none is set: the shipped project has none, so a plain `make run` needs none."""
+    from dvc.config import Config
+
+    return Config(dvc_dir=str((root or project_root()) / ".dvc"))["core"].get("remote") or None
+
+
+def transfer(direction: str, root: Path | None = None, remote: str | None = None,
+             targets: list[str] | None = None) -> str:
+    """`dvc push` / `dvc pull` (the default remote, or `remote`); returns DVC's summary line
+    (e.g. "12 files pushed", "Everything is up to date.")."""
+    if direction not in ("push", "pull"):
+        raise ValueError(f"direction must be push or pull, not {direction!r}")
+    root = root or project_root()
+    proc = _dvc([direction, *(["-r", remote] if remote else []), *(targets or [])], root)
+    out = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        raise DvcError(f"dvc {direction} failed (exit {proc.returncode}):\n{out[-4000:]}")
+    return out.splitlines()[-1] if out else ""
+
+
 def status(root: Path | None = None) -> dict:
     """`dvc status --json`: {stage: [changes]} for every stage that is not up to date."""
     root = root or project_root()

@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dvc_runner import ReproResult, repro
+from flows.fanout import fan_out
 
 # Phase → DVC stages, in DAG order. The names match dvc.yaml.
 PHASES: dict[str, list[str]] = {
@@ -15,7 +16,7 @@ PHASES: dict[str, list[str]] = {
     "dataset-curation": ["curate"],
     "training": ["train"],
     "merge-quantize": ["merge"],
-    "validation": ["champion", "validate"],
+    "validation": ["champion", "validate", "export"],
     "backend-integration": ["register"],
     "documentation": ["docs"],
     "user-handoff": ["handoff"],
@@ -67,6 +68,11 @@ def dataset_curation() -> dict:
 
 @flow(name="5-training", log_prints=True)
 def training() -> dict:
+    # On a worker with other workers online, styles train in parallel flow runs first; the
+    # DVC stage then resumes each from its last checkpoint (flows/fanout.py).
+    groups = fan_out()
+    if groups:
+        print(f"trained in parallel flow runs: {groups}")
     return _run_phase("training")
 
 

@@ -1,11 +1,17 @@
-"""The full-pipeline flow: the ten phase flows in order, each a subflow in the Prefect UI."""
+"""The full-pipeline flow: the ten phase flows in order, each a subflow in the Prefect UI.
+
+When the project has a default DVC remote (a team remote: README, Team setup), the flow
+pushes what it produced at the end, so a run on a worker machine is available to the
+others with `dvc pull` once its `dvc.lock` is committed. Without one (the shipped
+project) nothing is pushed."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
+from flows.dvc_runner import default_remote, project_root, transfer
 from flows.phases import PHASE_FLOWS, PHASES
 
 
@@ -27,7 +33,20 @@ def full_pipeline(out_of_date: list[str] | None = None) -> list[dict]:
     after a budget change starts at validation, not at research). DVC skips the stages whose
     inputs did not change."""
     start = first_phase(out_of_date) if out_of_date else 0
-    return [phase_flow() for phase_flow in PHASE_FLOWS[start:]]
+    results = [phase_flow() for phase_flow in PHASE_FLOWS[start:]]
+    share_outputs()
+    return results
+
+
+def share_outputs() -> str | None:
+    """`dvc push` to the default remote, if one is set; returns DVC's summary line."""
+    root = project_root()
+    remote = default_remote(root)
+    if remote is None:
+        return None
+    summary = transfer("push", root)
+    get_run_logger().info("DVC remote %r: %s", remote, summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage `docs` (phase 9): render the model card from the stage reports.
 
-Reads `reports/{train,validation,gate,registry}.json` (and `environment.json` if present)
-plus the validation grid, and writes `build/model_card/README.md` (Hugging Face model card
+Reads `reports/{train,validation,gate,registry}.json` (and `environment.json`, `export.json`
+(deployment exports) and `quantize.json` (the quantization ladder) if present) plus the
+validation grid, and writes `build/model_card/README.md` (Hugging Face model card
 with YAML front matter) and `build/model_card/grid.png`.
 """
 

@@ -6,8 +6,10 @@ was, its adapters and blends (`--adapters`, `--blends`) go into the bundle; if n
 blocked it, a dry run, an experiment), the current `@champion`'s adapters and blends are read
 from the MLflow registry instead, and with no champion at all the stage refuses (exit 2)
 rather than ship a blocked model. Copies those and the model card into `--out`, adds
-`blends.yaml`, a runnable `example.py` (stock diffusers only), `manifest.json` (which model
-version it carries, and when that version was registered) and `SHA256SUMS`, then verifies
+`blends.yaml`, a runnable `example.py` (stock diffusers only), the deployment exports
+(`--export`, build/export: Core ML, ONNX, the Swift template) under `export/`, `manifest.json`
+(which model version it carries, and when that version was registered) and `SHA256SUMS`
+(covering every file, the exports included), then verifies
 the result. `stunning verify dist/release` re-checks it later.
 """
 
@@ -54,14 +56,20 @@ def released_model(params: Params, registry_report: Path, adapters: Path, blends
     return arts["adapters"], arts["blends"], model, version_created(params.registry, version)
 
 
-def run(params: Params, adapters: Path, blends: Path, model_card: Path, registry_report: Path, out: Path) -> dict[str, Any]:
+def run(params: Params, adapters: Path, blends: Path, model_card: Path, registry_report: Path, out: Path,
+        export: Path | None = None) -> dict[str, Any]:
     """Build the bundle of the promoted model and verify it; a bundle that does not verify is an error."""
     from stunning.bundle import build_bundle, verify_bundle
     from stunning.model_card import base_model_id
 
     adapters, blends, model, created = released_model(params, registry_report, adapters, blends)
+    if export is not None and model.get("source") != "candidate":
+        # build/export holds this run's (unpromoted) fused model, not the champion's: not shipped.
+        log.warning("not bundling %s: it exports the candidate, and the bundle carries @champion", export)
+        model["exports_omitted"] = f"{export} exports the unpromoted candidate"
+        export = None
     summary = build_bundle(out, adapters, blends, model_card, params, base_model=base_model_id(params),
-                           model=model, created=created)
+                           model=model, created=created, export_dir=export)
     result = verify_bundle(out)
     if not result.ok:
         raise RuntimeError(f"the bundle just built does not verify:\n{result.describe()}")
@@ -76,11 +84,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, "--adapters", "--blends", "--model-card", "--registry-report", "--out")
+    ap.add_argument("--export", type=Path, default=None, help="the export stage's folder (dvc.yaml passes build/export)")
     run_stage(
         "handoff",
-        parser(__doc__, "--adapters", "--blends", "--model-card", "--registry-report", "--out"),
+        ap,
         argv,
-        run=lambda params, a: run(params, a.adapters, a.blends, a.model_card, a.registry_report, a.out),
+        run=lambda params, a: run(params, a.adapters, a.blends, a.model_card, a.registry_report, a.out, a.export),
         summary=lambda s, a: _print_summary(s),
         errors=_user_errors,
     )
@@ -91,7 +101,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     which = f"{model.get('source')} version {model.get('version')}" if model else "adapters"
     print(
         f"release bundle {summary['out']} ({which}): {summary['files']} files, {summary['bytes'] / 1e6:.1f} MB, "
-        f"styles {', '.join(summary['styles'])}, blends {', '.join(summary['blends']) or 'none'}; "
+        f"styles {', '.join(summary['styles'])}, blends {', '.join(summary['blends']) or 'none'}, "
+        f"{summary.get('exports', 0)} export files; "
         f"{summary['verified']} checksums verified. Check later with `stunning verify {summary['out']}`."
     )
 

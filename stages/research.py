@@ -2,7 +2,8 @@
 
 Counts each candidate's parameters from its configs (no weights), estimates inference and
 LoRA-training memory at fp32/bf16/fp16/int8/int4, and picks the plan for `params.base`:
-the highest precision whose training fits. Writes `reports/research.json` and a Markdown
+the highest precision whose training fits among those the trainer runs on this device
+(`train.base_precision: auto` trains at it; int8/int4 quantize the frozen denoiser). Writes `reports/research.json` and a Markdown
 table `reports/research.md`.
 """
 

@@ -11,6 +11,11 @@ metrics carry each style's batch size (`train.batch_size: auto` resolved, after 
 for lack of memory) and the seconds the thermal guard paused for heat. Training that diverges
 (non-finite loss) even after `train.max_divergence_retries` rollbacks at half the learning rate
 exits 2 with what to change and writes no adapter.
+
+`train.base_precision` sets the frozen base's precision (QLoRA: int8/int4 quantize the
+denoiser, the adapter stays float32); `auto` takes the plan of the research report
+(`--research`, `reports/research.json`). The precision each style trained at is in the metrics
+(`base_precision`), the adapter's metadata and the MLflow run's params.
 """
 
 from __future__ import annotations
@@ -49,15 +54,36 @@ METRIC_KEYS = (
     "batch_backoffs",
     "thermal_paused_s",
     "thermal_throttled_checks",
+    "base_precision",
 )
 
 
-def preflight(params: Params, base: Path, data: Path, device: str | None) -> None:
+def read_research(path: Path | None) -> dict[str, Any] | None:
+    """The research report at `path` (None: no path given); ConfigError if it is missing or not JSON."""
+    import json
+
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"--research {path}: no such file; run the research stage first (dvc repro research).")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--research {path} is not valid JSON ({exc}); rerun the research stage.") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"--research {path} is not a research report (a JSON object with a 'plan').")
+    return report
+
+
+def preflight(
+    params: Params, base: Path, data: Path, device: str | None, research: dict[str, Any] | None = None,
+    research_path: Path | None = None,
+) -> None:
     """Fail on bad input before any model is loaded or any run is recorded."""
     from stunning.device import select_device
     from stunning.families import get_family
     from stunning.training.dataset import CuratedDataset
-    from stunning.training.precision import resolve_mixed_precision
+    from stunning.training.quantized import resolve_base_precision
 
     try:
         family = get_family(params.base.family)
@@ -70,9 +96,10 @@ def preflight(params: Params, base: Path, data: Path, device: str | None) -> Non
         CuratedDataset(data, style, "train")
     try:
         dev = select_device(device)
-        resolve_mixed_precision(params.train.mixed_precision, dev)
     except ValueError as exc:
-        raise ConfigError(f"train.mixed_precision / --device: {exc}") from None
+        raise ConfigError(f"--device: {exc}") from None
+    # train.mixed_precision and train.base_precision (auto: the research plan's) on this device.
+    resolve_base_precision(params.train, dev, research, str(research_path))
 
 
 def loss_table(histories: dict[str, list[float]]) -> list[dict[str, Any]]:
@@ -132,12 +159,16 @@ def run(
     samples: Path | None = None,
     device: str | None = None,
     tracker=None,
+    research: Path | None = None,
 ) -> dict[str, Any]:
-    """Train all styles; write adapters, metrics, plots; return `{"styles": {...}}`."""
+    """Train all styles; write adapters, metrics, plots; return `{"styles": {...}}`.
+
+    `research` is the research report (`train.base_precision: auto` trains at its plan's precision)."""
     from stunning.families import get_family
     from stunning.training.trainer import train_style
 
-    preflight(params, base, data, device)
+    research_report = read_research(research)
+    preflight(params, base, data, device, research_report, research)
     if tracker is None:
         from stunning.tracking import MlflowTracker, configure_mlflow
 
@@ -164,6 +195,8 @@ def run(
                 samples_dir=tmp_samples,
                 # Encoded images/captions, keyed by content: shared by styles and reruns.
                 cache_dir=checkpoints / "_encodings",
+                research=research_report,
+                research_source=str(research),
             )
             histories[style] = summary["loss_history"]
             results[style] = {k: summary[k] for k in METRIC_KEYS}
@@ -185,6 +218,8 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, "--base", "--data", "--out", "--metrics", "--plots", "--plot-image", "--samples", "--checkpoints")
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    ap.add_argument("--research", type=Path, default=None,
+                    help="research report (reports/research.json): its plan is train.base_precision auto's precision")
     run_stage(
         "train",
         ap,
@@ -193,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         run=lambda params, a: (
             run(
                 params, a.base, a.data, a.out, a.metrics, a.plots, a.checkpoints,
-                plot_image=a.plot_image, samples=a.samples, device=a.device,
+                plot_image=a.plot_image, samples=a.samples, device=a.device, research=a.research,
             ),
             params,
         ),
@@ -214,12 +249,13 @@ def _print_summary(report: dict[str, Any], params: Params, args: argparse.Namesp
 
     table = Table(title="LoRA training", caption="val: fixed-noise loss on the val split; base: without the adapter")
     table.add_column("style", no_wrap=True, min_width=max(len(s) for s in report["styles"]))
-    for col in ("steps", "loss", "val", "base val", "steps/s", "peak MB", "time s"):
+    for col in ("steps", "base", "loss", "val", "base val", "steps/s", "peak MB", "time s"):
         table.add_column(col, justify="right")
     for style, r in report["styles"].items():
         table.add_row(
             style,
             str(r["steps"]),
+            str(r.get("base_precision", "n/a")),
             fmt(r["final_loss"]),
             fmt(r["val_loss"]),
             fmt(r["base_val_loss"]),

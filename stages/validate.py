@@ -99,6 +99,7 @@ def run(
     champion_metrics: Path | None = None,
     device: str | None = None,
     champion: Path | None = None,
+    quantize_report: Path | None = None,
 ) -> dict[str, Any]:
     """Validate, gate, write `metrics` and `gate` (always, pass or fail); return a summary."""
     from stunning import gate as gate_mod
@@ -146,6 +147,7 @@ def run(
             "champion_source": champion_source,
             "content_hash": content_hash(adapters),
         },
+        quantize_report=read_json(quantize_report) if quantize_report is not None and Path(quantize_report).is_file() else None,
     )
     for key, value in eval_metrics(body).items():
         report.metrics.setdefault(key, value)
@@ -183,13 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON of metrics to compare with instead of the --champion record's (e.g. an earlier gate report)",
     )
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    ap.add_argument("--quantize-report", type=Path, default=None,
+                    help="reports/quantize.json: the gate reports the quantization choice and blocks when none passed")
     run_stage(
         "validate",
         ap,
         argv,
         run=lambda params, a: run(
             params, a.base, a.adapters, a.merged, a.data, a.out, a.metrics, a.gate,
-            a.merge_report, a.champion_metrics, a.device, a.champion,
+            a.merge_report, a.champion_metrics, a.device, a.champion, a.quantize_report,
         ),
         summary=_print_summary,
         errors=_user_errors,

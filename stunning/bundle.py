@@ -2,7 +2,9 @@
 
 `build_bundle` assembles `dist/release/`: the style adapters, the pre-computed blends,
 `blends.yaml`, the model card (README.md + grid), a runnable `example.py` that needs only
-stock diffusers, a `manifest.json` (files, sizes, hashes, params hash) and `SHA256SUMS`
+stock diffusers, the deployment exports under `export/` (Core ML packages, the ONNX denoiser,
+the Swift app template: the export stage's build/export, when given), a `manifest.json`
+(files, sizes, hashes, params hash) and `SHA256SUMS`
 in the format of GNU `sha256sum` so a user can check the bundle with
 `sha256sum -c SHA256SUMS` as well as with `stunning verify dist/release`.
 
@@ -223,6 +225,7 @@ def build_bundle(
     *,
     model: dict[str, Any] | None = None,
     created: str | None = None,
+    export_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Assemble the release folder `out_dir` atomically; returns a summary.
 
@@ -232,7 +235,8 @@ def build_bundle(
     `model` (which registered model the adapters are, e.g. ``{"source": "champion",
     "version": 3}``) goes into the manifest; `created` is its build time (default:
     SOURCE_DATE_EPOCH, else now) — the handoff stage passes the registered version's
-    creation time, so a rebuild of the same model writes the same bytes.
+    creation time, so a rebuild of the same model writes the same bytes. `export_dir` (the export
+    stage's folder, with its export.json) is copied to `export/`; None: the bundle has no exports.
     """
     from stunning.io import atomic_dir
 
@@ -245,6 +249,8 @@ def build_bundle(
         _check_adapter_dir(blends_dir / blend.name, f"blend {blend.name!r}", "Run the `merge` stage first.")
     if not (model_card_dir / "README.md").is_file():
         raise BundleError(f"{model_card_dir / 'README.md'} not found. Run the `docs` stage first.")
+    if export_dir is not None and not (Path(export_dir) / "export.json").is_file():
+        raise BundleError(f"{Path(export_dir) / 'export.json'} not found. Run the `export` stage first.")
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -269,6 +275,8 @@ def build_bundle(
             encoding="utf-8",
         )
         (tmp / "example.py").write_text(render_example(params, base_model), encoding="utf-8")
+        if export_dir is not None:
+            _copy_tree(Path(export_dir), tmp / "export")
 
         files = [
             {"path": rel, "size": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
@@ -287,6 +295,7 @@ def build_bundle(
             },
             "styles": styles,
             "blends": [b.name for b in blends],
+            "exports": export_dir is not None,
             "files": files,
         }
         if model is not None:
@@ -305,6 +314,7 @@ def build_bundle(
         "blends": [b.name for b in blends],
         "params_sha256": manifest["params_sha256"],
         "model": manifest.get("model"),
+        "exports": sum(1 for f in files if f["path"].startswith("export/")),
     }
 
 

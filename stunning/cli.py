@@ -295,10 +295,22 @@ def keys_revoke(
     console.print(f"revoked API key {record.id} ({record.name or 'no name'})", highlight=False)
 
 
+_EXPECT_CHAMPION = typer.Option(
+    "--expect-champion", min=0,
+    help="act only if @champion still is this version (0: no champion); refused if another promotion or rollback "
+         "moved it meanwhile (compare-and-set)",
+)
+
+
+def _expected(value: int | None) -> dict[str, int | None]:
+    return {} if value is None else {"expected_champion": value or None}
+
+
 @app.command()
 def rollback(
     params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
     reason: Annotated[str, typer.Option(help="why; recorded as a tag on the version")] = "manual rollback",
+    expect_champion: Annotated[int | None, _EXPECT_CHAMPION] = None,
 ) -> None:
     """Move @champion back to @previous-champion."""
     from stunning.registry import RegistryError
@@ -306,7 +318,7 @@ def rollback(
 
     p = _load_params(params)
     try:
-        result = do_rollback(p.registry, root=params.resolve().parent, reason=reason)
+        result = do_rollback(p.registry, root=params.resolve().parent, reason=reason, **_expected(expect_champion))
     except RegistryError as exc:
         fail(str(exc))
     console.print(result)
@@ -317,6 +329,7 @@ def promote(
     version: Annotated[int, typer.Argument(help="the registry version to make @champion")],
     params: Annotated[Path, typer.Option("--params", help="the project's params.yaml")] = Path("params.yaml"),
     reason: Annotated[str, typer.Option(help="why; recorded as a tag on the version")] = "manual promotion",
+    expect_champion: Annotated[int | None, _EXPECT_CHAMPION] = None,
 ) -> None:
     """Move @champion to VERSION (e.g. a `dvc exp run` candidate); its gate must have passed.
 
@@ -326,7 +339,8 @@ def promote(
 
     p = _load_params(params)
     try:
-        result = do_promote(p.registry, version, root=params.resolve().parent, reason=reason)
+        result = do_promote(p.registry, version, root=params.resolve().parent, reason=reason,
+                            **_expected(expect_champion))
     except RegistryError as exc:
         fail(str(exc))
     if result["promoted"]:
@@ -334,6 +348,41 @@ def promote(
         console.print(f"PROMOTED v{version} to @champion" + (f" (previous v{prev} kept as @previous-champion)" if prev else ""))
     else:
         console.print("; ".join(result["reasons"]))
+
+
+registry_app = typer.Typer(help="The MLflow tracking server and model registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("server")
+def registry_server(
+    backend_store_uri: Annotated[str, typer.Option("--backend-store-uri", help="the SQL database of runs and the "
+                                                   "registry: sqlite:///PATH or postgresql+psycopg://USER:PW@HOST/DB")]
+    = "sqlite:///mlruns/server/mlflow.db",
+    artifacts_destination: Annotated[str, typer.Option("--artifacts-destination", help="where the server keeps "
+                                                       "artifacts (a folder, or s3://...)")] = "mlruns/server/artifacts",
+    host: Annotated[str, typer.Option(help="interface to bind (0.0.0.0: the whole network; put it behind auth)")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 5000,
+    workers: Annotated[int | None, typer.Option(help="server worker processes (default: MLflow's)")] = None,
+) -> None:
+    """Run a shared MLflow tracking server with served artifacts (`mlflow server --serve-artifacts`).
+
+    Point every machine at it with `registry.tracking_uri: http://HOST:PORT` in params.yaml."""
+    import os
+    import shlex
+
+    from stunning.mlflow_server import server_command, server_uri
+
+    try:
+        cmd = server_command(backend_store_uri, artifacts_destination, host, port, workers)
+    except ValueError as exc:
+        fail(str(exc))
+    if backend_store_uri.startswith("sqlite:///"):
+        Path(cmd[cmd.index("--backend-store-uri") + 1].removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    err_console.print(f"registry.tracking_uri: {server_uri(host, port)}", highlight=False, soft_wrap=True)
+    err_console.print(f"$ {shlex.join(cmd)}", highlight=False, soft_wrap=True)
+    os.execv(cmd[0], cmd)  # the server in the foreground: Ctrl+C stops it
 
 
 def _batch_size(value: str | None) -> int | str | None:
@@ -775,29 +824,33 @@ def export_onnx_cmd(
 @export_app.command("coreml")
 def export_coreml_cmd(
     model: Annotated[Path, _EXPORT_MODEL],
-    out: Annotated[Path, typer.Option("--out", help="output folder: denoiser.mlpackage, denoiser-<n>bit.mlpackage, export.json")],
+    out: Annotated[Path, typer.Option("--out", help="output folder: <part>.mlpackage, <part>-<n>bit.mlpackage, export.json")],
     family: Annotated[str | None, typer.Option(help="model family (default: read from model_index.json)")] = None,
-    batch: Annotated[int, typer.Option(help="images per denoiser call the fixed shapes are made for")] = 1,
+    batch: Annotated[int, typer.Option(help="images per call the fixed shapes are made for")] = 1,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="guidance of the sampler (>1 doubles the batch)")] = 4.0,
     nbits: Annotated[list[int] | None, typer.Option("--nbits", help="palettization bit widths (repeat; default 8, 6, 4)")] = None,
     mode: Annotated[str, typer.Option(help="palettization: kmeans (better, minutes) or uniform (seconds)")] = "kmeans",
     precision: Annotated[str, typer.Option(help="float weights of the package: float16 (Neural Engine) or float32")] = "float16",
+    component: Annotated[list[str] | None, typer.Option("--component", help="only these parts (repeat): denoiser, vae_decoder, vae_encoder, text_encoder, text_encoder_2")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image size the shapes are fixed for (default: the model's)")] = None,
 ) -> None:
-    """Convert the denoiser to a Core ML package, palettize it, and compare every palettized layer with torch."""
+    """Convert the model's parts to Core ML packages, palettize them, and compare every palettized layer with torch."""
     from stunning.export.coreml import DEFAULT_NBITS, export_coreml
 
     r = _export_call(model, lambda: export_coreml(
         model, out, family=family, batch=batch, guidance_scale=guidance_scale, nbits=tuple(nbits or DEFAULT_NBITS),
-        mode=mode, precision=precision))
-    console.print(_export_io_table(r, f"{r['family']} {r['component']} -> {r['path']}"))
-    table = Table(title=f"palettization ({r['palettization']['mode']}, per tensor) vs the torch weights")
-    for col in ("package", "MB", "palettized layers", "mean rel. RMS error", "max rel. RMS error"):
+        mode=mode, precision=precision, components=component, resolution=resolution))
+    table = Table(title=f"{r['family']} -> {r['path']}: {r['palettization']['mode']} palettization per tensor vs torch")
+    for col in ("package", "inputs", "MB", "palettized layers", "mean rel. RMS error", "max rel. RMS error"):
         table.add_column(col)
-    for w in r["weights"].values():
-        table.add_row(w["package"], f"{w['bytes'] / 1e6:.2f}", str(w["palettized_layers"]),
-                      f"{w['rel_rms_error_mean']:.4f}", f"{w['rel_rms_error_max']:.4f}")
+    for part in r["components"].values():
+        ins = ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))}" for i in part["inputs"])
+        for w in part["packages"].values():
+            table.add_row(w["package"], ins, f"{w['bytes'] / 1e6:.2f}", str(w["palettized_layers"]),
+                          f"{w['rel_rms_error_mean']:.4f}", f"{w['rel_rms_error_max']:.4f}")
     console.print(table)
-    console.print(f"prediction: {r['prediction'].get('skipped') or r['prediction']}", highlight=False, soft_wrap=True)
+    first = next(iter(r["components"].values()))["prediction"]
+    console.print(f"prediction: {first.get('skipped') or first}", highlight=False, soft_wrap=True)
 
 
 # Further commands follow the pattern above: options -> one lazily imported library call ->

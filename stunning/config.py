@@ -169,6 +169,12 @@ class TrainConfig(_Section):
     sample_every: int = Field(0, ge=0)  # 0: only at the end
     seed: int = 0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    # The frozen base's weights (QLoRA, stunning/training/quantized.py): fp32, bf16/fp16 (half
+    # precision weights, trained with that autocast), int8/int4 (the denoiser's Linear/Conv2d
+    # weights quantized with optimum-quanto; the LoRA weights stay float32). auto: the research
+    # plan's precision (reports/research.json, the train stage's --research), or without a plan
+    # the weight type of mixed_precision as before (fp32 on a CPU, bf16/fp16 on a GPU).
+    base_precision: Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"] = "auto"
     sample_prompt: str = "a red dress on a white background"
     # Thermal awareness (stunning/training/thermal.py): every thermal_check_every steps (0: never)
     # read the OS thermal state; while it reports throttling, pause in thermal_pause_s chunks,
@@ -199,6 +205,17 @@ class TrainConfig(_Section):
             raise ValueError("train.instance_prompt is empty; set a prompt with a trigger word or leave it unset")
         return self
 
+    @model_validator(mode="after")
+    def _base_precision(self) -> TrainConfig:
+        half = self.base_precision in ("bf16", "fp16")
+        if half and self.mixed_precision not in ("auto", self.base_precision):
+            raise ValueError(
+                f"train.base_precision={self.base_precision} keeps the frozen weights in {self.base_precision}, "
+                f"which trains only under that autocast: set train.mixed_precision to {self.base_precision} or auto "
+                f"(not {self.mixed_precision}), or train.base_precision to fp32"
+            )
+        return self
+
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, v: object) -> object:
@@ -219,7 +236,26 @@ class MergeConfig(_Section):
         default_factory=lambda: [BlendConfig(name="half-half", weights={"impressionist": 0.5, "noir": 0.5})]
     )
     fuse: str = "half-half"  # which blend (or single style) is fused into the base
-    quantization: Literal["int8-weight"] = "int8-weight"
+    # The quantization ladder (stunning/quantize.py): `auto` tries every level (int8, fp8,
+    # int4, nf4) and keeps the smallest within budgets.min_quantized_psnr,
+    # budgets.max_style_gain_loss and the target's memory; a list tries only those levels.
+    quantization: Literal["auto"] | list[Literal["int8", "fp8", "int4", "nf4"]] = "auto"
+    # Whose memory budget a level must fit: `plan` (reports/research.json) or an Apple chip.
+    target_device: Literal["plan", "apple-8gb", "apple-16gb", "apple-24gb", "apple-32gb"] = "plan"
+    # Reference captions per style drawn to measure the style gain each quantized adapter keeps.
+    style_set_size: int = Field(8, ge=1)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _ladder(cls, v: object) -> object:
+        if v == "int8-weight":
+            raise ValueError("merge.quantization=int8-weight was replaced by the ladder: use [int8] (or auto)")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("merge.quantization=[]: list at least one of int8, fp8, int4, nf4 (or use auto)")
+            if len(set(v)) != len(v):
+                raise ValueError(f"merge.quantization={v}: a level is listed twice")
+        return v
 
 
 class ValidateConfig(_Section):
@@ -278,6 +314,10 @@ class BudgetsConfig(_Section):
     max_adherence_drop: float = 0.10  # prompt adherence (oracle) may fall at most this much below the base
     max_quantized_size_ratio: float = 0.6  # quantized denoiser bytes / fp32 bytes
     max_quantization_mse: float = 0.01  # pixel MSE of quantized vs unquantized outputs
+    # The quantization ladder (merge.quantization): a level is kept only if every variant's
+    # images stay this close to float32 and no adapter loses more style gain than this.
+    min_quantized_psnr: float = 30.0  # dB, images of each variant vs its float32 counterpart
+    max_style_gain_loss: float = 0.05  # style gain (float32) minus style gain (quantized), per adapter
     required: list[str] = Field(
         default_factory=lambda: ["style_gain", "peak_memory_mb", "latency_s", "quantized_size_ratio", "quantization_mse"]
     )
@@ -322,6 +362,14 @@ class BudgetsConfig(_Section):
 
 
 class RegistryConfig(_Section):
+    """Where runs and the model registry live.
+
+    `tracking_uri`: a local SQLite store (relative paths from the project root), or a team's
+    MLflow server, `http(s)://HOST:PORT` (`stunning registry server`; README, Team setup).
+    `artifact_root`: the local store's artifacts folder; with a server the server keeps the
+    artifacts and this folder only caches the versions downloaded from it.
+    """
+
     model_name: str = "stunning-style"
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns/artifacts"
@@ -342,6 +390,47 @@ class GateConfig(_Section):
     mode: Literal["enabled", "dry_run", "disabled"] = "enabled"
 
 
+class CoreMLExportConfig(_Section):
+    """Core ML packages (stunning/export/coreml.py): one float package per part, palettized copies."""
+
+    palettize_bits: list[int] = Field(default_factory=lambda: [8, 6, 4])  # one package per part and width
+    palettize_mode: Literal["uniform", "kmeans"] = "uniform"  # kmeans: better tables, minutes per width
+    precision: Literal["float16", "float32"] = "float16"  # the float package's weights
+    deployment_target: Literal["macOS14", "iOS17", "macOS15", "iOS18"] = "macOS14"  # palettization needs 14/17+
+
+    @field_validator("palettize_bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        bad = [n for n in v if n not in (1, 2, 3, 4, 6, 8)]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(f"export.coreml.palettize_bits={v}: distinct widths of 1, 2, 3, 4, 6 or 8 bits")
+        return v
+
+
+class OnnxExportConfig(_Section):
+    """The ONNX denoiser (stunning/export/onnx.py), checked with ONNX Runtime against torch."""
+
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    max_abs_error: float = Field(1e-3, gt=0)  # the export stage fails above this (ONNX vs torch denoiser)
+    min_psnr_db: float = Field(40.0, gt=0)  # ...or when an image drawn through ONNX falls below this PSNR
+
+
+class ExportConfig(_Section):
+    """Deployment exports of the fused model (stage `export`): fixed shapes at data.resolution."""
+
+    targets: list[Literal["coreml", "onnx"]] = Field(default_factory=lambda: ["coreml", "onnx"])
+    batch: int = Field(1, ge=1)  # images per call the fixed shapes are made for
+    coreml: CoreMLExportConfig = CoreMLExportConfig()
+    onnx: OnnxExportConfig = OnnxExportConfig()
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"export.targets={v}: list each target once")
+        return v
+
+
 class NightlyConfig(_Section):
     """The nightly retrain deployment (`python -m flows.nightly --serve`)."""
 
@@ -359,6 +448,7 @@ class Params(_Section):
     budgets: BudgetsConfig = BudgetsConfig()
     registry: RegistryConfig = RegistryConfig()
     gate: GateConfig = GateConfig()
+    export: ExportConfig = ExportConfig()
     nightly: NightlyConfig = NightlyConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

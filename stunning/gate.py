@@ -86,6 +86,7 @@ class GateReport:
     candidate_info: dict[str, Any] = field(default_factory=dict)
     not_evaluated: list[dict[str, Any]] = field(default_factory=list)
     required: list[str] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # the ladder's choice and why (reports/quantize.json)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``reports/gate.json`` format of docs/pipeline.md.
@@ -104,6 +105,7 @@ class GateReport:
             "required": list(self.required),
             "candidate": {**self.candidate_info, "metrics": dict(self.metrics)},
             "champion": None if self.champion is None else dict(self.champion),
+            "quantization": None if self.quantization is None else dict(self.quantization),
         }
 
     def check(self, name: str) -> Check:
@@ -438,8 +440,12 @@ def evaluate(
     budgets: BudgetsConfig,
     champion: Mapping[str, float] | None = None,
     candidate_info: Mapping[str, Any] | None = None,
+    quantize_report: Mapping[str, Any] | None = None,
 ) -> GateReport:
-    """Check a candidate against the budgets (and the champion, if any); see the module doc."""
+    """Check a candidate against the budgets (and the champion, if any); see the module doc.
+
+    With `quantize_report` (``reports/quantize.json``) the report carries the quantization
+    ladder's choice and why, and check ``quantization`` blocks when no level passed."""
     check_budgets(budgets)
     v = _as_dict(validation)
     variants: Mapping[str, Mapping[str, Any]] = v.get("variants", {})
@@ -466,6 +472,11 @@ def evaluate(
             checks.append(check)
         metrics[f"reference/{m.key}"] = reference
 
+    quantization = None
+    if quantize_report is not None:
+        quantization = quantization_choice(quantize_report)
+        checks.append(_quantization_check(quantization))
+
     reasons = [_reason(c) for c in checks if not c.passed]
     not_evaluated = [
         {"name": c.name, "reason": c.detail, "required": not c.passed} for c in checks if c.verdict == "not_measured"
@@ -479,7 +490,32 @@ def evaluate(
         candidate_info=dict(candidate_info or {}),
         not_evaluated=not_evaluated,
         required=sorted(required),
+        quantization=quantization,
     )
+
+
+def quantization_choice(q: Mapping[str, Any]) -> dict[str, Any]:
+    """The choice of the quantization ladder (``reports/quantize.json``), as the gate reports it."""
+    chosen = q.get("chosen")
+    entry = next((e for e in q.get("levels", []) if e.get("level") == chosen), {}) if chosen else {}
+    return {
+        "level": chosen,
+        "why": str(q.get("why") or "no reason recorded"),
+        "mode": q.get("mode"),
+        "target": (q.get("target") or {}).get("name"),
+        "size_ratio": entry.get("size_ratio"),
+        "passing": [e["level"] for e in q.get("levels", []) if e.get("passes")],
+        "not_runnable": {e["level"]: e.get("reason") for e in q.get("levels", []) if not e.get("runs")},
+    }
+
+
+def _quantization_check(choice: Mapping[str, Any]) -> Check:
+    ok = choice["level"] is not None
+    ratio = choice.get("size_ratio")
+    detail = (f"quantization level {choice['level']} chosen ({choice['mode']}, target {choice['target']}): {choice['why']}"
+              if ok else f"no quantization level within the budgets (budgets.min_quantized_psnr, "
+              f"budgets.max_style_gain_loss, merge.target_device): {choice['why']}")
+    return Check("quantization", float(ratio) if _finite(ratio) else None, None, ok, detail)
 
 
 def _reason(c: Check) -> str:

@@ -18,6 +18,12 @@ database, so every user of the store (training, register, validate, serve, rollb
   ``mlruns/artifacts``) is rewritten, in one transaction, to this project's folder.
   Relocation applies only to a project-relative store (relative ``tracking_uri`` and
   ``artifact_root``); an absolute, shared store is left as it is.
+* **a tracking server** (``registry.tracking_uri: http(s)://HOST:PORT``, an ``mlflow server
+  --serve-artifacts`` shared by a team): nothing local is checked or relocated; the server
+  owns its database and artifact store (``mlflow-artifacts:/`` URIs, so no client writes
+  another machine's file paths). :func:`check_server` probes its ``/health`` with a short
+  timeout first, so an unreachable server is one clear :class:`ServerUnreachableError`
+  naming the URI and what to run, not minutes of the MLflow client's HTTP retries.
 """
 
 from __future__ import annotations
@@ -55,6 +61,54 @@ LOCATION_COLUMNS: tuple[tuple[str, str], ...] = (
 class TrackingStoreError(RuntimeError):
     """The MLflow store cannot be used (corrupt, not MLflow's, locked); the message says which
     file and how to recover."""
+
+
+class ServerUnreachableError(TrackingStoreError):
+    """``registry.tracking_uri`` names an MLflow tracking server that does not answer."""
+
+
+#: Seconds :func:`check_server` waits for the server's ``/health``.
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+def is_server_uri(uri: str) -> bool:
+    """True for an MLflow tracking server (``http://`` or ``https://``), False for a local store."""
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def server_unreachable_error(uri: str, why: str) -> ServerUnreachableError:
+    return ServerUnreachableError(
+        f"MLflow tracking server {uri} (registry.tracking_uri in params.yaml) is unreachable: {why}. "
+        f"Start it (`stunning registry server --port {urlparse(uri).port or 5000}`, or `mlflow server "
+        f"--backend-store-uri ... --serve-artifacts --host HOST --port PORT`; README, Team setup), check "
+        f"the host and port, or set registry.tracking_uri back to a local store (sqlite:///mlruns/mlflow.db)."
+    )
+
+
+def check_server(uri: str, timeout: float = SERVER_PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`ServerUnreachableError` unless the server at ``uri`` answers ``/health``.
+
+    Uses MLflow's own HTTP client and credentials (``MLFLOW_TRACKING_USERNAME`` / ``_TOKEN``,
+    TLS settings), once, without retries."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=0, timeout=timeout,
+            raise_on_status=False,
+        )
+    except Exception as exc:  # requests' ConnectionError/Timeout, wrapped by MLflow in an MlflowException
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "refused" in str(exc).lower():
+            text = "connection refused (no server listening there)"
+        elif "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            text = f"no answer within {timeout:g} s"
+        raise server_unreachable_error(uri, text) from None
+    if response.status_code != 200:
+        raise server_unreachable_error(
+            uri, f"GET /health answered HTTP {response.status_code} (is it an MLflow server? is the URI's path right?)"
+        )
 
 
 def sqlite_path(cfg: RegistryConfig, root: str | Path | None = None) -> Path | None:
@@ -251,12 +305,19 @@ def relocate_store(
     return changed
 
 
-def open_store(cfg: RegistryConfig, root: str | Path | None = None, backoff: Sequence[float] = LOCK_BACKOFF_S) -> tuple[str, Path]:
+def open_store(
+    cfg: RegistryConfig, root: str | Path | None = None, backoff: Sequence[float] = LOCK_BACKOFF_S
+) -> tuple[str, Path | None]:
     """Check and relocate the store of ``cfg``; return (tracking URI, artifacts folder).
 
     Relative paths in ``cfg`` are resolved against ``root`` (default: the working directory).
-    Creates the folders, never the database (MLflow does that on first use).
+    Creates the folders, never the database (MLflow does that on first use). For a tracking
+    server the artifacts folder is None (the server's ``--artifacts-destination`` decides)
+    and only the server's reachability is checked (:func:`check_server`).
     """
+    if is_server_uri(cfg.tracking_uri):
+        check_server(cfg.tracking_uri)
+        return cfg.tracking_uri.rstrip("/"), None
     root = Path(root or Path.cwd()).resolve()
     uri = cfg.tracking_uri
     db = sqlite_path(cfg, root)

@@ -6,7 +6,9 @@ describing the styles, the blends, the training settings and results, the valida
 metrics and gate verdict, how to use the adapters with stock diffusers, and limitations.
 
 The inputs are the stage reports (`reports/train.json`, `validation.json`, `gate.json`,
-`registry.json`, and optionally `environment.json`/`research.json`). They are read
+`registry.json`, and optionally `environment.json`/`research.json`, `export.json` (the
+"Deployment exports" section: every exported artifact with size, bit width and fidelity) and
+`quantize.json` (the "Quantization ladder" section, omitted when absent)). They are read
 defensively: a missing report or key is noted in the card ("not available") instead of
 failing the docs stage, because a card with a gap is more useful than no card.
 """
@@ -28,7 +30,7 @@ from stunning.config import Params
 log = logging.getLogger(__name__)
 
 TAGS = ["lora", "text-to-image", "stable-diffusion", "diffusers", "stunning-engine"]
-REPORT_NAMES = ("train", "validation", "gate", "registry", "environment", "research")
+REPORT_NAMES = ("train", "validation", "gate", "registry", "environment", "research", "export", "quantize")
 NA = "not available"
 
 
@@ -304,6 +306,90 @@ def _usage_section(params: Params) -> list[str]:
     return lines
 
 
+def _mb(n: Any) -> str:
+    return f"{n / 1e6:.2f} MB" if _num(n) is not None else NA
+
+
+def _fidelity(a: Mapping[str, Any]) -> str:
+    f = a.get("fidelity") if isinstance(a.get("fidelity"), Mapping) else {}
+    if a.get("format") == "coreml":
+        return (f"weights vs torch: rel. RMS error {_fmt(f.get('weight_rel_rms_error_mean'), 3)} mean, "
+                f"{_fmt(f.get('weight_rel_rms_error_max'), 3)} max; exported graph max abs error "
+                f"{_fmt(f.get('graph_max_abs_error'), 3)}")
+    if a.get("format") == "onnx":
+        psnr = f.get("psnr_db_min")
+        images = "identical images" if psnr is None else f"min image PSNR {_fmt(psnr, 4)} dB"
+        return f"max abs error {_fmt(f.get('max_abs_error'), 3)} vs torch (ONNX Runtime); {images}"
+    if a.get("format") == "swift-package":
+        return (f"not compiled here; its sampler rule matches diffusers to {_fmt(f.get('sampler_max_abs_error'), 3)} "
+                "(latents)")
+    return ", ".join(f"{k} {_fmt(v, 3)}" for k, v in f.items()) or NA
+
+
+def _exports_section(export: Mapping[str, Any]) -> list[str]:
+    """Every exported artifact with size, bit width and fidelity (reports/export.json)."""
+    lines = ["## Deployment exports", ""]
+    rows = [a for a in export.get("artifacts", []) if isinstance(a, Mapping)] if export else []
+    if not rows:
+        return lines + [f"Export report {NA} (run the `export` stage).", ""]
+    lines += [
+        f"The fused model ({_fmt(export.get('family'))}, {_fmt(export.get('resolution'))} px, "
+        f"{_fmt(export.get('batch'))} image(s) per call, fixed shapes) is exported under `export/` in the release:",
+        "",
+    ]
+    lines += _table(["artifact", "part", "format", "bits", "size", "fidelity"],
+                    [[f"`export/{a.get('path')}`", a.get("component"), a.get("format"),
+                      a.get("bits") if a.get("bits") is not None else "-", _mb(a.get("bytes")), _fidelity(a)]
+                     for a in rows])
+    swift = export.get("swift") if isinstance(export.get("swift"), Mapping) else {}
+    lines += [
+        "",
+        "**What could not be checked here.** Core ML predicts only on Apple platforms: the packages were "
+        "converted and palettized on Linux, their input/output names, shapes and types and every palettized "
+        "weight were checked against the torch model, but no package was run (tests comparing Core ML images "
+        "with torch run on macOS and are skipped elsewhere). The Swift app template (`export/swift`) cannot "
+        "be compiled here (no Swift toolchain): "
+        + (str(swift.get("reason")) if swift.get("reason") else "build it with `swift build` on a Mac (its README).")
+        ,
+    ]
+    not_covered = export.get("not_covered") if isinstance(export.get("not_covered"), Mapping) else {}
+    if not_covered.get("flux"):
+        lines += ["", f"FLUX: {not_covered['flux']}"]
+    if export.get("failures"):
+        lines += ["", "**Export budget failures:** " + "; ".join(_fmt(f) for f in export["failures"])]
+    return lines + [""]
+
+
+def _quantization_section(quantize: Mapping[str, Any]) -> list[str]:
+    """The quantization ladder of reports/quantize.json; no section at all when it is absent."""
+    levels = [lv for lv in quantize.get("levels", []) if isinstance(lv, Mapping)] if quantize else []
+    if not levels:
+        return []
+    lines = ["## Quantization ladder", ""]
+    target = quantize.get("target") if isinstance(quantize.get("target"), Mapping) else {}
+    budgets = quantize.get("budgets") if isinstance(quantize.get("budgets"), Mapping) else {}
+    if target or budgets:
+        lines += [f"Target {_fmt(target.get('name'))} (memory budget {_fmt(target.get('memory_budget_mb'))} MB); "
+                  f"budgets: PSNR >= {_fmt(budgets.get('min_psnr'))} dB, style gain loss <= "
+                  f"{_fmt(budgets.get('max_style_gain_loss'))}.", ""]
+    rows = []
+    for lv in levels:
+        variants = [v for v in (lv.get("variants") or {}).values() if isinstance(v, Mapping)]
+        psnrs = [p for v in variants if (p := _num(v.get("psnr"))) is not None]
+        peaks = [p for v in variants if (p := _num(v.get("peak_memory_mb"))) is not None]
+        if not lv.get("runs", True):
+            verdict = f"cannot run here: {_fmt(lv.get('reason'))}"
+        else:
+            verdict = "passes" if lv.get("passes") else "fails: " + "; ".join(_fmt(f) for f in lv.get("failures") or [])
+        rows.append([lv.get("level"), lv.get("backend"), _mb(lv.get("denoiser_bytes")), lv.get("size_ratio"),
+                     min(psnrs) if psnrs else None, max(peaks) if peaks else None, verdict])
+    lines += _table(["level", "backend", "denoiser size", "size ratio", "min PSNR dB", "peak memory MB", "verdict"], rows)
+    chosen = quantize.get("chosen")
+    lines += ["", f"Chosen: **{_fmt(chosen) if chosen else 'none'}**." + (f" {_fmt(quantize.get('why'))}"
+                                                                         if quantize.get("why") else "")]
+    return lines + [""]
+
+
 def render_model_card(
     params: Params,
     reports: Mapping[str, Mapping[str, Any]],
@@ -353,6 +439,8 @@ def render_model_card(
     lines += _validation_section(
         params, reports.get("validation", {}), reports.get("gate", {}), reports.get("registry", {}), grid_name
     )
+    lines += _quantization_section(reports.get("quantize", {}))
+    lines += _exports_section(reports.get("export", {}))
     lines += _usage_section(params)
     lines += [
         "## Limitations",

@@ -14,6 +14,26 @@ leaves `@champion` where it was. Gate metrics are tagged on the version (e.g.
 `style_gain/noir`) so the next run's gate can compare against the champion
 (:func:`champion_metrics`).
 
+The registry is local (`registry.tracking_uri: sqlite:///mlruns/mlflow.db`) or a team's
+`mlflow server --serve-artifacts` (`http://HOST:PORT`): the same calls, with artifacts
+uploaded to and downloaded from the server (downloaded versions are cached under
+`registry.artifact_root`, see :func:`resolve`).
+
+**Compare-and-set promotion.** Two machines may finish at once, each gated against the same
+champion. `@champion` moves only if it still is the champion the gate compared against
+(`expected_champion`, from `reports/champion.json`); the loser is registered (complete),
+not promoted, tagged `promotion: lost race to version N`. MLflow has no atomic
+compare-and-set on aliases, so the read-check-move runs under :func:`promotion_lock`: a
+lock *registered model* `<model_name>.promotion-lock`, whose creation is atomic in the
+server's database (the name is its primary key: exactly one concurrent create succeeds).
+The lock is held for the ~10 calls that read and move the aliases, never for uploads
+(measured on localhost, PostgreSQL backend, a loaded 2-core machine: taking and releasing
+it 75 ms, a register's hold 0.4-0.5 s, up to 4 s under heavy load). What remains: a holder
+stalled longer than :data:`LOCK_TTL_S` loses the lock to a waiter (it re-checks its token
+right before moving the alias, leaving one HTTP round trip, 20-50 ms measured), and two
+waiters breaking the same stale lock of a crashed holder could both win within one round
+trip of each other; a writer that bypasses the lock (the MLflow UI) is not serialised.
+
 MLflow stays behind this module and `stunning.tracking`; nothing else imports it.
 """
 
@@ -24,9 +44,15 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -38,7 +64,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from stunning.config import RegistryConfig
-from stunning.mlflow_store import TrackingStoreError, sqlite_path
+from stunning.mlflow_store import TrackingStoreError, is_server_uri, sqlite_path
 from stunning.style_model import LORA_FILE, MANIFEST_NAME, GenerateRequest, StyleModel
 from stunning.tracking import configure_mlflow
 
@@ -74,6 +100,7 @@ RESERVED_TAGS = frozenset(
         "not_promoted_reason",
         "registration",
         "gate_digest",
+        "promotion",
     }
 )
 # A version is created with `registration: pending` (all its gate tags set at creation) and
@@ -95,6 +122,15 @@ from stunning.registry import StunningStyleModel
 
 mlflow.models.set_model(StunningStyleModel())
 '''
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: `expected_champion` not given: compare with the champion read when the operation started.
+UNSET: Any = _Unset()
 
 
 class RegistryError(ValueError):
@@ -131,6 +167,8 @@ class StunningStyleModel(mlflow.pyfunc.PythonModel):
 
 
 def _store_exists(cfg: RegistryConfig, root: str | Path | None) -> bool:
+    if is_server_uri(cfg.tracking_uri):
+        return True  # the server's; whether it answers is checked when the client is made
     db = sqlite_path(cfg, root)
     return db is None or db.is_file()
 
@@ -368,6 +406,10 @@ def _version_tags(gate: dict[str, Any], metrics: dict[str, float], manifest: dic
     }
     if manifest["base"] == "external":
         tags["base_path"] = manifest["base_path"]
+    quantization = gate.get("quantization")
+    if isinstance(quantization, dict):  # the quantization ladder's choice (reports/quantize.json via the gate)
+        tags["quantization.level"] = str(quantization.get("level") or "none")
+        tags["quantization.why"] = _truncate(str(quantization.get("why") or ""))
     for check in gate.get("checks") or []:
         if not isinstance(check, dict) or not check.get("name"):
             continue
@@ -401,10 +443,18 @@ def register_candidate(
     mode: str = "enabled",
     experiment: str | None = None,
     promote_experiments: bool = False,
+    expected_champion: int | None = UNSET,
 ) -> dict[str, Any]:
     """Register the candidate as a new version; move `@champion` only if the gate passed
     and :func:`promotion_decision` allows it (gate `mode`, a DVC `experiment` run, content
     equal to a rolled-back version's or the champion's).
+
+    Compare-and-set: `expected_champion` is the champion version the gate compared against
+    (None: no champion; default: the one registered when this call starts). Under
+    :func:`promotion_lock`, `@champion` moves only if the champion this candidate would be
+    compared with now (see :func:`champion_record`) still is that one; otherwise the version
+    is completed unpromoted with tag `promotion: lost race to version N` and the reason in
+    `not_promoted_reasons` (`lost_race_to` in the result).
 
     `candidate_dir_map` maps artifact names to folders: `adapters` (required, one
     `<style>/pytorch_lora_weights.safetensors` each) and `blends` (may be missing or empty);
@@ -445,7 +495,9 @@ def register_candidate(
             rolled_back.append(v)
     promote, held = promotion_decision(passed, mode, experiment, promote_experiments, rolled_back)
     gate_digest = _digest(gate)
-    resumed = _pending_registration(client, name, existing, digest, gate_digest)
+    resumed = _pending_registration(existing, digest, gate_digest)
+    if expected_champion is UNSET:
+        expected_champion = _walk_champion(client, name, before.get(CHAMPION), digest)[0]
 
     extra = {"gate_mode": mode, "content_hash": digest or "none", "gate_digest": gate_digest, REGISTRATION: "pending"}
     if mode == "dry_run":
@@ -492,22 +544,35 @@ def register_candidate(
         )
         version = int(created.version)
 
-    current = _aliases(client, name)
-    champion = current.get(CHAMPION)
-    previous = current.get(PREVIOUS)
-    if promote:
-        if champion is not None and champion != version:
-            client.set_registered_model_alias(name, PREVIOUS, str(champion))
-            client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
-            previous = champion
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-        client.set_model_version_tag(name, str(version), "promoted", "true")
-        if previous is not None:
-            client.set_model_version_tag(name, str(version), "previous_champion_version", str(previous))
-        champion = version
-    else:
-        client.set_model_version_tag(name, str(version), "promoted", "false")
-    client.set_model_version_tag(name, str(version), REGISTRATION, "complete")
+    lost_to: int | None = None
+    with promotion_lock(client, name) as token:
+        _abandon_pending(client, name, keep=version)
+        current = _aliases(client, name)
+        champion = current.get(CHAMPION)
+        previous = current.get(PREVIOUS)
+        if promote:
+            compared = _walk_champion(client, name, champion, digest)[0]
+            if compared != expected_champion or not _still_held(client, name, token):
+                why = lost_race_reason(expected_champion, champion) if compared != expected_champion else (
+                    f"promotion: the promotion lock expired while held (over {LOCK_TTL_S:g} s); not promoted")
+                promote, lost_to = False, champion
+                held.append(why)
+                client.set_model_version_tag(name, str(version), "promotion", _truncate(why.removeprefix("promotion: ")))
+                client.set_model_version_tag(name, str(version), "not_promoted_reason", _truncate("; ".join(held)))
+                log.warning("v%s: %s", version, why)
+        if promote:
+            if champion is not None and champion != version:
+                client.set_registered_model_alias(name, PREVIOUS, str(champion))
+                client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
+                previous = champion
+            client.set_registered_model_alias(name, CHAMPION, str(version))
+            client.set_model_version_tag(name, str(version), "promoted", "true")
+            if previous is not None:
+                client.set_model_version_tag(name, str(version), "previous_champion_version", str(previous))
+            champion = version
+        else:
+            client.set_model_version_tag(name, str(version), "promoted", "false")
+        client.set_model_version_tag(name, str(version), REGISTRATION, "complete")
 
     result = {
         "model_name": name,
@@ -520,6 +585,8 @@ def register_candidate(
         "gate_passed": passed,
         "gate_mode": mode,
         "experiment": experiment,
+        "expected_champion": expected_champion,
+        "lost_race_to": lost_to,
         "content_hash": digest,
         "rolled_back_same_content": rolled_back,
         "run_id": run_id,
@@ -540,24 +607,32 @@ def _digest(report: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(report, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _pending_registration(
-    client: MlflowClient, name: str, existing: dict[int, Any], content: str | None, gate_digest: str,
-) -> int | None:
+def _pending_registration(existing: dict[int, Any], content: str | None, gate_digest: str) -> int | None:
     """The interrupted (`pending`) version this registration finishes, if any.
 
     A pending version with the same adapter content and gate report is the same
     registration, cut short after the version was created: it is finished, not duplicated.
-    Any other pending version is marked `abandoned` (its description says so); it never
-    holds an alias, because aliases are set only after a version's tags.
     """
-    found = None
-    for v, mv in existing.items():
+    for v, mv in sorted(existing.items()):
         tags = mv.tags
-        if tags.get(REGISTRATION) != "pending":
-            continue
-        if found is None and content is not None and tags.get("content_hash") == content \
+        if tags.get(REGISTRATION) == "pending" and content is not None and tags.get("content_hash") == content \
                 and tags.get("gate_digest") == gate_digest:
-            found = v
+            return v
+    return None
+
+
+def _abandon_pending(client: MlflowClient, name: str, keep: int) -> None:
+    """Mark every other `pending` version `abandoned` (its description says so).
+
+    Called under :func:`promotion_lock` with fresh reads, and a registration completes its
+    version under the same lock, so one that has completed is never marked; one still in
+    flight on another machine may be marked, and then completes it (tag and description are
+    overwritten). An abandoned version never holds an alias: aliases are set only after a
+    version's tags.
+    """
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        v = int(mv.version)
+        if v == keep or mv.tags.get(REGISTRATION) != "pending":
             continue
         client.set_model_version_tag(name, str(v), REGISTRATION, "abandoned")
         client.update_model_version(
@@ -565,7 +640,6 @@ def _pending_registration(
             "was registered next); never promoted",
         )
         log.warning("v%s: an interrupted registration of another candidate, marked abandoned", v)
-    return found
 
 
 def _manifest_of(tags: dict[str, str]) -> dict[str, Any]:
@@ -590,6 +664,150 @@ def _registered(client: MlflowClient, name: str) -> bool:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
+
+
+# --------------------------------------------------------------------------- compare-and-set promotion
+
+LOCK_SUFFIX = ".promotion-lock"
+#: A lock held this long (by the waiter's own clock) belongs to a crashed holder and is broken.
+LOCK_TTL_S = 30.0
+#: How long a promotion waits for another one's lock before giving up with an error.
+LOCK_WAIT_S = 90.0
+LOCK_POLL_S = 0.2
+#: A lock whose holder-declared expiry is this far in the past (wall clocks) is broken at once.
+LOCK_CLOCK_SKEW_S = 60.0
+
+
+class PromotionLockTimeout(RegistryError):
+    """Another promotion held the registry's promotion lock for longer than the wait."""
+
+
+def _lock_tags(client: MlflowClient, lock: str) -> dict[str, str]:
+    try:
+        return dict(client.get_registered_model(lock).tags)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+
+
+def _release(client: MlflowClient, lock: str, token: str) -> bool:
+    """Delete `lock` if it still carries `token`; True if it did (or it was gone)."""
+    held = _lock_tags(client, lock)
+    if not held:
+        return True
+    if held.get("token") != token:
+        return False
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    return True
+
+
+def _still_held(client: MlflowClient, name: str, token: str) -> bool:
+    return _lock_tags(client, name + LOCK_SUFFIX).get("token") == token
+
+
+@contextmanager
+def promotion_lock(
+    client: MlflowClient,
+    name: str,
+    *,
+    ttl_s: float = LOCK_TTL_S,
+    wait_s: float = LOCK_WAIT_S,
+    poll_s: float = LOCK_POLL_S,
+) -> Iterator[str]:
+    """Hold the promotion lock of model `name`; yields this holder's token.
+
+    The lock is the registered model `<name>.promotion-lock` (tags: `token`, `holder`,
+    `expires`): creating a registered model is atomic in MLflow's SQL store (local SQLite or
+    a server's database), so of concurrent creators exactly one succeeds; the others poll.
+    A lock seen unchanged for `ttl_s` (by the waiter's monotonic clock), or whose declared
+    expiry passed more than :data:`LOCK_CLOCK_SKEW_S` ago, was left by a crashed holder and
+    is broken (deleted only if it still carries the token seen). Raises
+    :class:`PromotionLockTimeout` after `wait_s`.
+    """
+    lock = name + LOCK_SUFFIX
+    token = uuid.uuid4().hex
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    started = time.monotonic()
+    first_seen: dict[str, float] = {}
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"token": token, "holder": holder, "expires": f"{time.time() + ttl_s:.3f}"},
+                description=f"Promotion lock of {name}: held by {holder} while it moves @{CHAMPION}; deleted when "
+                f"done. Left behind by a crashed promotion, it is broken after {ttl_s:g} s.",
+            )
+            break
+        except MlflowException as exc:
+            # ALREADY_EXISTS: held; DOES_NOT_EXIST: released between the failed insert and its lookup
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        held = _lock_tags(client, lock)
+        if held:
+            other = held.get("token", "")
+            seen = first_seen.setdefault(other, time.monotonic())
+            try:
+                expires = float(held.get("expires", "0"))
+            except ValueError:
+                expires = 0.0
+            if time.monotonic() - seen >= ttl_s or time.time() > expires + LOCK_CLOCK_SKEW_S:
+                log.warning("breaking the stale promotion lock %s held by %s", lock, held.get("holder", "?"))
+                _release(client, lock, other)
+                continue
+            if time.monotonic() - started >= wait_s:
+                raise PromotionLockTimeout(
+                    f"{name}: another promotion ({held.get('holder', '?')}) has held the registry's promotion lock "
+                    f"(registered model {lock!r}) for over {wait_s:g} s; try again later. If its holder died, the "
+                    f"lock is broken automatically after {ttl_s:g} s, or delete that registered model by hand."
+                )
+        time.sleep(poll_s)
+    acquired = time.monotonic()
+    try:
+        yield token
+    finally:
+        log.debug("promotion lock %s: waited %.3f s, held %.3f s", lock, acquired - started, time.monotonic() - acquired)
+        try:
+            if not _release(client, lock, token):
+                log.warning("promotion lock %s was taken over while held (held longer than %g s)", lock, ttl_s)
+        except Exception:  # never hide the body's own error; a left lock expires
+            log.warning("could not release the promotion lock %s; it expires after %g s", lock, ttl_s, exc_info=True)
+
+
+def _walk_champion(
+    client: MlflowClient, name: str, champion: int | None, candidate_hash: str | None
+) -> tuple[int | None, dict[str, str]]:
+    """(version, tags) of the champion a candidate with `candidate_hash` is compared with:
+    `champion`, or, when that has the candidate's own content (it was just promoted), the
+    champion it replaced, and so on back (the `champion` stage's rule)."""
+    version, tags = champion, {}
+    seen: set[int] = set()
+    while version is not None and version not in seen:
+        seen.add(version)
+        tags = dict(client.get_model_version(name, str(version)).tags)
+        if candidate_hash is None or tags.get("content_hash") != candidate_hash:
+            return version, tags
+        older = tags.get("previous_champion_version")
+        version = int(older) if older and older.isdigit() else None
+    return None, {}
+
+
+def _champion_name(version: int | None) -> str:
+    return f"v{version}" if version is not None else "no champion"
+
+
+def lost_race_reason(expected: int | None, current: int | None) -> str:
+    """Why a candidate gated against `expected` is not promoted when `@champion` is `current`."""
+    if current is None:
+        return (f"promotion: lost race: @{CHAMPION} was removed while this candidate was registered "
+                f"(the gate compared against {_champion_name(expected)}); rerun the pipeline to re-validate")
+    return (f"promotion: lost race to version {current} (the gate compared against {_champion_name(expected)}; "
+            f"@{CHAMPION} moved to v{current} while this candidate was registered); rerun the pipeline to "
+            f"validate against v{current}")
 
 
 # --------------------------------------------------------------------------- queries
@@ -666,22 +884,51 @@ def _created(client: MlflowClient, name: str, version: int) -> str:
     return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="seconds")
 
 
-def rollback(cfg: RegistryConfig, root: str | Path | None = None, reason: str = "manual rollback") -> dict[str, Any]:
+def _expect(name: str, current: int | None, expected: int | None, what: str) -> None:
+    if expected is not UNSET and current != expected:
+        raise RegistryError(
+            f"{name}: @{CHAMPION} is {_champion_name(current)}, not {_champion_name(expected)} as expected; another "
+            f"promotion or rollback moved it. Nothing was changed: see where it points now (the MLflow UI's model page, or "
+            f"the studio's registry view), then {what} again if still wanted"
+        )
+
+
+def rollback(
+    cfg: RegistryConfig,
+    root: str | Path | None = None,
+    reason: str = "manual rollback",
+    *,
+    expected_champion: int | None = UNSET,
+) -> dict[str, Any]:
     """Point `@champion` back at `@previous-champion`; the rolled-back version is tagged.
 
     `@previous-champion` then moves one step further back (to the champion the restored
-    version had replaced, if any), so repeated rollbacks walk the promotion history.
+    version had replaced, if any), so repeated rollbacks walk the promotion history. The
+    aliases are read and moved under :func:`promotion_lock`; with `expected_champion` the
+    rollback happens only if `@champion` still is that version (compare-and-set), so two
+    people rolling back the same bad version roll back one step, not two.
     """
     name = cfg.model_name
     client = _existing_client(cfg, root)
-    current = _aliases(client, name)
-    champion, previous = current.get(CHAMPION), current.get(PREVIOUS)
-    if previous is None:
-        raise NoChampionError(f"model {name!r} has no @{PREVIOUS} to roll back to (aliases: {current or 'none'}).")
-    client.set_registered_model_alias(name, CHAMPION, str(previous))
-    if champion is not None:
-        client.set_model_version_tag(name, str(champion), "rolled_back", "true")
-        client.set_model_version_tag(name, str(champion), "rollback_reason", _truncate(reason))
+    with promotion_lock(client, name):
+        current = _aliases(client, name)
+        champion, previous = current.get(CHAMPION), current.get(PREVIOUS)
+        _expect(name, champion, expected_champion, "roll back")
+        if previous is None:
+            raise NoChampionError(f"model {name!r} has no @{PREVIOUS} to roll back to (aliases: {current or 'none'}).")
+        client.set_registered_model_alias(name, CHAMPION, str(previous))
+        if champion is not None:
+            client.set_model_version_tag(name, str(champion), "rolled_back", "true")
+            client.set_model_version_tag(name, str(champion), "rollback_reason", _truncate(reason))
+        client.set_model_version_tag(name, str(previous), "restored_by_rollback_from", str(champion))
+        older = client.get_model_version(name, str(previous)).tags.get("previous_champion_version")
+        if older and older.isdigit() and int(older) != previous:
+            client.set_registered_model_alias(name, PREVIOUS, older)
+            new_previous: int | None = int(older)
+        else:
+            client.delete_registered_model_alias(name, PREVIOUS)
+            new_previous = None
+    if champion is not None:  # outside the lock: may download the version from a server
         if client.get_model_version(name, str(champion)).tags.get("content_hash") in (None, "none"):
             # registered before content hashes: hash its adapters now, so a retrain of the
             # same weights is recognised and not re-promoted over this rollback
@@ -692,14 +939,6 @@ def rollback(cfg: RegistryConfig, root: str | Path | None = None, reason: str = 
                 digest = None
             if digest:
                 client.set_model_version_tag(name, str(champion), "content_hash", digest)
-    client.set_model_version_tag(name, str(previous), "restored_by_rollback_from", str(champion))
-    older = client.get_model_version(name, str(previous)).tags.get("previous_champion_version")
-    if older and older.isdigit() and int(older) != previous:
-        client.set_registered_model_alias(name, PREVIOUS, older)
-        new_previous: int | None = int(older)
-    else:
-        client.delete_registered_model_alias(name, PREVIOUS)
-        new_previous = None
     log.info("rolled back %s: @champion v%s -> v%s (%s)", name, champion, previous, reason)
     return {
         "model_name": name,
@@ -721,8 +960,10 @@ def resolve(
     """(version, local model folder) of `<model_name>@<alias>` (or of `version`).
 
     The folder holds `MLmodel` and the artifacts (see :func:`model_artifacts`). With a
-    local artifact store it is the store's own folder, nothing is copied; otherwise the
-    artifacts are downloaded to a temporary folder. Raises :class:`NoChampionError`.
+    local artifact store it is the store's own folder, nothing is copied; otherwise (a
+    tracking server's `mlflow-artifacts:/`, or any remote store) the version is downloaded
+    once into :func:`download_dir` and reused (a version's files never change), so repeated
+    resolves are cheap and give the same path. Raises :class:`NoChampionError`.
     """
     name = model_name or cfg.model_name
     client = _existing_client(cfg, root)
@@ -743,12 +984,43 @@ def resolve(
     if parsed.scheme == "file" or (parsed.scheme == "" and Path(uri).is_dir()):
         local = Path(unquote(parsed.path) if parsed.scheme else uri)
     else:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{mv.version}", dst_path=tempfile.mkdtemp(prefix="stunning-model-")
-            )
-        )
+        local = _download(name, int(mv.version), uri, download_dir(cfg, root, name, int(mv.version), mv.run_id))
     return int(mv.version), local
+
+
+def download_dir(cfg: RegistryConfig, root: str | Path | None, name: str, version: int, run_id: str | None) -> Path:
+    """Where a version from a remote artifact store is cached:
+    `<root>/<registry.artifact_root>/downloads/<host_port>/<model>/v<N>-<run id>` (the run
+    id tells apart equal version numbers of two servers that reused a host and port)."""
+    parsed = urlparse(cfg.tracking_uri)
+    host = f"{parsed.hostname}_{parsed.port}" if parsed.hostname else (parsed.scheme or "local")
+    base = Path(root or Path.cwd()).resolve() / cfg.artifact_root / "downloads"
+    return base / _tag_key(host) / _tag_key(name) / f"v{version}-{(run_id or 'norun')[:12]}"
+
+
+def _download(name: str, version: int, uri: str, dest: Path) -> Path:
+    """Download `models:/name/version` into `dest` (atomically: a temporary sibling renamed
+    into place, so a cut download is never taken for a complete one); reuse a complete one."""
+    if (dest / "MLmodel").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp)))
+        if not (got / "MLmodel").is_file():  # MLflow gives an empty folder when the files are gone
+            raise RegistryError(
+                f"{name} v{version}: its artifacts ({uri}) downloaded no MLmodel file; the artifact store has "
+                "lost them (check the server's --artifacts-destination), register the candidate again"
+            )
+        try:
+            os.replace(got, dest)
+        except OSError:
+            if not (dest / "MLmodel").is_file():  # not a concurrent download of the same version
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("downloaded %s v%s (%s) to %s", name, version, uri, dest)
+    return dest
 
 
 def model_artifacts(model_dir: str | Path) -> dict[str, Path]:
@@ -765,11 +1037,20 @@ def model_artifacts(model_dir: str | Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- promotion by hand
 
 
-def promote(cfg: RegistryConfig, version: int, root: str | Path | None = None, reason: str = "manual promotion") -> dict[str, Any]:
+def promote(
+    cfg: RegistryConfig,
+    version: int,
+    root: str | Path | None = None,
+    reason: str = "manual promotion",
+    *,
+    expected_champion: int | None = UNSET,
+) -> dict[str, Any]:
     """Move `@champion` to `version` by hand (e.g. a `dvc exp run` candidate, or a dry run's).
 
     Refuses a version whose gate did not pass (tag `gate` is not `passed`) or that was rolled
-    back; the replaced champion becomes `@previous-champion`, as in a gated promotion.
+    back; the replaced champion becomes `@previous-champion`, as in a gated promotion. The
+    aliases are read and moved under :func:`promotion_lock`; with `expected_champion` (None:
+    no champion) it refuses unless `@champion` still is that version (compare-and-set).
     """
     name = cfg.model_name
     client = _existing_client(cfg, root)
@@ -793,20 +1074,22 @@ def promote(cfg: RegistryConfig, version: int, root: str | Path | None = None, r
             f"{name} v{version}: its registration was interrupted ({tags[REGISTRATION]}); rerun `dvc repro register` "
             "to finish it, or promote a completely registered version"
         )
-    current = _aliases(client, name)
-    champion = current.get(CHAMPION)
-    previous = current.get(PREVIOUS)
-    if champion == version:
-        return {"model_name": name, "version": version, "promoted": False, "champion_version": champion,
-                "previous_champion_version": previous, "reasons": [f"v{version} already is @{CHAMPION}"]}
-    if champion is not None:
-        client.set_registered_model_alias(name, PREVIOUS, str(champion))
-        client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
-        client.set_model_version_tag(name, str(version), "previous_champion_version", str(champion))
-        previous = champion
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    client.set_model_version_tag(name, str(version), "promoted", "true")
-    client.set_model_version_tag(name, str(version), "promoted_by", _truncate(reason))
+    with promotion_lock(client, name):
+        current = _aliases(client, name)
+        champion = current.get(CHAMPION)
+        previous = current.get(PREVIOUS)
+        if champion == version:
+            return {"model_name": name, "version": version, "promoted": False, "champion_version": champion,
+                    "previous_champion_version": previous, "reasons": [f"v{version} already is @{CHAMPION}"]}
+        _expect(name, champion, expected_champion, f"promote v{version}")
+        if champion is not None:
+            client.set_registered_model_alias(name, PREVIOUS, str(champion))
+            client.set_model_version_tag(name, str(champion), "superseded_by", str(version))
+            client.set_model_version_tag(name, str(version), "previous_champion_version", str(champion))
+            previous = champion
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_model_version_tag(name, str(version), "promoted", "true")
+        client.set_model_version_tag(name, str(version), "promoted_by", _truncate(reason))
     log.info("promoted %s v%s to @%s by hand (%s)", name, version, CHAMPION, reason)
     return {"model_name": name, "version": version, "promoted": True, "champion_version": version,
             "previous_champion_version": previous, "reasons": []}
@@ -829,18 +1112,10 @@ def champion_record(
     client = _client(cfg, root)
     if not _registered(client, cfg.model_name):
         return empty
-    version = _aliases(client, cfg.model_name).get(CHAMPION)
-    seen: set[int] = set()
-    while version is not None and version not in seen:
-        seen.add(version)
-        tags = dict(client.get_model_version(cfg.model_name, str(version)).tags)
-        digest = tags.get("content_hash")
-        if candidate_hash is None or digest != candidate_hash:
-            break
-        older = tags.get("previous_champion_version")
-        version = int(older) if older and older.isdigit() else None
+    version, tags = _walk_champion(client, cfg.model_name, _aliases(client, cfg.model_name).get(CHAMPION), candidate_hash)
     if version is None:
         return empty
+    digest = tags.get("content_hash")
     metrics = {}
     for key in [k for k in tags.get("metric_keys", "").split(",") if k]:
         try:

@@ -9,11 +9,18 @@ compared with the machine's memory budget. The LoRA adapter sized is the one tra
 `train.target_blocks`), counted on each candidate's own module tree, so the same target list
 can match a different number of layers in each candidate. The result is the fit report
 (`reports/research.json` + a Markdown table) and the plan: the base model named by
-`params.base` at the highest precision whose LoRA training fits on the probed device.
+`params.base` at the highest precision whose LoRA training fits on the probed device, among
+the precisions the trainer runs there (:func:`training_precisions`: `train.base_precision`,
+whose `auto` takes the plan; int8/int4 quantize the frozen denoiser, QLoRA).
 
 The activation terms are a coarse, documented heuristic (see :data:`HEURISTIC`), good to
 within a factor of about 1.5 for Stable-Diffusion-like models: enough to tell "fits easily"
-from "will swap" from "cannot run", which is all a plan needs.
+from "will swap" from "cannot run", which is all a plan needs. Checked against the trainer's
+measured peak (process RSS high-water mark, CPU): the shipped micro model and a tiny SD-1.5
+UNet at fp32/bf16/int8/int4 come out at 0.88-0.99x of the measured peak (scripts/bench_qlora.py;
+tests/unit/test_research.py checks fp32 and int8 within 20 %). On such small models the 0.5 GB
+runtime term (torch + diffusers + transformers imported: ~0.50 GB RSS measured) dominates, so
+the check confirms that term and the structure, not the per-parameter bytes.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
 # configured adapter (train.rank, train.target_modules, train.target_blocks).
 ATTENTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
+# Precisions whose frozen denoiser is quantized (train.base_precision int8/int4): only the
+# denoiser's weights are; the VAE, the text encoders and the denoiser's norms/embeddings stay
+# in the compute type (see stunning/training/quantized.py).
+QUANTIZED = ("int8", "int4")
+
 # The memory heuristic, written into every report so a reader can check the arithmetic.
 HEURISTIC: dict[str, Any] = {
     "weights_overhead": 0.20,  # allocator fragmentation, buffers, temporary casts: +20% of weights
@@ -60,9 +72,15 @@ HEURISTIC: dict[str, Any] = {
     "train_activation_factor": 8,
     # Trainable LoRA parameters are fp32: weight + gradient + two Adam moments.
     "lora_bytes_per_param": 16,
-    # Activations are computed in fp32 for fp32 weights, else in half precision (quantized
-    # weights are dequantized to fp16/bf16 for the matmuls).
+    # Activations are computed in fp32 for fp32 weights, in half precision for half weights;
+    # quantized weights are dequantized to the compute type: float32 on a CPU (the trainer's
+    # mixed_precision auto), fp16/bf16 on a GPU or MPS.
     "activation_bytes": {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 2, "int4": 2},
+    "quantized_compute_bytes": {"cpu": 4, "cuda": 2, "mps": 2},
+    # On a CPU an int8/int4 run loads the pipeline in float32 before quantizing the denoiser:
+    # the load holds every weight at 4 bytes once (on a GPU it is loaded on the CPU, and only
+    # the quantized denoiser reaches device memory).
+    "quantized_cpu_load_bytes": 4,
     "tight_fraction": 0.8,  # above 80% of the budget: "tight"
     "batch_size": 1,
     "resolution": "native: denoiser sample_size x VAE scale factor",
@@ -398,27 +416,55 @@ def estimate_memory(
     resolution: int,
     vae_width: int,
     precision: str,
+    *,
+    denoiser_params: int | None = None,
+    device: str = "cuda",
+    batch_size: int | None = None,
 ) -> dict[str, float]:
-    """Inference and LoRA-training memory (GB) at `precision`, per :data:`HEURISTIC`."""
+    """Inference and LoRA-training memory (GB) at `precision` on `device`, per :data:`HEURISTIC`.
+
+    At int8/int4 only the denoiser (`denoiser_params` of the `total_params`; None: all of them)
+    is quantized, as the trainer does (`train.base_precision`); the other weights and the
+    activations stay in the compute type of `device` (float32 on a CPU). Training on a CPU at
+    int8/int4 also peaks at the float32 load that precedes quantization. `batch_size` is the
+    training batch (None: :data:`HEURISTIC`'s); inference is one image.
+    """
     h = HEURISTIC
     if precision not in BYTES_PER_PARAM:
         raise ValueError(f"unknown precision {precision!r}; one of {list(BYTES_PER_PARAM)}")
-    weights = total_params * BYTES_PER_PARAM[precision]
-    act_bytes = h["activation_bytes"][precision]
-    batch = h["batch_size"]
+    quantized = precision in QUANTIZED
+    denoiser = total_params if denoiser_params is None else denoiser_params
+    compute = h["quantized_compute_bytes"].get(device, 2) if quantized else BYTES_PER_PARAM[precision]
+    weights = denoiser * BYTES_PER_PARAM[precision] + (total_params - denoiser) * compute
+    act_bytes = compute if quantized else h["activation_bytes"][precision]
+    batch = h["batch_size"] if batch_size is None else batch_size
     denoise_act = h["feature_maps"] * shape.tokens * shape.width + shape.heads * shape.attn_tokens**2
     vae_act = h["vae_feature_maps"] * resolution * resolution * vae_width
     runtime = h["runtime_overhead_gb"] * GB
     resident = weights * (1 + h["weights_overhead"]) + runtime
     # The VAE runs before (training: encode) or after (inference: decode) the denoiser, so
     # the peak is the larger of the two activation footprints, not their sum.
-    inference = resident + act_bytes * batch * max(h["cfg_batch"] * denoise_act, vae_act)
+    inference = resident + act_bytes * h["batch_size"] * max(h["cfg_batch"] * denoise_act, vae_act)
     training = (
         resident
         + lora_params * h["lora_bytes_per_param"]
         + act_bytes * batch * max(h["train_activation_factor"] * denoise_act, vae_act)
     )
+    if quantized and device == "cpu":
+        load = total_params * h["quantized_cpu_load_bytes"] * (1 + h["weights_overhead"]) + runtime
+        training = max(training, load)
     return {"weights_gb": weights / GB, "inference_gb": inference / GB, "training_gb": training / GB}
+
+
+def training_estimate(
+    info: Mapping[str, Any], precision: str, device: str = "cuda", batch_size: int | None = None
+) -> dict[str, float]:
+    """:func:`estimate_memory` of a :func:`size_candidate` result (its denoiser, LoRA and shape)."""
+    return estimate_memory(
+        info["total_params"], info["lora"]["params"], DenoiserShape(**info["shape"]), info["resolution"],
+        info["vae_width"], precision, denoiser_params=info["components"][info["denoiser"]]["params"],
+        device=device, batch_size=batch_size,
+    )
 
 
 def size_candidate(
@@ -467,22 +513,24 @@ def size_candidate(
 
 
 def training_precisions(device_info: Mapping[str, Any]) -> list[str]:
-    """Precisions LoRA training can use on the probed device, highest first.
+    """Base precisions the trainer runs on the probed device, highest first: exactly
+    :func:`stunning.training.quantized.trainable_precisions` (`train.base_precision`), so the
+    plan never recommends a precision the trainer would refuse or silently replace.
 
-    CPU trains in fp32 only (half-precision CPU kernels are slow and partly missing). MPS
-    has fp16 but no bitsandbytes-style int8/int4 kernels. CUDA has all of them; bf16 only
-    where the GPU supports it.
+    CPU: fp32, bf16, int8, int4 (no fp16); CUDA: all, bf16 only where the GPU supports it;
+    MPS: fp32, fp16, int8, int4. int8/int4 quantize the frozen denoiser (optimum-quanto).
     """
-    device = device_info.get("device", "cpu")
-    if device == "cuda":
-        bf16 = bool(device_info.get("cuda", {}).get("bf16_supported"))
-        return [p for p in PRECISION_ORDER if p != "bf16" or bf16]
-    if device == "mps":
-        return ["fp32", "fp16"]
-    return ["fp32"]
+    from stunning.training.quantized import trainable_precisions
+
+    device = str(device_info.get("device", "cpu"))
+    bf16 = bool((device_info.get("cuda") or {}).get("bf16_supported")) if device == "cuda" else True
+    return trainable_precisions(device, bf16)
 
 
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "int8": "fp16", "int4": "fp16"}
+# train.mixed_precision for each planned base precision: a half base trains under its own
+# autocast; fp32 without; a quantized base computes in the device's default (auto: float32 on
+# a CPU, bf16/fp16 on a GPU).
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "int8": "auto", "int4": "auto"}
 
 
 IMPLICIT_BASE = "base"
@@ -523,6 +571,7 @@ def build_report(
     from stunning.device import memory_budget_mb
 
     train = train if train is not None else TrainConfig()
+    device = str(device_info.get("device", "cpu"))
 
     if budget_gb is not None:
         budget, budget_source = float(budget_gb), "argument"
@@ -548,12 +597,10 @@ def build_report(
                 # candidate they never wrote.
                 raise ConfigError(str(exc).replace(f"research.candidates[{cand.name}]", "base.path")) from exc
             raise
-        shape = DenoiserShape(**info["shape"])
         estimates = {}
         for precision in PRECISION_ORDER:
-            est = estimate_memory(
-                info["total_params"], info["lora"]["params"], shape, info["resolution"], info["vae_width"], precision
-            )
+            # Batch 1: the least a run needs (a step that runs out of memory halves the batch).
+            est = training_estimate(info, precision, device)
             est["inference"] = verdict(est["inference_gb"], budget)
             est["training"] = verdict(est["training_gb"], budget)
             estimates[precision] = {k: round(v, 4) if isinstance(v, float) else v for k, v in est.items()}
@@ -571,6 +618,7 @@ def build_report(
             precision=None,
             verdict="does not fit",
             training_gb=chosen["estimates"][lowest]["training_gb"],
+            train_base_precision=None,
             train_mixed_precision=None,
             reason=(
                 f"{plan_name} needs about {chosen['estimates'][lowest]['training_gb']:.1f} GB to train even at "
@@ -585,6 +633,7 @@ def build_report(
             verdict=est["training"],
             training_gb=est["training_gb"],
             inference_gb=est["inference_gb"],
+            train_base_precision=pick,
             train_mixed_precision=MIXED_PRECISION[pick],
             reason=(
                 f"highest precision whose LoRA training {'fits' if est['training'] == 'fits' else 'just fits'} "
@@ -649,7 +698,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if plan.get("precision"):
         lines.append(
             f"Train **{plan['candidate']}** on **{plan['device']}** at **{plan['precision']}** "
-            f"(train.mixed_precision: `{plan['train_mixed_precision']}`), {plan['verdict']}: {plan['reason']}."
+            f"(train.base_precision: `{plan['precision']}` — what `auto` takes — train.mixed_precision: "
+            f"`{plan['train_mixed_precision']}`), {plan['verdict']}: {plan['reason']}."
         )
     else:
         lines.append(f"**{plan['candidate']} does not fit**: {plan['reason']}")
@@ -665,7 +715,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "and the VAE decoder at full resolution; LoRA training: trainable LoRA parameters at "
         f"{h['lora_bytes_per_param']} bytes each (fp32 weight, gradient, two Adam moments) plus "
         f"{h['train_activation_factor']}x a forward pass's activations (kept for backward), batch "
-        f"{h['batch_size']} at native resolution. Denoiser activations = {h['feature_maps']} x tokens x channels "
+        f"{h['batch_size']} at native resolution. "
+        "At int8/int4 only the denoiser is quantized (optimum-quanto, as the trainer does); the rest "
+        "and the activations stay in the compute type (float32 on a CPU, where the float32 load "
+        f"before quantizing also counts). Denoiser activations = {h['feature_maps']} x tokens x channels "
         "+ heads x tokens² (attention scores of the highest-resolution attention layer). "
         f"'tight' means over {int(h['tight_fraction'] * 100)}% of the budget. Expect +/-50%: "
         "memory-efficient attention, gradient checkpointing and offloading lower the real figures.",
@@ -726,6 +779,8 @@ __all__ = [
     "research_table",
     "sd15_reference_configs",
     "size_candidate",
+    "training_estimate",
+    "training_precisions",
     "verdict",
     "write_report",
 ]

@@ -1,7 +1,8 @@
 """Experiment tracking behind a small interface, so core code is testable without MLflow.
 
 `Tracker` is what training and validation talk to; `MlflowTracker` records to an MLflow
-SQLite backend with artifacts under `mlruns/` (MLflow 3 refuses the plain file store), and
+SQLite backend with artifacts under `mlruns/` (MLflow 3 refuses the plain file store) or to
+a shared tracking server (`registry.tracking_uri: http://HOST:PORT`), and
 `NullTracker` records nothing (unit tests, dry runs). `configure_mlflow` is the one place
 that points MLflow at the project's store (checked and relocated by `stunning.mlflow_store`).
 """
@@ -64,7 +65,13 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
-    """Point MLflow at the SQLite store and artifact root of `cfg`; return the experiment id.
+    """Point MLflow at the store (or tracking server) and artifact root of `cfg`; return the
+    experiment id.
+
+    With a tracking server (`http(s)://`) the experiment is created without a client-side
+    artifact location: the server's `--serve-artifacts` store holds the artifacts
+    (`mlflow-artifacts:/` URIs), never a path on this machine. Two machines creating the
+    experiment at once both end up with the one the server kept.
 
     Relative paths in `cfg` are resolved against `root` (default: the working directory), so
     a stage run from the project root and a test run in a temporary clone both work. The
@@ -75,7 +82,7 @@ def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
     """
     import mlflow
 
-    from stunning.mlflow_store import open_store, sqlite_path, with_lock_retries
+    from stunning.mlflow_store import is_server_uri, open_store, sqlite_path, with_lock_retries
 
     root = Path(root or Path.cwd()).resolve()
     uri, artifacts = open_store(cfg, root)
@@ -83,16 +90,36 @@ def configure_mlflow(cfg: RegistryConfig, root: Path | None = None) -> str:
     mlflow.set_registry_uri(uri)
 
     def experiment() -> str:
+        from mlflow.exceptions import MlflowException
+
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is None:
-            return mlflow.create_experiment(
-                cfg.experiment, artifact_location=artifacts.as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            location = {} if artifacts is None else {"artifact_location": artifacts.as_uri()}
+            try:
+                return mlflow.create_experiment(
+                    cfg.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}, **location,
+                )
+            except MlflowException as exc:  # another client created it since the lookup
+                exp = mlflow.get_experiment_by_name(cfg.experiment)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+                    raise
+        if artifacts is None and (exp.artifact_location or "").startswith(("file:", "/")):
+            from stunning.mlflow_store import TrackingStoreError
+
+            raise TrackingStoreError(
+                f"experiment {cfg.experiment!r} on the MLflow server {uri} stores its artifacts at "
+                f"{exp.artifact_location}, a path on one machine (it was created by a client with a local artifact "
+                f"root, or by a server without --serve-artifacts). Set registry.experiment in params.yaml to a new "
+                f"name (it is created with served artifacts), or delete that experiment on the server."
             )
         if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # a store made before the tag existed
             mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
 
-    exp_id = with_lock_retries(sqlite_path(cfg, root) or Path(uri), experiment)
+    if is_server_uri(uri):
+        exp_id = experiment()
+    else:
+        exp_id = with_lock_retries(sqlite_path(cfg, root) or Path(uri), experiment)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

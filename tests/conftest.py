@@ -42,6 +42,7 @@ CLONE_GROUPS = {
     "tests/e2e/test_dag.py": "tiny-dag",
     "tests/e2e/test_kill_repro.py": "tiny-dag",
     "tests/flows/": "tiny-dag",
+    "tests/integration/": "tiny-dag",  # the DVC remote round trip and the Prefect worker run
 }
 
 

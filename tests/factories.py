@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -743,3 +744,77 @@ def make_config_only_sd_folder(root: Path, with_vae_config: bool = True, configs
         if name != "vae" or with_vae_config:
             (root / name / "config.json").write_text(json.dumps(cfg))
     return root
+
+
+# --------------------------------------------------------------------------- a real MLflow server
+
+
+@contextmanager
+def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[str]:
+    """A real `mlflow server --serve-artifacts` on 127.0.0.1 (a free port, one worker) while
+    the block runs; yields its tracking URI for `registry.tracking_uri`. Its database
+    (SQLite unless `backend_store_uri`), served artifacts and log (`server.log`) live under
+    `root/mlflow-server`. Starting it costs ~5-20 s (MLflow's import and migrations), so use
+    one per module or session."""
+    from stunning.mlflow_server import running_server
+
+    home = Path(root) / "mlflow-server"
+    home.mkdir(parents=True, exist_ok=True)
+    backend = backend_store_uri or f"sqlite:///{home / 'mlflow.db'}"
+    with running_server(backend, home / "artifacts", log_path=home / "server.log") as uri:
+        yield uri
+
+
+def _postgres_bin(tool: str) -> str | None:
+    found = shutil.which(tool)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"))  # Debian's layout, not on PATH
+    return str(candidates[-1]) if candidates else None
+
+
+@contextmanager
+def postgres_database() -> Iterator[str | None]:
+    """A throwaway PostgreSQL server (Debian's `postgresql` package: `initdb`, `pg_ctl`) on
+    127.0.0.1, a free port, with an empty database `mlflow`, stopped and deleted after the
+    block; yields its SQLAlchemy URI (`postgresql+psycopg://...`), or None when PostgreSQL
+    or psycopg is not installed (PostgreSQL refuses to run as root: then it runs as the
+    `postgres` user, which the package creates). Costs ~4 s (initdb)."""
+    import importlib.util
+    import pwd
+
+    from stunning.mlflow_server import free_port
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if initdb is None or pg_ctl is None or importlib.util.find_spec("psycopg") is None:
+        yield None
+        return
+    as_user: list[str] = []
+    home = Path(tempfile.mkdtemp(prefix="stunning-pg-"))
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(home)
+            yield None
+            return
+        as_user = ["runuser", "-u", "postgres", "--"]
+        home.chmod(0o755)
+        os.chown(home, user.pw_uid, user.pw_gid)
+    port = free_port()
+    data = home / "data"
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    try:
+        run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+        run(pg_ctl, "-D", str(data), "-l", str(home / "postgres.log"), "-w", "start",
+            "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off")
+        try:
+            import psycopg
+
+            with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+                conn.execute("CREATE DATABASE mlflow")
+            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow"
+        finally:
+            subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

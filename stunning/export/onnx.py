@@ -40,7 +40,6 @@ from stunning.export.signature import (
     TIMESTEP,
     DenoiserSignature,
     call_arguments,
-    capture,
     flat_denoiser,
 )
 from stunning.io import atomic_dir, write_json
@@ -72,6 +71,7 @@ def export_onnx(
     prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
     seeds: list[int] | tuple[int, ...] = DEFAULT_SEEDS,
     steps: int = 8,
+    resolution: int | None = None,
 ) -> dict[str, Any]:
     """Export the denoiser of `model_dir` to `out_dir`/denoiser.onnx and return (and save) the report.
 
@@ -80,6 +80,7 @@ def export_onnx(
     """
     import torch
 
+    from stunning.export.components import at_resolution, capture_at
     from stunning.families import get_family
     from stunning.model_source import detect_family
 
@@ -89,38 +90,53 @@ def export_onnx(
     fam = get_family(family or detect_family(model_dir))
     t0 = time.perf_counter()
     pipe = fam.load_pipeline(model_dir, torch.device("cpu"), torch.float32)
-    module = fam.denoiser(pipe).eval()
-    signature = capture(fam, pipe, batch=batch, guidance_scale=guidance_scale)
+    signature = capture_at(fam, pipe, resolution=resolution, batch=batch, guidance_scale=guidance_scale)
     load_s = time.perf_counter() - t0
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        t1 = time.perf_counter()
-        _export(module, signature, tmp / ONNX_FILE, exporter, external)
-        export_s = time.perf_counter() - t1
-        report: dict[str, Any] = {
-            "format": "onnx",
-            "model_dir": str(model_dir),
-            "family": fam.name,
-            "component": signature.component,
-            "exporter": exporter,
-            "torch": torch.__version__,
-            "resolution": fam.resolution(pipe),
-            "images_per_call": batch,
-            "guidance_scale": guidance_scale,
-            **describe(tmp / ONNX_FILE),
-            "parameters": sum(p.numel() for p in module.parameters()),
-            "seconds": {"load_and_capture": round(load_s, 3), "export": round(export_s, 3)},
-        }
-        if verify:
-            t2 = time.perf_counter()
-            report.update(check_onnx(tmp / ONNX_FILE, fam, pipe, signature, prompts, seeds, steps, guidance_scale))
-            report["seconds"]["verify"] = round(time.perf_counter() - t2, 3)
+        report = export_loaded(at_resolution(fam, resolution), pipe, signature, tmp, exporter=exporter, external_data=external_data,
+                               verify=verify, prompts=prompts, seeds=seeds, steps=steps, guidance_scale=guidance_scale)
+        report = {"model_dir": str(model_dir), **report, "resolution": resolution or fam.resolution(pipe),
+                  "images_per_call": batch}
+        report["seconds"]["load_and_capture"] = round(load_s, 3)
         write_json(tmp / REPORT_FILE, report)
     report["path"] = str(out_dir / ONNX_FILE)
     log.info("exported the %s %s to %s (%.1f MB, max abs error %s)", fam.name, signature.component,
              report["path"], report["bytes"] / 1e6, report.get("max_abs_error"))
+    return report
+
+
+def export_loaded(fam: Any, pipe: Any, signature: DenoiserSignature, out_dir: Path, *, exporter: str = "dynamo",
+                  external_data: bool | None = None, verify: bool = True,
+                  prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
+                  seeds: list[int] | tuple[int, ...] = DEFAULT_SEEDS, steps: int = 8,
+                  guidance_scale: float = 4.0) -> dict[str, Any]:
+    """Export the denoiser of a loaded pipeline to `out_dir`/denoiser.onnx (and check it unless
+    ``verify=False``, drawing at the family's resolution as `fam` reports it); the report fragment."""
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter={exporter!r}: choose one of {list(EXPORTERS)}")
+    module = fam.denoiser(pipe).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    t1 = time.perf_counter()
+    _export(module, signature, out_dir / ONNX_FILE, exporter, external)
+    report: dict[str, Any] = {
+        "format": "onnx",
+        "family": fam.name,
+        "component": signature.component,
+        "exporter": exporter,
+        "torch": torch.__version__,
+        "guidance_scale": guidance_scale,
+        **describe(out_dir / ONNX_FILE),
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "seconds": {"export": round(time.perf_counter() - t1, 3)},
+    }
+    if verify:
+        t2 = time.perf_counter()
+        report.update(check_onnx(out_dir / ONNX_FILE, fam, pipe, signature, prompts, seeds, steps, guidance_scale))
+        report["seconds"]["verify"] = round(time.perf_counter() - t2, 3)
     return report
 
 

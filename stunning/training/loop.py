@@ -2,7 +2,8 @@
 
 :func:`run_training` goes through named steps, one function each:
 
-1. :func:`load_model` — the pipeline through its family, frozen, on the device;
+1. :func:`load_model` — the pipeline through its family, frozen, on the device, its denoiser
+   quantized to int8/int4 when `train.base_precision` asks (QLoRA, :mod:`stunning.training.quantized`);
 2. :func:`encode_data` — latents and prompt embeddings per bucket, the val set, DreamBooth's
    class images, the empty prompt of caption dropout;
 3. :func:`add_adapter` — the seeded LoRA adapter and its trainable parameters;
@@ -52,7 +53,8 @@ from stunning.training.dreambooth import class_image_size, class_set, instance_c
 from stunning.training.encoding import check_bucket_sizes, encode_buckets
 from stunning.training.evaluation import evaluate_buckets
 from stunning.training.memory import free_memory, is_oom_error
-from stunning.training.precision import calibrate_cpu, cpu_threads_for, weight_dtype
+from stunning.training.precision import calibrate_cpu, cpu_threads_for
+from stunning.training.quantized import FROM_MIXED_PRECISION, BasePrecision, quantize_denoiser
 from stunning.training.rng import load_trainable_state, rng_state, set_rng_state, trainable_state
 from stunning.training.samples import log_intermediate_samples
 from stunning.training.thermal import ThermalGuard, ThermalProbe, describe
@@ -86,6 +88,13 @@ class TrainJob:
     cache_dir: Path | None = None  # the on-disk encoding cache (None: encode in memory)
     thermal_probe: ThermalProbe | None = None
     class_dir: Path | None = None  # where DreamBooth's class images are kept
+    # The frozen base's precision (train.base_precision resolved); None: mixed_precision's weight type.
+    base: BasePrecision | None = None
+
+    def __post_init__(self) -> None:
+        if self.base is None:
+            precision = FROM_MIXED_PRECISION[self.mixed_precision]
+            self.base = BasePrecision(precision, precision, "train.mixed_precision", self.mixed_precision)
 
 
 @dataclass
@@ -193,12 +202,21 @@ def run_training(job: TrainJob) -> LoopResult:
 
 
 def load_model(job: TrainJob) -> Model:
-    """The base pipeline on the device in the run's weight dtype, frozen; a small denoiser on
-    the CPU gets one intra-op thread (:func:`~stunning.training.precision.cpu_threads_for`)."""
+    """The base pipeline on the device in the run's weight dtype, frozen; with an int8/int4
+    base its denoiser quantized (on the CPU before a GPU sees it, so device memory never holds
+    the float weights); a small denoiser on the CPU gets one intra-op thread
+    (:func:`~stunning.training.precision.cpu_threads_for`)."""
     from stunning.device import vae_needs_fp32
 
-    fam, dev = job.fam, job.dev
-    pipe = fam.load_pipeline(job.base_path, dev, weight_dtype(job.mixed_precision))
+    fam, dev, base = job.fam, job.dev, job.base
+    load_dev = torch.device("cpu") if base.quantized and dev.type != "cpu" else dev
+    pipe = fam.load_pipeline(job.base_path, load_dev, base.load_dtype)
+    if base.quantized:
+        stats = quantize_denoiser(fam.denoiser(pipe), base.precision)
+        job.tracker.log_params({"base_quantized_modules": stats["quantized_modules"],
+                                "base_denoiser_mb": round(stats["bytes_after"] / 2**20, 3)})
+        if load_dev != dev:
+            pipe = pipe.to(dev)
     if vae_needs_fp32(pipe.vae, pipe.vae.dtype):
         pipe.vae.to(torch.float32)  # fp16 overflows in this VAE (its config says force_upcast)
     default_threads = torch.get_num_threads()
@@ -303,6 +321,7 @@ def choose_cpu_setup(job: TrainJob, model: Model, data: Data, batch: int, ckpt: 
         cpu_threads, mixed_precision = calibrate_cpu(
             job.fam, model.pipe, model.params, model.scheduler, latents, cond, batch, job.cfg, job.dev,
             model.default_threads if model.small_model_threads is not None else None,
+            mixed_precision=job.mixed_precision,
         )
     torch.set_num_threads(int(cpu_threads))
     job.tracker.log_params({"cpu_threads_chosen": int(cpu_threads), "mixed_precision_chosen": mixed_precision})

@@ -82,7 +82,9 @@ def cpu_threads_for(model: torch.nn.Module, device: torch.device) -> int | None:
     return 1 if n < SMALL_DENOISER_PARAMS else None
 
 
-def calibrate_cpu(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, more_threads: int | None):
+def calibrate_cpu(
+    fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, more_threads: int | None, mixed_precision: str = "no",
+):
     """(threads, mixed_precision) for a CPU run with `train.mixed_precision: auto`.
 
     Times a few trial steps (leaving no trace, like the batch probe) at the current thread
@@ -90,26 +92,28 @@ def calibrate_cpu(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, 
     fewer threads than the default (`more_threads`), also with the default, which must be
     MIN_SPEEDUP faster to be chosen. Precision stays fp32 ("no"): bf16 autocast on a CPU
     with native bf16 (AVX512-BF16/AMX) measured up to 1.5x faster on compute-bound steps,
-    but it changes the numerics, so it is only used when `train.mixed_precision: bf16` asks.
+    but it changes the numerics, so it is only used when `train.mixed_precision: bf16` asks
+    (or a bf16 base, `train.base_precision: bf16`, needs it: `mixed_precision` is then "bf16"
+    and is timed and kept).
     """
     threads = torch.get_num_threads()
     try:
-        timing = {threads: _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")}
+        timing = {threads: _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, mixed_precision)}
     except Exception as exc:
         if not is_oom_error(exc):
             raise
         free_memory(dev)  # the loop's own out-of-memory handling takes it from here
         log.info("CPU calibration skipped: a trial step ran out of memory")
-        return threads, "no"
+        return threads, mixed_precision
     if timing[threads] >= CPU_BOUND_STEP_S and more_threads and more_threads > threads:
         torch.set_num_threads(more_threads)
-        timing[more_threads] = _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, "no")
+        timing[more_threads] = _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, mixed_precision)
         if timing[threads] / timing[more_threads] >= MIN_SPEEDUP:
             threads = more_threads
         torch.set_num_threads(threads)
     log.info("CPU calibration: %s", ", ".join(f"{n} thread(s): {t:.3f} s/step" for n, t in timing.items()))
-    log.info("CPU training with %d thread(s), fp32", threads)
-    return threads, "no"
+    log.info("CPU training with %d thread(s), %s", threads, "fp32" if mixed_precision == "no" else mixed_precision)
+    return threads, mixed_precision
 
 
 def _time_steps(fam, pipe, params, scheduler, latents, cond, batch, cfg, dev, mixed_precision) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from stunning.training.dataset import CuratedDataset, style_rows
 from stunning.training.divergence import TrainingDiverged
 from stunning.training.dreambooth import class_images_dir, trigger_words
 from stunning.training.loop import LoopResult, StepCallback, TrainJob, run_training
-from stunning.training.precision import resolve_mixed_precision
+from stunning.training.quantized import BasePrecision, resolve_base_precision
 from stunning.training.samples import SAMPLE_SEEDS, write_samples
 from stunning.training.thermal import ThermalProbe
 
@@ -67,6 +67,8 @@ def train_style(
     cache_dir: str | Path | None = None,
     thermal_probe: ThermalProbe | None = None,
     class_dir: str | Path | None = None,
+    research: Mapping[str, Any] | None = None,
+    research_source: str = "the research report",
 ) -> dict[str, Any]:
     """Train one LoRA adapter for `style`; save it to `out_dir/<style>/`; return a summary.
 
@@ -83,6 +85,9 @@ def train_style(
     source of the OS thermal state (tests feed captured states through it).
     `class_dir` keeps the generated class images of DreamBooth prior preservation (default:
     `<cache_dir>/class-images`, else `<checkpoint_dir>/class-images`, else a temporary folder).
+    `research` is the research report (`reports/research.json`, read from `research_source`):
+    `train.base_precision: auto` trains at its plan's precision
+    (:func:`~stunning.training.quantized.resolve_base_precision`).
 
     The summary holds `final_loss` (mean of the last few steps' losses), `val_loss` and
     `base_val_loss` (the same fixed-noise objective on the val split with and without the
@@ -91,7 +96,9 @@ def train_style(
     `adapter`, `resumed_from_step`, `fingerprint`, `device`, `mixed_precision`, `loss_history`,
     `batch_size` (the one in use at the end: `batch_size: auto` resolved, after any halving),
     `batch_backoffs` (steps redone with half the batch after running out of memory),
-    `thermal_checks`, `thermal_throttled_checks` and `thermal_paused_s` (of this call), and
+    `thermal_checks`, `thermal_throttled_checks` and `thermal_paused_s` (of this call),
+    `base_precision` (the frozen base's precision, `auto` resolved), `base_precision_requested`,
+    `base_precision_source` and `base_quantization_backend`, and
     after a divergence rollback `divergence_retries` and `learning_rate_final` (the lowered rate).
 
     A run whose loss or gradients go non-finite rolls back and retries at half the learning
@@ -106,12 +113,13 @@ def train_style(
     fam = get_family(family) if isinstance(family, str) else family
     base_path, curated_dir, out_dir = Path(base_path), Path(curated_dir), Path(out_dir)
     dev = select_device(None if device is None else str(device))
-    mixed_precision = resolve_mixed_precision(cfg.mixed_precision, dev)
+    base = resolve_base_precision(cfg, dev, research, research_source)
+    mixed_precision = base.mixed_precision
     tracker = tracker or NullTracker()
 
     train_set = CuratedDataset(curated_dir, style, "train")
     val_set = CuratedDataset(curated_dir, style, "val", allow_empty=True)
-    fp = _fingerprint(fam, base_path, curated_dir, style, cfg)
+    fp = _fingerprint(fam, base_path, curated_dir, style, cfg, base)
     store = CheckpointStore.for_run(Path(checkpoint_dir), style, fp, cfg.keep_checkpoints) if checkpoint_dir else None
 
     run_tags = {"style": style, "stage": "train", "fingerprint": fp, **(tags or {})}
@@ -130,6 +138,7 @@ def train_style(
                 "device": str(dev),
                 "mixed_precision": mixed_precision,
                 "fingerprint": fp,
+                **base.as_dict(),
             }
         )
         job = TrainJob(
@@ -139,6 +148,7 @@ def train_style(
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             thermal_probe=thermal_probe,
             class_dir=class_images_dir(class_dir, cache_dir, checkpoint_dir),
+            base=base,
         )
         with PeakMemory(dev) as pm:
             result = run_training(job)
@@ -151,7 +161,7 @@ def train_style(
         if result.divergence_retries:  # only for runs that diverged: the summary of the others is unchanged
             run_facts.update(divergence_retries=result.divergence_retries, learning_rate_final=result.learning_rate)
 
-        adapter_dir = _save_adapter(fam, result, cfg, style, out_dir, base_path, fp)
+        adapter_dir = _save_adapter(fam, result, cfg, style, out_dir, base_path, fp, base)
         samples = write_samples(fam, result.pipe, cfg, style, samples_dir, sample_seeds) if sample_seeds else None
         window = result.history[-FINAL_LOSS_WINDOW:]
         final_loss = sum(window) / len(window)
@@ -197,19 +207,26 @@ def train_style(
         "mixed_precision": result.mixed_precision,  # on a CPU with auto: what calibration chose
         "n_images": len(train_set),
         "loss_history": result.history,
+        **base.as_dict(),
         **run_facts,
     }
     _log_summary(style, summary)
     return summary
 
 
-def _fingerprint(fam, base_path: Path, curated_dir: Path, style: str, cfg: TrainConfig) -> str:
-    """The checkpoint fingerprint: what changes the trained weights (numeric config, base model,
-    the style's curated rows and images, family, style and this package's code)."""
+def _fingerprint(
+    fam, base_path: Path, curated_dir: Path, style: str, cfg: TrainConfig, base: BasePrecision | None = None
+) -> str:
+    """The checkpoint fingerprint: what changes the trained weights (numeric config with
+    `base_precision: auto` resolved, base model, the style's curated rows and images, family,
+    style and this package's code)."""
     # max_batch_size only matters when the batch size is probed.
     exclude = set(NON_NUMERIC_KEYS) | ({"max_batch_size"} if cfg.batch_size != "auto" else set())
+    numeric = cfg.model_dump(exclude=exclude)
+    if base is not None:
+        numeric["base_precision"] = base.precision  # auto resolved: a new plan never resumes a stale run
     return fingerprint(
-        cfg.model_dump(exclude=exclude),
+        numeric,
         base_path,
         style_rows(curated_dir, style),
         curated_dir,
@@ -233,7 +250,8 @@ def _log_summary(style: str, summary: dict[str, Any]) -> None:
 
 
 def _save_adapter(
-    fam, result: LoopResult, cfg: TrainConfig, style: str, out_dir: Path, base_path: Path, fp: str
+    fam, result: LoopResult, cfg: TrainConfig, style: str, out_dir: Path, base_path: Path, fp: str,
+    base: BasePrecision,
 ) -> Path:
     """Write the adapter (diffusers LoRA layout, with its metadata) and the resolved config to
     `out_dir/<style>/`, atomically; the folder."""
@@ -252,6 +270,10 @@ def _save_adapter(
             "trigger_words": trigger_words(cfg),
             "steps": cfg.steps,
             "batch_size": result.batch_size,
+            # The precision the frozen base was trained at (QLoRA: int8/int4); the adapter
+            # itself is float32 and loads on the unquantized base.
+            "base_precision": base.precision,
+            "base_quantization_backend": base.as_dict()["base_quantization_backend"],
         })
         dump_resolved(cfg, tmp / "train_config.yaml")
     return adapter_dir

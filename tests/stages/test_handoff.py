@@ -123,3 +123,40 @@ def test_a_blocked_candidate_hands_off_the_champion_instead(tmp_path, tiny_base,
     shipped = (out / "adapters" / "noir" / "pytorch_lora_weights.safetensors").read_bytes()
     assert shipped == (champion["adapters"] / "noir" / "pytorch_lora_weights.safetensors").read_bytes()
     assert shipped != (blocked / "noir" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def _export_folder(root: Path) -> Path:
+    """A folder laid out like build/export (the bundle copies files; their content is the export stage's business)."""
+    export = root / "build" / "export"
+    (export / "coreml" / "denoiser.mlpackage" / "Data").mkdir(parents=True)
+    (export / "coreml" / "denoiser.mlpackage" / "Manifest.json").write_text("{}")
+    (export / "coreml" / "denoiser.mlpackage" / "Data" / "weight.bin").write_bytes(b"\x00\x01" * 64)
+    (export / "swift").mkdir()
+    (export / "swift" / "resources.json").write_text("{}")
+    (export / "export.json").write_text(json.dumps({"format": "stunning-export/1", "artifacts": []}))
+    return export
+
+
+def test_the_exports_go_into_the_bundle_under_export_and_its_checksums_cover_them(tmp_path):
+    from stages import handoff
+
+    adapters, blends, card = make_release_inputs(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    out = tmp_path / "release"
+    argv = ["--params", str(tmp_path / "params.yaml"), "--adapters", str(adapters), "--blends", str(blends),
+            "--model-card", str(card), "--registry-report", str(promoted_report(tmp_path)), "--out", str(out),
+            "--export", str(_export_folder(tmp_path))]
+    handoff.main(argv)
+    manifest = json.loads((out / "manifest.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"export/export.json", "export/swift/resources.json",
+            "export/coreml/denoiser.mlpackage/Data/weight.bin"} <= paths
+    assert "export/coreml/denoiser.mlpackage/Data/weight.bin" in (out / "SHA256SUMS").read_text()
+    assert manifest["exports"] is True and verify_bundle(out).ok
+    (out / "export" / "coreml" / "denoiser.mlpackage" / "Data" / "weight.bin").write_bytes(b"tampered")
+    assert verify_bundle(out).changed == ["export/coreml/denoiser.mlpackage/Data/weight.bin"]
+
+    (tmp_path / "build" / "export" / "export.json").unlink()  # an export folder without its report
+    with pytest.raises(SystemExit) as exc:
+        handoff.main(argv)
+    assert exc.value.code == 2

@@ -28,15 +28,26 @@ def project(tiny_base, tmp_path_factory) -> Path:
                      "seeds": [0], "steps": 2, "guidance_scale": 4.0},
         "budgets": {"max_latency_s": 60.0, "min_style_gain": -10.0},
     }
+    params["merge"].update(quantization=["int8", "int4"], target_device="apple-8gb", style_set_size=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for i, style in enumerate(STYLES):
         random_lora(tiny_base, root / "adapters" / style, "sd3", seed=i + 1)
     make_colour_vs_grey(root / "curated")
-    merge.main([
-        "--params", str(root / "params.yaml"), "--base", str(tiny_base), "--adapters", str(root / "adapters"),
-        "--out", str(root / "merged"), "--report", str(root / "reports" / "merge.json"), "--device", "cpu",
-    ])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the MLflow store of the run the stage logs: the project's own
+        merge.main(merge_args(root, tiny_base))
     return root
+
+
+def merge_args(root: Path, tiny_base: Path, reports: str = "reports", out: str = "merged") -> list[str]:
+    """The merge stage's command line as dvc.yaml writes it (target: an Apple chip, no research plan needed)."""
+    r = root / reports
+    return [
+        "--params", str(root / "params.yaml"), "--base", str(tiny_base), "--adapters", str(root / "adapters"),
+        "--out", str(root / out), "--report", str(r / "merge.json"), "--data", str(root / "curated"),
+        "--quantize-report", str(r / "quantize.json"), "--quantize-md", str(r / "quantize.md"),
+        "--grid", str(r / "quantize_grid.png"), "--plot-csv", str(r / "quantize_plot.csv"), "--device", "cpu",
+    ]
 
 
 def validate_args(root: Path, tiny_base: Path, tag: str, *extra: str) -> list[str]:
@@ -45,6 +56,7 @@ def validate_args(root: Path, tiny_base: Path, tag: str, *extra: str) -> list[st
         "--merged", str(root / "merged"), "--data", str(root / "curated"), "--out", str(root / tag / "validation"),
         "--metrics", str(root / tag / "validation.json"), "--gate", str(root / tag / "gate.json"),
         "--merge-report", str(root / "reports" / "merge.json"), "--champion", str(no_champion(root)),
+        "--quantize-report", str(root / "reports" / "quantize.json"),
         "--device", "cpu", *extra,
     ]
 
@@ -62,12 +74,37 @@ def test_merge_stage_outputs(project):
     assert (merged / "blends" / "half-half" / "pytorch_lora_weights.safetensors").is_file()
     assert (merged / "blends" / "half-half" / "blend.yaml").is_file()
     assert (merged / "fused" / "model_index.json").is_file()
-    assert (merged / "quantized" / "quantization_map.json").is_file()
+    q = json.loads((project / "reports" / "quantize.json").read_text())
+    assert q["mode"] == "ladder" and q["ladder"] == ["int8", "int4"] and q["target"]["name"] == "apple-8gb"
+    assert q["budgets"] == {"min_psnr": 30.0, "max_style_gain_loss": 0.05}
+    assert q["reference"]["denoiser_bytes"] > 0 and q["reference"]["latency_s"] > 0
+    by = {e["level"]: e for e in q["levels"]}
+    for name in ("int8", "int4"):  # quanto runs everywhere; each level is on disk with its base denoiser
+        e = by[name]
+        assert e["runs"] and e["denoiser_bytes"] < q["reference"]["denoiser_bytes"]
+        assert (merged / "quantized" / name / "quantization_map.json").is_file()
+        assert (merged / "quantized" / name / "base" / "quantization_map.json").is_file()
+        assert set(e["variants"]) == {"half-half", *STYLES}
+        for v in e["variants"].values():
+            assert v["psnr"] > 0 and 0 < v["ssim"] <= 1 and v["peak_memory_mb"] > 0 and v["latency_s"] > 0
+        for style in STYLES:
+            v = e["variants"][style]
+            assert v["kind"] == "adapter"
+            assert v["style_gain_loss"] == pytest.approx(v["style_gain_fp32"] - v["style_gain"], abs=2e-6)
+    assert by["int4"]["denoiser_bytes"] < by["int8"]["denoiser_bytes"]
+    assert q["chosen"] in {e["level"] for e in q["levels"] if e["passes"]} and q["why"]
+    index = json.loads((merged / "quantized" / "quantized.json").read_text())
+    assert index["chosen"] == q["chosen"] == index["load"]
     rep = json.loads((project / "reports" / "merge.json").read_text())
-    for key in ("fp32_denoiser_bytes", "int8_denoiser_bytes", "size_ratio", "peak_memory_mb_fp32", "peak_memory_mb_int8",
-                "quantization_mse", "quantization_max_abs", "seconds"):
-        assert isinstance(rep[key], int | float), key
-    assert rep["size_ratio"] < 1 and rep["blends"]["half-half"]["rank"] == 8
+    chosen = by[q["chosen"]]
+    assert rep["quantization"] == q["chosen"] and rep["size_ratio"] == chosen["size_ratio"]
+    assert rep["quantization_mse"] == chosen["variants"]["half-half"]["mse"]
+    assert rep["blends"]["half-half"]["rank"] == 8
+    csv_rows = (project / "reports" / "quantize_plot.csv").read_text().splitlines()
+    assert csv_rows[0] == "level,bytes,psnr,ssim,style_gain_loss" and len(csv_rows) == 1 + sum(e["runs"] for e in q["levels"])
+    assert "| int8 |" in (project / "reports" / "quantize.md").read_text()
+    with Image.open(project / "reports" / "quantize_grid.png") as grid:
+        assert grid.height > (1 + sum(e["runs"] for e in q["levels"])) * 96
     assert not list(project.glob(".merged*"))  # no temporary folders left behind
 
 
@@ -88,6 +125,8 @@ def test_validate_stage_writes_reports_grid_and_a_passing_gate(project, tiny_bas
     assert body["variants"]["adapter-noir"]["pixel_mse_to_base"] > 0  # the adapter changes the output
     assert set(body["style_gain"]) == set(STYLES) and body["gate_passed"] is gate["passed"]
     assert gate["passed"] is True, gate["reasons"]
+    quantize = json.loads((project / "reports" / "quantize.json").read_text())
+    assert gate["quantization"]["level"] == quantize["chosen"] and gate["quantization"]["why"] == quantize["why"]
     assert {c["name"] for c in gate["checks"]} >= {"style_gain/noir", "latency_s", "quantization_mse", "vs_champion"}
     assert gate["candidate"]["metrics"]["style_gain/noir"] == pytest.approx(body["style_gain"]["noir"], abs=1e-6)
     with Image.open(out / "validation" / "grid.png") as grid:

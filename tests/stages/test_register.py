@@ -99,3 +99,53 @@ def test_register_under_dvc_exp_run_does_not_promote_and_champion_stage_records_
     assert json.loads(Path("reports/registry-exp.json").read_text())["promoted"] is True
     champion.main(record_argv)  # the candidate is the champion now: validated against "none", unchanged
     assert Path("reports/champion-exp.json").read_bytes() == before
+
+
+def test_register_promotes_only_over_the_champion_the_gate_compared_against(store, tiny_base, monkeypatch, capsys, tmp_path):
+    """`--champion reports/champion.json` names the champion validate compared against; when
+    another machine promoted since, the candidate is registered, not promoted (exit 0)."""
+    from stages import register
+    from stunning.config import RegistryConfig
+    from stunning.registry import aliases
+
+    monkeypatch.chdir(store)
+    Path("params-cas.yaml").write_text(yaml.safe_dump({"registry": {"model_name": "m-cas-stage"}}))
+    Path("reports").mkdir(exist_ok=True)
+    Path("reports/gate-cas.json").write_text(json.dumps(gate_report(True)))
+    record = Path("reports/champion-cas.json")
+    record.write_text(json.dumps({"model_name": "m-cas-stage", "version": None}))
+
+    def argv(tag: str) -> list[str]:
+        cand = make_registry_candidate(tmp_path / tag)
+        (cand["adapters"] / "noir" / "pytorch_lora_weights.safetensors").write_bytes(tag.encode())
+        return ["--params", "params-cas.yaml", "--gate", "reports/gate-cas.json", "--base", str(tiny_base),
+                "--adapters", str(cand["adapters"]), "--blends", str(cand["blends"]),
+                "--out", "reports/registry-cas.json", "--champion", str(record)]
+
+    register.main(argv("first"))  # gated against no champion, and there is none: promoted
+    assert "PROMOTED v1" in capsys.readouterr().out
+    register.main(argv("second"))  # gated against no champion, but v1 is champion now
+    out = capsys.readouterr().out
+    assert "REGISTERED v2, not promoted: promotion: lost race to version 1" in out
+    report = json.loads(Path("reports/registry-cas.json").read_text())
+    assert report["promoted"] is False and report["lost_race_to"] == 1 and report["expected_champion"] is None
+    assert aliases(RegistryConfig(model_name="m-cas-stage"), store) == {"champion": 1}
+
+    record.write_text(json.dumps({"model_name": "other-model", "version": 1}))
+    with pytest.raises(SystemExit) as exc:
+        register.main(argv("third"))
+    assert exc.value.code == 2 and "other-model" in capsys.readouterr().err
+
+
+def test_compared_champion_comes_from_the_record_else_the_gate_report(tmp_path):
+    from stages.register import compared_champion
+
+    gate = {"passed": True, "candidate": {"champion_source": "m v7 (reports/champion.json)"}}
+    assert compared_champion(gate, None, "m") == (True, 7)
+    assert compared_champion({"candidate": {"champion_source": "reports/champion.json: no champion"}}, None, "m") == (True, None)
+    assert compared_champion({"candidate": {"champion_source": "registry m@champion"}}, None, "m") == (False, None)
+    assert compared_champion({"candidate": {"champion_source": "other v7 (x)"}}, None, "m") == (False, None)
+    assert compared_champion({}, None, "m") == (False, None)
+    record = tmp_path / "champion.json"
+    record.write_text(json.dumps({"model_name": "m", "version": 3}))
+    assert compared_champion(gate, record, "m") == (True, 3)  # the record wins

@@ -47,7 +47,10 @@ def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny
 
     monkeypatch.chdir(tmp_path)
     _params_file(tmp_path, steps=3, batch_size=2, checkpoint_every=2)
-    stage.main(["--params", "params.yaml", "--base", str(tiny_base), "--data", str(curated), *TRAIN_OUTPUTS])
+    # train.base_precision auto takes the research plan's precision (QLoRA on an int8 base).
+    Path("research.json").write_text(json.dumps({"plan": {"precision": "int8", "device": "cpu"}}))
+    stage.main(["--params", "params.yaml", "--base", str(tiny_base), "--data", str(curated), *TRAIN_OUTPUTS,
+                "--research", "research.json"])
 
     report = json.loads(Path("reports/train.json").read_text())
     assert set(report["styles"]) == set(STYLES)
@@ -56,6 +59,7 @@ def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny
             r
         )
         assert r["steps"] == 3 and r["final_loss"] > 0 and r["peak_memory_mb"] > 0
+        assert r["base_precision"] == "int8"
         assert Path(f"models/adapters/{style}/pytorch_lora_weights.safetensors").is_file()
         assert Path(f"models/adapters/{style}/train_config.yaml").is_file()
         assert len(list(Path(f"reports/train_samples/{style}").glob("*.png"))) == 4
@@ -78,6 +82,7 @@ def test_stage_trains_every_style_and_writes_reports(tmp_path, monkeypatch, tiny
         run = by_name[f"train-{style}"]
         assert run.info.run_id == report["styles"][style]["mlflow_run_id"]
         assert run.data.tags["stage"] == "train" and run.data.tags["style"] == style
+        assert run.data.params["base_precision"] == "int8" and run.data.params["train.base_precision"] == "auto"
         assert run.info.status == "FINISHED" and "val_loss" in run.data.metrics
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
@@ -96,3 +101,22 @@ def test_stage_bad_input_exits_2_with_the_file_named(tmp_path, monkeypatch, tiny
         stage.main(["--params", "params.yaml", "--base", "no-such-model", "--data", "nowhere", *TRAIN_OUTPUTS])
     assert "no-such-model" in capsys.readouterr().err
     assert not Path("mlruns").exists()  # nothing recorded for a run that never started
+
+
+def test_stage_bad_research_plan_exits_2_before_training(tmp_path, monkeypatch, tiny_base, capsys):
+    from stages import train as stage
+    from tests.factories import make_curated
+
+    monkeypatch.chdir(tmp_path)
+    _params_file(tmp_path)
+    curated = make_curated(tmp_path / "curated", n_train=2, n_val=0)
+    args = ["--params", "params.yaml", "--base", str(tiny_base), "--data", str(curated), *TRAIN_OUTPUTS]
+    with pytest.raises(SystemExit) as exc:
+        stage.main([*args, "--research", "missing.json"])
+    assert exc.value.code == 2 and "--research missing.json: no such file" in capsys.readouterr().err
+    Path("research.json").write_text(json.dumps({"plan": {"precision": None, "reason": "needs 40 GB"}}))
+    with pytest.raises(SystemExit) as exc:
+        stage.main([*args, "--research", "research.json"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "found no precision at which training fits (needs 40 GB)" in err
+    assert not Path("mlruns").exists() and not Path("models").exists()

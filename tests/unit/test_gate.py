@@ -85,6 +85,34 @@ def test_quantization_budgets_and_missing_merge_report(good):
     assert "merge" in rep.reasons[0]
 
 
+def _quantize_report(chosen):
+    levels = [
+        {"level": "int8", "runs": True, "reason": None, "size_ratio": 0.27, "passes": chosen == "int8", "failures": []},
+        {"level": "int4", "runs": True, "reason": None, "size_ratio": 0.16, "passes": False,
+         "failures": ["psnr 26.0 < 30 (half-half)"]},
+        {"level": "nf4", "runs": False, "reason": "bitsandbytes CPU kernels fail", "size_ratio": None, "passes": False,
+         "failures": ["does not run here"]},
+    ]
+    why = ("int8 is the smallest level that passes; smaller levels failed: int4: psnr 26.0 < 30 (half-half)"
+           if chosen else "no level passes the budgets (PSNR >= 60 dB): int8: psnr 46.6 < 60 (half-half)")
+    return {"mode": "auto", "target": {"name": "apple-8gb"}, "levels": levels, "chosen": chosen, "why": why}
+
+
+def test_gate_report_carries_the_quantization_choice_and_why(good):
+    rep = evaluate(good, MERGE, BUDGETS, quantize_report=_quantize_report("int8"))
+    assert rep.passed, rep.reasons
+    body = rep.to_dict()
+    assert body["quantization"]["level"] == "int8" and "int4: psnr 26.0 < 30" in body["quantization"]["why"]
+    assert body["quantization"]["not_runnable"] == {"nf4": "bitsandbytes CPU kernels fail"}
+    assert rep.check("quantization").verdict == "pass" and rep.check("quantization").value == pytest.approx(0.27)
+
+
+def test_no_passing_quantization_level_blocks_with_the_reason(good):
+    rep = evaluate(good, MERGE, BUDGETS, quantize_report=_quantize_report(None))
+    assert not rep.passed and rep.to_dict()["quantization"]["level"] is None
+    assert any(r.startswith("quantization = missing") and "psnr 46.6 < 60" in r for r in rep.reasons)
+
+
 def test_blank_or_nan_outputs_block(good):
     good["variants"]["fused"]["blank_images"] = 2
     rep = evaluate(good, MERGE, BUDGETS)

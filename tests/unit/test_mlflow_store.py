@@ -269,3 +269,50 @@ def test_experiment_opens_in_the_model_training_view(project, tmp_path):
         con.execute("DELETE FROM experiment_tags WHERE key = ?", (EXPERIMENT_KIND_TAG,))
     exp_id = configure_mlflow(CFG, tmp_path)
     assert mlflow.MlflowClient().get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri_and_the_fix(tmp_path):
+    import time
+
+    from stunning.mlflow_server import free_port
+    from stunning.mlflow_store import ServerUnreachableError, is_server_uri
+    from stunning.registry import RegistryStoreError, aliases
+    from stunning.tracking import configure_mlflow
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    cfg = RegistryConfig(tracking_uri=uri)
+    assert is_server_uri(uri) and not is_server_uri(CFG.tracking_uri)
+    started = time.monotonic()
+    with pytest.raises(ServerUnreachableError) as exc:
+        configure_mlflow(cfg, tmp_path)
+    assert time.monotonic() - started < 10  # one probe, not minutes of MLflow's HTTP retries
+    assert uri in str(exc.value) and "stunning registry server" in str(exc.value) and "refused" in str(exc.value)
+    with pytest.raises(RegistryStoreError, match="unreachable"):
+        aliases(cfg, tmp_path)
+    assert not (tmp_path / "mlruns").exists()  # no local store made for a server URI
+
+
+def test_server_command_serves_artifacts_from_a_sql_backend(tmp_path, monkeypatch):
+    from stunning.mlflow_server import server_command, server_uri
+
+    monkeypatch.chdir(tmp_path)
+    cmd = server_command("sqlite:///team/mlflow.db", "team/artifacts", "0.0.0.0", 5001)
+    assert cmd[1:4] == ["-m", "mlflow", "server"] and "--serve-artifacts" in cmd
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'team/mlflow.db'}"  # absolute
+    assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "team/artifacts")
+    assert cmd[cmd.index("--port") + 1] == "5001" and server_uri("0.0.0.0", 5001) == "http://127.0.0.1:5001"
+    pg = server_command("postgresql+psycopg://u:p@db/mlflow", "s3://bucket/mlflow")
+    assert pg[pg.index("--backend-store-uri") + 1] == "postgresql+psycopg://u:p@db/mlflow"
+    assert pg[pg.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    for bad in ("./mlruns", "/srv/mlruns", "file:///srv/mlruns"):
+        with pytest.raises(ValueError, match="SQL database"):
+            server_command(bad, "a")
+
+
+def test_registry_server_command_refuses_a_file_store():
+    from typer.testing import CliRunner
+
+    from stunning.cli import app
+
+    result = CliRunner().invoke(app, ["registry", "server", "--backend-store-uri", "./mlruns"])
+    assert result.exit_code == 2 and "use a SQL database" in result.output

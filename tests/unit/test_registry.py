@@ -332,3 +332,93 @@ def test_interrupted_registration_is_finished_not_duplicated(store, candidate, t
     changed = _register(store, _other_candidate(tmp_path / "fresh3", "fresh"), tiny_base, name, True,
                         gate=gate_report(True, gain=0.5))
     assert changed["version"] == 4
+
+
+# --------------------------------------------------------------------------- compare-and-set promotion
+
+
+def test_champion_moved_since_the_gate_means_registered_not_promoted(store, candidate, tiny_base, tmp_path):
+    """The gate compared against v1, but another run promoted v2 meanwhile: the candidate is
+    registered (complete) and not promoted, saying it lost the race to v2."""
+    from stunning.registry import aliases, version_tags
+
+    name = "m-cas"
+    cfg = RegistryConfig(model_name=name)
+    _register(store, candidate, tiny_base, name, True)  # v1: the champion the gate compared against
+    _register(store, _other_candidate(tmp_path / "winner", "winner"), tiny_base, name, True)  # v2 won meanwhile
+    late = _register(store, _other_candidate(tmp_path / "late", "late"), tiny_base, name, True, expected_champion=1)
+    assert late["version"] == 3 and late["promoted"] is False and late["lost_race_to"] == 2
+    assert late["verdict"].startswith("REGISTERED v3, not promoted: promotion: lost race to version 2 (the gate "
+                                      "compared against v1;")
+    assert late["verdict"].endswith("@champion stays v2")
+    assert aliases(cfg, store) == {"champion": 2, "previous-champion": 1}
+    tags = version_tags(cfg, 3, store)
+    assert tags["promotion"].startswith("lost race to version 2") and tags["promoted"] == "false"
+    assert tags["registration"] == "complete" and "lost race" in tags["not_promoted_reason"]
+    # gated against the champion that is still there: promoted
+    ok = _register(store, _other_candidate(tmp_path / "ok", "ok"), tiny_base, name, True, expected_champion=2)
+    assert ok["promoted"] is True and ok["lost_race_to"] is None and aliases(cfg, store)["champion"] == 4
+    # gated against "no champion" while there is one: not promoted
+    none = _register(store, _other_candidate(tmp_path / "none", "none"), tiny_base, name, True, expected_champion=None)
+    assert none["promoted"] is False and "the gate compared against no champion" in none["verdict"]
+
+
+def test_rerun_of_the_promoted_candidate_is_not_a_lost_race(store, candidate, tiny_base):
+    """The champion record skips a champion with the candidate's own content (it was just
+    promoted), so the expected champion of a rerun is the one before it: still promoted."""
+    name = "m-cas-rerun"
+    _register(store, candidate, tiny_base, name, True)  # v1 = the candidate's content, gated against none
+    again = _register(store, candidate, tiny_base, name, True, expected_champion=None)
+    assert again["promoted"] is True and again["lost_race_to"] is None
+
+
+def test_promote_and_rollback_refuse_when_the_champion_is_not_the_expected_one(store, candidate, tiny_base, tmp_path):
+    from typer.testing import CliRunner
+
+    from stunning.cli import app
+    from stunning.registry import RegistryError, aliases, promote, rollback
+
+    name = "m-cas-hand"
+    cfg = RegistryConfig(model_name=name)
+    _register(store, candidate, tiny_base, name, True)  # v1
+    _register(store, _other_candidate(tmp_path / "b", "b"), tiny_base, name, True)  # v2 champion
+    _register(store, _other_candidate(tmp_path / "c", "c"), tiny_base, name, True, experiment="exp")  # v3
+    with pytest.raises(RegistryError, match="@champion is v2, not v1 as expected"):
+        promote(cfg, 3, root=store, expected_champion=1)
+    with pytest.raises(RegistryError, match="@champion is v2, not v3 as expected"):
+        rollback(cfg, root=store, expected_champion=3)
+    assert aliases(cfg, store) == {"champion": 2, "previous-champion": 1}  # nothing changed
+
+    (store / "params-cas.yaml").write_text(f"registry:\n  model_name: {name}\n")
+    params = ["--params", str(store / "params-cas.yaml")]
+    refused = CliRunner().invoke(app, ["rollback", *params, "--expect-champion", "1"])
+    assert refused.exit_code == 2 and "not v1 as expected" in refused.output
+    done = CliRunner().invoke(app, ["promote", "3", *params, "--expect-champion", "2"])
+    assert done.exit_code == 0 and "PROMOTED v3" in done.output, done.output
+    assert rollback(cfg, root=store, expected_champion=3)["champion_version"] == 2
+
+
+def test_promotion_lock_waits_for_the_holder_and_breaks_a_stale_one(store):
+    from mlflow import MlflowClient
+
+    from stunning.registry import LOCK_SUFFIX, PromotionLockTimeout, promotion_lock
+    from stunning.tracking import configure_mlflow
+
+    name = "m-lock"
+    configure_mlflow(RegistryConfig(model_name=name), store)
+    client = MlflowClient()
+    with promotion_lock(client, name) as token:
+        assert client.get_registered_model(name + LOCK_SUFFIX).tags["token"] == token
+        with pytest.raises(PromotionLockTimeout, match="held the registry's promotion lock"):
+            with promotion_lock(client, name, wait_s=0.3, poll_s=0.05):
+                pass
+    assert name + LOCK_SUFFIX not in [m.name for m in client.search_registered_models()]  # released
+
+    # a holder that crashed leaves its lock: broken once seen unchanged for the TTL
+    client.create_registered_model(name + LOCK_SUFFIX, tags={"token": "dead", "holder": "gone:1", "expires": "9e12"})
+    with promotion_lock(client, name, ttl_s=0.3, poll_s=0.05) as token:
+        assert client.get_registered_model(name + LOCK_SUFFIX).tags["token"] == token != "dead"
+    # ... or at once when its declared expiry is long past
+    client.create_registered_model(name + LOCK_SUFFIX, tags={"token": "old", "holder": "gone:2", "expires": "1"})
+    with promotion_lock(client, name, wait_s=0.1):
+        pass

@@ -225,3 +225,41 @@ def test_flux_and_sd3_shapes_count_packed_patches_and_joint_text_tokens():
     unet = rs.denoiser_shape({"sample_size": 64, "block_out_channels": [320, 640],
                               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]})
     assert (unet.tokens, unet.attn_tokens) == (4096, 4096)  # no settings, no class: as before
+
+
+MEASURE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from stunning.config import TrainConfig
+from stunning.training.trainer import train_style
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+s = train_style(Path(sys.argv[2]), "sd3", Path(sys.argv[3]), "noir", cfg, Path(sys.argv[4]), None, None, "cpu",
+                sample_seeds=(), progress=False)
+print(json.dumps({"peak_memory_mb": s["peak_memory_mb"], "base_precision": s["base_precision"]}))
+"""
+
+
+@pytest.mark.slow  # ~20-30 s: two fresh training processes (the peak must be a process's own)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_training_estimate_matches_the_measured_peak_within_20_percent(tmp_path, micro_base, precision):
+    """The research estimate of the shipped micro model is the trainer's measured peak (the
+    process RSS high-water mark, `stunning.device.PeakMemory`) within 20 %, at fp32 and int8."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.factories import REPO, make_curated
+
+    curated = make_curated(tmp_path / "curated", n_train=4, n_val=1)
+    cfg = {"steps": 3, "batch_size": 4, "checkpoint_every": 100, "sample_every": 0, "base_precision": precision}
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE_SCRIPT, json.dumps(cfg), str(micro_base), str(curated), str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert measured["base_precision"] == precision
+    train = TrainConfig(**cfg)
+    info = rs.size_candidate(ResearchCandidate(name="micro", path=str(micro_base)), train.rank, train.target_modules)
+    predicted_mb = rs.training_estimate(info, precision, "cpu", train.batch_size)["training_gb"] * 1024
+    assert predicted_mb == pytest.approx(measured["peak_memory_mb"], rel=0.20)
