@@ -8,8 +8,9 @@ project) nothing is pushed."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows.dvc_runner import default_remote, project_root, transfer
 from flows.phases import PHASE_FLOWS, PHASES
@@ -38,14 +39,15 @@ def full_pipeline(out_of_date: list[str] | None = None) -> list[dict]:
     return results
 
 
-def share_outputs() -> str | None:
-    """`dvc push` to the default remote, if one is set; returns DVC's summary line."""
-    root = project_root()
+def share_outputs(root: Path | None = None) -> str | None:
+    """`dvc push` to the default remote, if one is set; returns DVC's summary line (printed:
+    the flow's log in the Prefect UI)."""
+    root = root or project_root()
     remote = default_remote(root)
     if remote is None:
         return None
     summary = transfer("push", root)
-    get_run_logger().info("DVC remote %r: %s", remote, summary)
+    print(f"DVC remote {remote!r}: {summary}")
     return summary
 
 

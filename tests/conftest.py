@@ -61,6 +61,8 @@ MODULE_UNITS = (
     "tests/unit/test_lora_roundtrip.py",
     "tests/unit/test_registry.py",
     "tests/unit/test_mlflow_store.py",
+    "tests/unit/test_registry_server.py",
+    "tests/stages/test_export.py",
 )
 
 

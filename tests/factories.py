@@ -364,6 +364,9 @@ TINY_DAG_PARAMS = {
         "steps": 4,
         "style_set_size": 4,
     },
+    # The whole ladder (auto), on two style-set images per adapter; Core ML at one bit width.
+    "merge": {"style_set_size": 2},
+    "export": {"coreml": {"palettize_bits": [8]}},
     # quality vs the @champion: a noise band so wide that a 30-step adapter never regresses
     "budgets": {
         "min_style_gain": -100.0,

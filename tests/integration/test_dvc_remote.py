@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from flows.dvc_runner import default_remote, transfer
+from flows.pipeline import share_outputs
 from tests.factories import run_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -102,7 +103,7 @@ def clone_of(a: Path, dest: Path) -> Path:
 
 
 def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_rerun(clone_a, tmp_path):
-    assert "pushed" in transfer("push", clone_a)
+    assert "pushed" in share_outputs(clone_a)  # what the pipeline flow does at the end of a run
     b = clone_of(clone_a, tmp_path / "b")
     transfer("pull", b)  # the default remote, from the committed .dvc/config
     for rel in CACHED_OUTS:
@@ -111,9 +112,17 @@ def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_re
     # Only `champion` (always_changed) is reported; every other stage is up to date.
     assert json.loads(dvc(b, "status", "--json").stdout or "{}") == {"champion": ["always changed"]}
 
-    # With the same registry (the team's MLflow server; here A's store stands in for it),
-    # `dvc repro` reruns `champion` only: it writes the same record, so validate does not rerun.
+    # With the same registry (the team's MLflow server; here a copy of A's store stands in for
+    # it), B sees A's @champion, and `dvc repro` reruns `champion` only: it writes the same
+    # record, so validate does not rerun.
     shutil.copytree(clone_a / "mlruns", b / "mlruns", dirs_exist_ok=True)
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{b / 'mlruns' / 'mlflow.db'}"
+    registry = json.loads((b / "reports/registry.json").read_text())  # A's register stage, via git
+    champion = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(
+        registry["model_name"], "champion")
+    assert int(champion.version) == registry["champion_version"]
     out = dvc(b, "repro").stdout
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'champion':"], out
