@@ -105,7 +105,7 @@ def run(
     from stunning.blend import blend_adapters, fuse
     from stunning.device import select_device
     from stunning.families import get_family
-    from stunning.io import atomic_dir, write_json
+    from stunning.io import atomic_dir, relocate_text_paths, write_json
     from stunning.quantize import DEFAULT_LADDER, LadderInputs, choose_level, measure_ladder
     from stunning.validation import style_sets
 
@@ -148,6 +148,8 @@ def run(
                          "stunning.quantize.load_quantized(<fused>, this folder) loads it"}
         write_json(tmp / "quantized" / "quantized.json", index)
         dump_resolved(cfg, tmp / "merge_config.yaml")
+        # Name the published folder, not the temporary one, in what records a source path.
+        relocate_text_paths(tmp, tmp, out)
     body = {
         "mode": "auto" if cfg.quantization == "auto" else "ladder",
         "ladder": ladder,

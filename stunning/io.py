@@ -71,6 +71,25 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def relocate_text_paths(folder: Path, old: Path, new: Path, suffixes: tuple[str, ...] = (".json", ".yaml")) -> list[Path]:
+    """Replace the path `old` by `new` in the small text files under `folder` (atomically each).
+
+    Files written inside an :func:`atomic_dir` that record where they were made (diffusers'
+    `_name_or_path`, a fused model's LoRA source) would otherwise name the random temporary
+    folder: a rerun would give different bytes (and DVC hashes) for the same model. Returns the
+    files changed."""
+    changed = []
+    old_s, new_s = str(old), str(new)
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix not in suffixes or not path.is_file() or path.stat().st_size > 1 << 20:
+            continue
+        text = path.read_text()
+        if old_s in text:
+            atomic_write_text(path, text.replace(old_s, new_s))
+            changed.append(path)
+    return changed
+
+
 def canonicalize_safetensors(path: Path) -> None:
     """Rewrite a safetensors file's JSON header with sorted keys (in place, atomically; the
     tensor bytes are untouched).

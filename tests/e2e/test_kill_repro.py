@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MEASURED = re.compile(r"seconds|latency|memory|available_mb|per_s\b|steps_per|_time|duration")
 REGISTRY_IDS = {"version", "champion_version", "previous_champion_version", "model_uri", "run_id", "created", "verdict"}
 # Images that print measured numbers (the validation grid's per-variant latency labels).
-LABELLED_IMAGES = {"grid.png"}
+LABELLED_IMAGES = {"grid.png", "quantize_grid.png"}  # labelled with measured seconds
 
 
 def _normal(obj, drop_ids: bool = False):
