@@ -32,23 +32,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark_training import curated_sample  # noqa: E402  the same curated sample set
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = ("micro", "sd-unet")
-
-
-def curated_sample(root: Path) -> Path:
-    """The embedded sample set, ingested and curated with the shipped `data`/`curate` params."""
-    from stunning.config import Params
-    from stunning.data.curate import curate
-    from stunning.data.ingest import ingest
-    from stunning.data.sample import generate_sample
-
-    params = Params()
-    generate_sample(root / "sample", params.data)
-    ingest(root / "sample", root / "ingested", params.data)
-    curate(root / "ingested", root / "curated", params.data, params.curate, validate=False)
-    return root / "curated"
 
 
 def train_config(family: str, steps: int, precision: str):
