@@ -11,6 +11,10 @@ from PIL import Image
 
 from tests.factories import make_colour_vs_grey, random_lora
 
+# The module fixture runs the merge stage: blends, a fused model and a two-level quantization
+# ladder (~70 s on 2 cores), so the whole module is slow (`make test` runs it, test-fast does not).
+pytestmark = pytest.mark.slow
+
 STYLES = ("impressionist", "noir")
 
 
