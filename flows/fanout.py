@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -67,9 +68,16 @@ def train_command(root: Path, params_file: Path, scratch: Path) -> list[str]:
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     cmd = stage["cmd"]
-    for key, value in (("${base.path}", params["base"]["path"]), ("${data.raw_dir}", params["data"].get("raw_dir", ""))):
-        cmd = cmd.replace(key, str(value))
-    args = shlex.split(cmd)
+
+    def param(match: re.Match) -> str:  # DVC's `${a.b}` templating, from params.yaml
+        value = params
+        for key in match.group(1).strip().split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise DvcError(f"dvc.yaml: the train stage's cmd uses {match.group(0)}, which params.yaml does not set")
+            value = value[key]
+        return str(value)
+
+    args = shlex.split(re.sub(r"\$\{([^}]+)\}", param, cmd))
     if args[:3] != ["python", "-m", "stages.train"]:
         raise DvcError(f"dvc.yaml: the train stage's cmd is not `python -m stages.train ...`: {cmd}")
     out = [sys.executable, "-m", "stages.train"]

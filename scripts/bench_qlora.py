@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark_training import curated_sample  # noqa: E402  the same curated sample set
 
+from stunning.io import write_json  # noqa: E402
+
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = ("micro", "sd-unet")
 
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             path = path or build_tiny(tmp / label, family)
             fp32_loss = None
             for precision in ("fp32", *[p for p in args.precisions if p != "fp32"]):
-                result = tmp / f"result-{len(rows)}.json"
-                spec = {"model": str(path), "family": family, "data": str(data), "out": str(tmp / f"out-{len(rows)}"),
+                result = tmp / f"result-{label}-{precision}.json"
+                spec = {"model": str(path), "family": family, "data": str(data), "out": str(tmp / f"out-{label}-{precision}"),
                         "steps": args.steps, "precision": precision, "result": str(result)}
                 proc = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], env=env,
                                       capture_output=True, text=True)
@@ -133,10 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(json.dumps(row), flush=True)
     report = {"steps": args.steps, "last": args.last, "device": "cpu", "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - t_start, 1), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    write_json(args.out, report)
     print("\n| model | base | peak MB | steps/s | final loss | gap vs fp32 | predicted MB | pred/meas |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

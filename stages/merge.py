@@ -78,10 +78,10 @@ def preflight(params: Params, base: Path, adapters: Path) -> dict[str, Path]:
 
 
 def _target(params: Params, research: Path | None) -> dict[str, Any]:
-    from stunning.io import read_json
+    from stunning.io import read_json_if_present
     from stunning.quantize import memory_target
 
-    report = read_json(research) if research is not None and Path(research).is_file() else None
+    report = read_json_if_present(research)
     return memory_target(params.merge.target_device, report, str(research or "reports/research.json"))
 
 
@@ -105,7 +105,7 @@ def run(
     from stunning.blend import blend_adapters, fuse
     from stunning.device import select_device
     from stunning.families import get_family
-    from stunning.io import atomic_dir, relocate_text_paths, write_json
+    from stunning.io import atomic_dir, atomic_write_text, relocate_text_paths, write_json
     from stunning.quantize import DEFAULT_LADDER, LadderInputs, choose_level, measure_ladder
     from stunning.validation import style_sets
 
@@ -168,15 +168,15 @@ def run(
                "blends": blends}
     quantize_report = Path(quantize_report or Path(report).with_name("quantize.json"))
     write_json(quantize_report, body)
-    md = markdown_table(body)
-    _write_text(Path(quantize_md or quantize_report.with_suffix(".md")), md)
+    md_path = Path(quantize_md or quantize_report.with_suffix(".md"))
+    atomic_write_text(md_path, markdown_table(body))
     grid_path = Path(grid or quantize_report.with_name("quantize_grid.png"))
     _save_grid(grid_path, measured["images"], [(p, s) for p in val.prompts for s in val.seeds], levels)
     plot_path = Path(plot_csv or quantize_report.with_name("quantize_plot.csv"))
-    _write_text(plot_path, plot_rows(body))
+    atomic_write_text(plot_path, plot_rows(body))
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(Path(report), summary)
-    _track(params, body, [quantize_report, plot_path, grid_path], md, tracker)
+    _track(params, body, [quantize_report, md_path, plot_path, grid_path], tracker)
     return {**summary, "quantize": body}
 
 
@@ -202,13 +202,6 @@ def _merge_report(body: dict[str, Any]) -> dict[str, Any]:
         "fidelity_images": body["images_per_variant"]["fused"],
         "device": body["device"],
     }
-
-
-def _write_text(path: Path, text: str) -> None:
-    from stunning.io import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -281,11 +274,10 @@ def _save_grid(path: Path, images: dict[str, list], pairs: list[tuple[str, int]]
     grid.save(buf, format="PNG")
     from stunning.io import atomic_write_bytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _track(params: Params, body: dict[str, Any], files: list[Path], md: str, tracker: Any) -> None:
+def _track(params: Params, body: dict[str, Any], files: list[Path], tracker: Any) -> None:
     """One MLflow run: the choice as tags, each level's numbers as metrics, the table and grid."""
     if tracker is None:
         from stunning.tracking import MlflowTracker, configure_mlflow
@@ -308,9 +300,6 @@ def _track(params: Params, body: dict[str, Any], files: list[Path], md: str, tra
         tracker.log_metrics(metrics)
         for f in files:
             tracker.log_artifact(f, "quantize")
-        md_path = files[0].with_suffix(".md")
-        if md_path.is_file():
-            tracker.log_artifact(md_path, "quantize")
         status = "FINISHED"
     finally:
         tracker.end_run(status)

@@ -1,10 +1,11 @@
 """Stage `validate` (phase 7, validation): every variant on fixed prompts/seeds, then the gate.
 
 Generates images for the base, each style adapter, each blend, the fused model and the
-int8 model (`validate` prompts and seeds), measures style distances to the curated
-references (`--data`), latency and peak memory, and writes images + `grid.png` to `--out`
-and the metrics to `--metrics`. The promotion gate (`budgets`) compares them — and the
-quantization numbers from `--merge-report` — with the budgets and with the champion of
+quantized model (the level the merge stage chose; `validate` prompts and seeds), measures
+style distances to the curated references (`--data`), latency and peak memory, and writes
+images + `grid.png` to `--out` and the metrics to `--metrics`. The promotion gate (`budgets`)
+compares them — the quantization numbers from `--merge-report` and the ladder's choice from
+`--quantize-report` too — with the budgets and with the champion of
 `--champion` (`reports/champion.json`, written by the `champion` stage from the registry;
 else `--champion-metrics FILE`, else the registry's `@champion`), and writes its verdict to
 `--gate`. Per adapter it also measures the held-out denoising loss on the val split
@@ -106,7 +107,7 @@ def run(
     from stunning.checks import check_stage_adapters
     from stunning.device import select_device
     from stunning.families import get_family
-    from stunning.io import read_json, write_json
+    from stunning.io import read_json_if_present, write_json
     from stunning.validation import validate
 
     try:
@@ -128,7 +129,7 @@ def run(
     else:
         champion_data, champion_source = load_champion(champion_metrics, params)
     result = validate(params, base, adapters, merged, data, out, device=dev, champion_adapters=champion_adapters)
-    merge = read_json(merge_report) if merge_report is not None and Path(merge_report).is_file() else None
+    merge = read_json_if_present(merge_report)
     if merge is None:
         log.warning("merge report %s not found: the quantization checks will fail", merge_report)
     mode = params.gate.mode
@@ -147,7 +148,7 @@ def run(
             "champion_source": champion_source,
             "content_hash": content_hash(adapters),
         },
-        quantize_report=read_json(quantize_report) if quantize_report is not None and Path(quantize_report).is_file() else None,
+        quantize_report=read_json_if_present(quantize_report),
     )
     for key, value in eval_metrics(body).items():
         report.metrics.setdefault(key, value)

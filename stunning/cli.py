@@ -764,23 +764,29 @@ export_app = typer.Typer(help="Export a model folder's denoiser for deployment: 
 app.add_typer(export_app, name="export")
 
 _EXPORT_MODEL = typer.Option("--model", help="a diffusers model folder: the fused model (models/merged/fused) or a base")
+_EXPORT_FAMILY = typer.Option(help="model family (default: read from model_index.json)")
+_EXPORT_BATCH = typer.Option(help="images per call the fixed shapes are made for")
+_EXPORT_GUIDANCE = typer.Option("--guidance-scale", help="guidance of the sampler (>1 doubles the batch)")
 _EXPORT_HINT = ("pass a diffusers model folder with --model: the fused model `dvc repro merge` writes "
                 "(models/merged/fused), a base model folder, or stunning/assets/micro")
 
 
-def _export_call(model: Path, run) -> dict:
-    """Run an exporter, turning a bad folder/option into exit 2 with the fix."""
+def _export_call(model: Path, family: str | None, run) -> dict:
+    """Run an exporter, turning a bad folder/family/option into exit 2 with the fix."""
     from stunning.export import ExportError
-    from stunning.families import ModelNotFoundError
+    from stunning.families import ModelNotFoundError, get_family
 
     if not model.is_dir():
         fail(f"{model} is not a folder; {_EXPORT_HINT}")
+    if family is not None:
+        try:
+            get_family(family)
+        except KeyError as exc:
+            fail(f"--family: {exc.args[0]}")
     try:
         return run()
     except ModelNotFoundError as exc:
         fail(f"{exc} ({_EXPORT_HINT})")
-    except KeyError as exc:
-        fail(f"--family: {exc.args[0]}")
     except ExportError as exc:
         fail(f"{model}: {exc}")
 
@@ -799,9 +805,9 @@ def _export_io_table(report: dict, title: str) -> Table:
 def export_onnx_cmd(
     model: Annotated[Path, _EXPORT_MODEL],
     out: Annotated[Path, typer.Option("--out", help="output folder: denoiser.onnx [+ .data] and export.json")],
-    family: Annotated[str | None, typer.Option(help="model family (default: read from model_index.json)")] = None,
-    batch: Annotated[int, typer.Option(help="images per denoiser call the fixed shapes are made for")] = 1,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="guidance of the sampler (>1 doubles the batch)")] = 4.0,
+    family: Annotated[str | None, _EXPORT_FAMILY] = None,
+    batch: Annotated[int, _EXPORT_BATCH] = 1,
+    guidance_scale: Annotated[float, _EXPORT_GUIDANCE] = 4.0,
     exporter: Annotated[str, typer.Option(help="dynamo (torch.export, default) or torchscript (legacy tracer)")] = "dynamo",
     external_data: Annotated[bool | None, typer.Option("--external-data/--single-file", help="weights in denoiser.onnx.data (default: only above 1 GiB)")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check with ONNX Runtime: max abs error and image PSNR vs torch")] = True,
@@ -810,7 +816,7 @@ def export_onnx_cmd(
     """Export the denoiser to ONNX with fixed shapes and check it against torch with ONNX Runtime."""
     from stunning.export.onnx import export_onnx
 
-    r = _export_call(model, lambda: export_onnx(
+    r = _export_call(model, family, lambda: export_onnx(
         model, out, family=family, batch=batch, guidance_scale=guidance_scale, exporter=exporter,
         external_data=external_data, verify=verify, steps=steps))
     console.print(_export_io_table(r, f"{r['family']} {r['component']} -> {r['path']}"))
@@ -825,9 +831,9 @@ def export_onnx_cmd(
 def export_coreml_cmd(
     model: Annotated[Path, _EXPORT_MODEL],
     out: Annotated[Path, typer.Option("--out", help="output folder: <part>.mlpackage, <part>-<n>bit.mlpackage, export.json")],
-    family: Annotated[str | None, typer.Option(help="model family (default: read from model_index.json)")] = None,
-    batch: Annotated[int, typer.Option(help="images per call the fixed shapes are made for")] = 1,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="guidance of the sampler (>1 doubles the batch)")] = 4.0,
+    family: Annotated[str | None, _EXPORT_FAMILY] = None,
+    batch: Annotated[int, _EXPORT_BATCH] = 1,
+    guidance_scale: Annotated[float, _EXPORT_GUIDANCE] = 4.0,
     nbits: Annotated[list[int] | None, typer.Option("--nbits", help="palettization bit widths (repeat; default 8, 6, 4)")] = None,
     mode: Annotated[str, typer.Option(help="palettization: kmeans (better, minutes) or uniform (seconds)")] = "kmeans",
     precision: Annotated[str, typer.Option(help="float weights of the package: float16 (Neural Engine) or float32")] = "float16",
@@ -837,7 +843,7 @@ def export_coreml_cmd(
     """Convert the model's parts to Core ML packages, palettize them, and compare every palettized layer with torch."""
     from stunning.export.coreml import DEFAULT_NBITS, export_coreml
 
-    r = _export_call(model, lambda: export_coreml(
+    r = _export_call(model, family, lambda: export_coreml(
         model, out, family=family, batch=batch, guidance_scale=guidance_scale, nbits=tuple(nbits or DEFAULT_NBITS),
         mode=mode, precision=precision, components=component, resolution=resolution))
     table = Table(title=f"{r['family']} -> {r['path']}: {r['palettization']['mode']} palettization per tensor vs torch")
@@ -847,7 +853,8 @@ def export_coreml_cmd(
         ins = ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))}" for i in part["inputs"])
         for w in part["packages"].values():
             table.add_row(w["package"], ins, f"{w['bytes'] / 1e6:.2f}", str(w["palettized_layers"]),
-                          f"{w['rel_rms_error_mean']:.4f}", f"{w['rel_rms_error_max']:.4f}")
+                          *(f"{w[k]:.4f}" if w.get(k) is not None else "n/a (no layer matched)"
+                            for k in ("rel_rms_error_mean", "rel_rms_error_max")))
     console.print(table)
     first = next(iter(r["components"].values()))["prediction"]
     console.print(f"prediction: {first.get('skipped') or first}", highlight=False, soft_wrap=True)

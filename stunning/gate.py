@@ -216,12 +216,11 @@ def _clip(key: str, what: str) -> Measure:
         out = []
         for style in sorted(v.get("style_gain", {})):
             entry = clip.get("styles", {}).get(style)
-            value = _num(entry.get(key)) if isinstance(entry, Mapping) else None
             if not isinstance(entry, Mapping):
                 out.append(Measurement(f"{name}/{style}", None, reason=f"no CLIP scores for adapter {style!r}"))
-            else:
-                out.append(Measurement(f"{name}/{style}", math.nan if value is None else value,
-                                       f"{what} ({clip.get('model')})"))
+                continue
+            value = _num(entry.get(key))
+            out.append(Measurement(f"{name}/{style}", math.nan if value is None else value, f"{what} ({clip.get('model')})"))
         return out
 
     return measure
@@ -256,12 +255,18 @@ def _from_merge(key: str, name: str, describe: Callable[[Mapping[str, Any]], str
     return measure
 
 
+def _level(m: Mapping[str, Any]) -> str:
+    """The quantization level a merge report describes (reports before the ladder: int8)."""
+    return str(m.get("quantization") or "int8")
+
+
 def _size_detail(m: Mapping[str, Any]) -> str:
-    return f"int8 {m.get('int8_denoiser_bytes', '?')} B / fp32 {m.get('fp32_denoiser_bytes', '?')} B"
+    size = m.get("quantized_denoiser_bytes", m.get("int8_denoiser_bytes", "?"))
+    return f"{_level(m)} {size} B / fp32 {m.get('fp32_denoiser_bytes', '?')} B"
 
 
 def _mse_detail(m: Mapping[str, Any]) -> str:
-    return f"pixel MSE int8 vs fp32 (max abs diff {m.get('quantization_max_abs', float('nan')):.4g})"
+    return f"pixel MSE {_level(m)} vs fp32 (max abs diff {m.get('quantization_max_abs', float('nan')):.4g})"
 
 
 # --------------------------------------------------------------------------- the metric table

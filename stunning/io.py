@@ -50,6 +50,11 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_if_present(path: Path | None) -> Any:
+    """:func:`read_json` of an optional report: None when no path is given or the file is absent."""
+    return read_json(path) if path is not None and Path(path).is_file() else None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename."""

@@ -65,7 +65,7 @@ def server_command(
     (needs `pip install "psycopg[binary]"` on the server machine). `artifacts_destination`:
     a folder (made absolute) or an object store URI (`s3://bucket/prefix`).
     """
-    if not backend_store_uri or backend_store_uri.startswith(("file:", "./", "/")) or "://" not in backend_store_uri:
+    if "://" not in backend_store_uri or backend_store_uri.startswith("file:"):  # a folder, not a database
         raise ValueError(
             f"--backend-store-uri {backend_store_uri!r}: use a SQL database, e.g. sqlite:///mlruns-server/mlflow.db "
             "or postgresql+psycopg://USER:PASSWORD@HOST:5432/mlflow (MLflow 3 has no file store for a server)"

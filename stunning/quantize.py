@@ -32,13 +32,12 @@ PSNR and SSIM against float32, and per adapter the style gain it keeps.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +70,6 @@ LEVELS: dict[str, Level] = {
     "nf4": Level("nf4", "bitsandbytes", "nf4", 4),
 }
 DEFAULT_LADDER: tuple[str, ...] = ("int8", "fp8", "int4", "nf4")
-SCHEMES = {"int8-weight": "qint8"}  # the single scheme before the ladder (old merge reports)
 NF4_BLOCKSIZE = 64
 PSNR_IDENTICAL = 100.0  # dB reported for identical images (the MSE is 0)
 
@@ -444,19 +442,14 @@ def image_fidelity(reference: list[Image.Image], candidate: list[Image.Image]) -
 class GenerationRun:
     images: list
     peak_memory_mb: float
-    delta_memory_mb: float
     seconds_per_image: float
 
 
-def _release() -> None:
-    gc.collect()
-    try:
-        import torch
+def _release(device: Any = None) -> None:
+    """Free the previous pipeline before the next is measured (stunning.training.memory)."""
+    from stunning.training.memory import free_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    free_memory(device)
 
 
 def _draw(family: Any, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
@@ -475,67 +468,7 @@ def _draw(family: Any, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], 
         latency = time.perf_counter() - t0
         for i in range(1, len(prompts), batch):
             images.extend(family.generate(pipe, list(prompts[i:i + batch]), list(seeds[i:i + batch]), steps, guidance))
-    return pipe, GenerationRun(images, pm.peak_mb, pm.delta_mb, latency)
-
-
-def _timed_generation(load, family: Any, prompts: list[str], seeds: list[int], steps: int, guidance: float, device):
-    """Load (via `load()`) and generate under one PeakMemory: the memory a user needs to run it."""
-    pipe, run = _draw(family, None, prompts, seeds, steps, guidance, device, load=load)
-    del pipe
-    _release()
-    return run
-
-
-def measure(
-    fused_dir: str | Path,
-    quantize_result: QuantizeResult,
-    family: Any,
-    prompts: list[str],
-    seeds: list[int],
-    steps: int,
-    guidance_scale: float,
-    device: torch.device | str = "cpu",
-) -> dict[str, Any]:
-    """Size, peak memory and fidelity of one quantized level vs the float32 fused model
-    (every (prompt, seed) pair; the float32 run first, then the quantized one from disk)."""
-    import torch
-
-    device = torch.device(device)
-    pairs = [(p, s) for p in prompts for s in seeds]
-    ps, ss = [p for p, _ in pairs], [s for _, s in pairs]
-    fp32 = _timed_generation(
-        lambda: family.load_pipeline(Path(fused_dir), device, torch.float32), family, ps, ss, steps, guidance_scale, device
-    )
-    quant = _timed_generation(
-        lambda: load_quantized(fused_dir, quantize_result.path, device), family, ps, ss, steps, guidance_scale, device
-    )
-    fid = image_fidelity(fp32.images, quant.images)
-    report = {
-        "fp32_denoiser_bytes": quantize_result.fp32_bytes,
-        "int8_denoiser_bytes": quantize_result.quantized_bytes,  # name kept: the quantized denoiser
-        "quantized_denoiser_bytes": quantize_result.quantized_bytes,
-        "size_ratio": round(quantize_result.size_ratio, 6),
-        "quantized_modules": quantize_result.quantized_modules,
-        "peak_memory_mb_fp32": round(fp32.peak_memory_mb, 2),
-        "peak_memory_mb_int8": round(quant.peak_memory_mb, 2),
-        "latency_s_fp32": round(fp32.seconds_per_image, 4),
-        "latency_s_int8": round(quant.seconds_per_image, 4),
-        "quantization_mse": fid["mse"],
-        "quantization_max_abs": fid["max_abs"],
-        "quantization_psnr": fid["psnr"],
-        "quantization_ssim": fid["ssim"],
-        "fidelity_images": len(pairs),
-        "device": str(device),
-    }
-    log.info("quantization: %s", {k: report[k] for k in ("size_ratio", "quantization_mse", "quantization_psnr")})
-    return report
-
-
-def result_dict(result: QuantizeResult) -> dict[str, Any]:
-    d = asdict(result)
-    d["path"] = str(result.path)
-    d["size_ratio"] = result.size_ratio
-    return d
+    return pipe, GenerationRun(images, pm.peak_mb, latency)
 
 
 # --------------------------------------------------------------------------- the ladder
@@ -568,7 +501,7 @@ def _variants(family: Any, pipeline_dir: Path, base_dir: Path, fused_name: str, 
     pipe, run = _draw(family, None, [p for p, _ in pairs], [s for _, s in pairs], *args, load=load_fused)
     out = {fused_name: {"kind": "fused", "run": run}}
     del pipe
-    _release()
+    _release(device)
     pipe = None
     for style, folder in inputs.adapters.items():
         st = inputs.style_sets[style]
@@ -582,7 +515,7 @@ def _variants(family: Any, pipeline_dir: Path, base_dir: Path, fused_name: str, 
         pipe.unload_lora_weights()
         out[style] = {"kind": "adapter", "run": run}
     del pipe
-    _release()
+    _release(device)
     return out
 
 
@@ -623,7 +556,7 @@ def measure_ladder(
             _, run = _draw(family, pipe, st.base_prompts, st.seeds, inputs.steps, inputs.guidance_scale, device)
             base_distance[style] = metrics.set_distance(metrics.features(run.images), refs[style])
         del pipe
-        _release()
+        _release(device)
     fused_bytes = None
     component = None
     reference = {
@@ -631,6 +564,8 @@ def measure_ladder(
         "latency_s": round(ref[fused_name]["run"].seconds_per_image, 4),
     }
     images = {"float32": (ref[fused_name]["run"].images, ref[fused_name]["run"].seconds_per_image)}
+    # Each adapter's float32 style gain: the figure every level's is compared with.
+    gain_fp32 = {s: _style_gain(ref[s]["run"].images, refs[s], base_distance[s]) for s in inputs.adapters}
     results = []
     for name in levels:
         level = level_of(name)
@@ -662,7 +597,7 @@ def measure_ladder(
                    "latency_s": round(run.seconds_per_image, 4), "psnr": round(fid["psnr"], 4),
                    "ssim": round(fid["ssim"], 6), "mse": fid["mse"], "max_abs": round(fid["max_abs"], 6)}
             if v["kind"] == "adapter":
-                gain_fp = _style_gain(fp.images, refs[vname], base_distance[vname])
+                gain_fp = gain_fp32[vname]
                 gain_q = _style_gain(run.images, refs[vname], base_distance[vname])
                 row.update(style_gain=round(gain_q, 6), style_gain_fp32=round(gain_fp, 6),
                            style_gain_loss=round(gain_fp - gain_q, 6))

@@ -509,7 +509,7 @@ def register_candidate(
     if held:
         extra["not_promoted_reason"] = _truncate("; ".join(held))
     if resumed is not None:
-        version, run_id = resumed, existing[resumed].run_id
+        version, run_id, created_ms = resumed, existing[resumed].run_id, existing[resumed].creation_timestamp
         manifest = _manifest_of(existing[resumed].tags)
         log.info("finishing the interrupted registration of v%s (same candidate and gate report)", version)
     else:
@@ -542,7 +542,7 @@ def register_candidate(
         created = mlflow.register_model(
             info.model_uri, name, tags={**_version_tags(gate, metrics, manifest), **extra},
         )
-        version = int(created.version)
+        version, created_ms = int(created.version), created.creation_timestamp
 
     lost_to: int | None = None
     with promotion_lock(client, name) as token:
@@ -591,7 +591,7 @@ def register_candidate(
         "rolled_back_same_content": rolled_back,
         "run_id": run_id,
         "model_uri": f"models:/{name}/{version}",
-        "created": _created(client, name, version),
+        "created": _iso_utc(created_ms),
         "base_bundled": manifest["base"] == "artifact",
         "styles": manifest["styles"],
         "blends": manifest["blends"],
@@ -844,8 +844,6 @@ def list_versions(cfg: RegistryConfig, root: str | Path | None = None) -> list[d
     """Every version of the registered model, newest first: `{"version", "aliases", "created",
     "tags"}` (aliases sorted; created ISO 8601 UTC). Empty without a registry or model; never
     creates a database."""
-    from datetime import UTC, datetime
-
     if not _store_exists(cfg, root):
         return []
     client = _client(cfg, root)
@@ -860,7 +858,7 @@ def list_versions(cfg: RegistryConfig, root: str | Path | None = None) -> list[d
         out.append({
             "version": version,
             "aliases": sorted(by_version.get(version, [])),
-            "created": datetime.fromtimestamp(int(mv.creation_timestamp) / 1000, UTC).isoformat(timespec="seconds"),
+            "created": _iso_utc(mv.creation_timestamp),
             "tags": dict(mv.tags),
         })
     return sorted(out, key=lambda v: -v["version"])
@@ -874,13 +872,13 @@ def version_tags(cfg: RegistryConfig, version: int, root: str | Path | None = No
 def version_created(cfg: RegistryConfig, version: int, root: str | Path | None = None) -> str:
     """When `version` was registered (ISO 8601, UTC): a fixed fact of that version, so files
     that record it stay byte-identical when they are rebuilt."""
-    return _created(_existing_client(cfg, root), cfg.model_name, version)
+    return _iso_utc(_existing_client(cfg, root).get_model_version(cfg.model_name, str(version)).creation_timestamp)
 
 
-def _created(client: MlflowClient, name: str, version: int) -> str:
+def _iso_utc(ms: int | str) -> str:
+    """An MLflow timestamp (milliseconds) as ISO 8601 UTC, to the second."""
     from datetime import UTC, datetime
 
-    ms = client.get_model_version(name, str(version)).creation_timestamp
     return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="seconds")
 
 

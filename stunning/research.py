@@ -522,9 +522,8 @@ def training_precisions(device_info: Mapping[str, Any]) -> list[str]:
     """
     from stunning.training.quantized import trainable_precisions
 
-    device = str(device_info.get("device", "cpu"))
-    bf16 = bool((device_info.get("cuda") or {}).get("bf16_supported")) if device == "cuda" else True
-    return trainable_precisions(device, bf16)
+    bf16 = bool((device_info.get("cuda") or {}).get("bf16_supported"))  # only CUDA's list depends on it
+    return trainable_precisions(str(device_info.get("device", "cpu")), bf16)
 
 
 # train.mixed_precision for each planned base precision: a half base trains under its own

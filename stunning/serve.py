@@ -380,6 +380,7 @@ def create_app(
     from stunning.studio.jobs import JobRunner, QueueFull
     from stunning.studio.keys import KeyStore, KeyStoreError, default_keys_path
     from stunning.studio.negatives import NegativesInputError, default_negative
+    from stunning.studio.preview import until_it_fails
     from stunning.studio.ratelimit import RateLimiter
 
     settings = settings or ServeSettings()
@@ -582,37 +583,14 @@ def create_app(
     def with_default_negative(req: GenerateRequest) -> GenerateRequest:
         """`req` with the style's saved default negative prompt (`stunning negatives optimize`,
         `<root>/studio/negatives.yaml`) when it gives none; an explicit one ("" included) wins."""
-        targets = [t for t in (req.style, req.blend, req.styles) if t]
-        if req.negative_prompt is not None or root is None or len(targets) != 1:
-            return req  # several targets: the model answers 400 with the reason
+        if req.negative_prompt is not None or root is None:
+            return req
         try:
             saved = default_negative(root, style=req.style, blend=req.blend, weights=req.styles)
         except NegativesInputError as exc:  # a damaged store: draw without, say why in the log
             log.warning("%s", exc)
             return req
         return req if saved is None else req.model_copy(update={"negative_prompt": saved})
-
-    def draw_with(model: StyleModel):
-        def draw(request: GenerateRequest, on_step) -> list[Any]:
-            return model.generate_images(request, on_step=on_step)
-
-        return draw
-
-    def preview_with(model: StyleModel):
-        failed = False
-
-        def preview(latents: Any) -> str | None:
-            nonlocal failed
-            if failed:
-                return None
-            try:
-                return _b64png(model.preview(latents))
-            except Exception:  # a preview is a nicety: never fail the drawing for it
-                failed = True
-                log.warning("latent preview failed; streaming without previews", exc_info=True)
-                return None
-
-        return preview
 
     def error_reply(exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, UnknownAdapterError):
@@ -682,7 +660,7 @@ def create_app(
 
         t0 = time.perf_counter()
         try:
-            job = state.jobs.submit(req, channel=channel_of(client, channel, x_channel), draw=draw_with(model),
+            job = state.jobs.submit(req, channel=channel_of(client, channel, x_channel), draw=model.generate_images,
                                     listener=listener)
         except QueueFull as exc:
             return queue_full(exc)
@@ -755,8 +733,9 @@ def create_app(
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            job = state.jobs.submit(req, channel=channel_of(client, channel, x_channel), draw=draw_with(model),
-                                    preview=preview_with(model), listener=listener)
+            job = state.jobs.submit(req, channel=channel_of(client, channel, x_channel), draw=model.generate_images,
+                                    preview=until_it_fails(lambda latents: _b64png(model.preview(latents))),
+                                    listener=listener)
         except QueueFull as exc:
             return queue_full(exc)
         parameters = req.model_dump(mode="json")

@@ -2,7 +2,8 @@
 
 Variants, in order: the ``base``; each style adapter on the base (``adapter-<style>``,
 loaded with stock ``load_lora_weights`` and unloaded after); each blend
-(``blend-<name>``); the ``fused`` pipeline; and its int8 denoiser (``quantized``). Each
+(``blend-<name>``); the ``fused`` pipeline; and its denoiser at the quantization level the
+merge stage chose (``quantized``). Each
 generates one image per (prompt, seed) pair. The first :data:`LATENCY_IMAGES` are drawn one
 request at a time, so ``latency_s`` is what a user waits per image (after one untimed
 warm-up call that pays one-off costs), and ``peak_memory_mb`` is

@@ -280,7 +280,6 @@ def random_lora(
     return path
 
 
-
 def register_tiny_champion(root: Path, base: Path, model_name: str | None = None, seed: int = 0,
                            gate: dict | None = None) -> dict:
     """Register the tiny sd3 `base` with two random style LoRAs (:data:`STYLES`) as a new
@@ -307,6 +306,7 @@ def register_tiny_champion(root: Path, base: Path, model_name: str | None = None
     gate = gate or {"passed": True, "checks": [], "reasons": [],
                     "candidate": {"metrics": {"style_gain": {"noir": 0.25}}}}
     return register_candidate(cfg, gate, {"adapters": candidate / "adapters"}, base, "sd3", {}, root=root)
+
 
 # Captured `pmset -g therm` outputs (an Intel MacBook Pro, nominal and throttled; an Apple
 # Silicon Mac, which reports no CPU power status), for the device probe and the thermal guard.

@@ -58,9 +58,6 @@ class IOSpec:
     shape: tuple[int, ...]
     dtype: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
 
 @dataclass
 class Component:
@@ -75,9 +72,6 @@ class Component:
     reference: Callable[..., tuple[torch.Tensor, ...]] = field(repr=False)
     strip: str = ""  # prefix of the module's parameter names dropped in reports ("denoiser.")
     notes: str = ""
-
-    def describe(self) -> dict[str, Any]:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
 
 
 def check_family(name: str) -> None:

@@ -141,7 +141,7 @@ def export_components(ct, parts: list[Component], out_dir: Path, *, nbits=DEFAUL
         prefix = "p_" + part.strip.replace(".", "_")
         packages = {precision: {"package": float_name, "bits": 16 if precision == "float16" else 32,
                                 "bytes": tree_bytes(out_dir / float_name),
-                                **weight_errors(_mil_weights(ct, mlmodel), reference, prefix)}}
+                                **weight_errors(_mil_weights(mlmodel), reference, prefix)}}
         seconds[f"{part.name}_convert"] = round(time.perf_counter() - t1, 3)
         for n in nbits:
             t2 = time.perf_counter()
@@ -227,7 +227,7 @@ def _program(mlmodel):
                                                           milproto_load)
 
 
-def _mil_weights(ct, mlmodel) -> dict[str, Any]:
+def _mil_weights(mlmodel) -> dict[str, Any]:
     """Every constant weight of the package's program by name: (values, unique values, palettized?)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -260,9 +260,8 @@ def _program_weights(prog) -> dict[str, Any]:
     return out
 
 
-def describe(mlmodel) -> dict[str, Any]:
-    """Names, shapes and types of the package's inputs and outputs (from its spec)."""
-    spec = mlmodel.get_spec()
+def spec_io(spec) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes and types of the inputs and outputs of a package's spec (readable off macOS)."""
 
     def io(features) -> list[dict[str, Any]]:
         out = []
@@ -272,8 +271,13 @@ def describe(mlmodel) -> dict[str, Any]:
             out.append({"name": f.name, "shape": [int(d) for d in arr.shape], "dtype": dtype})
         return out
 
-    return {"inputs": io(spec.description.input), "outputs": io(spec.description.output),
-            "spec_version": int(spec.specificationVersion)}
+    return {"inputs": io(spec.description.input), "outputs": io(spec.description.output)}
+
+
+def describe(mlmodel) -> dict[str, Any]:
+    """Names, shapes and types of the package's inputs and outputs, and its spec version."""
+    spec = mlmodel.get_spec()
+    return {**spec_io(spec), "spec_version": int(spec.specificationVersion)}
 
 
 def weight_errors(mil: dict[str, Any], reference: dict[str, Any], prefix: str = "p_denoiser_") -> dict[str, Any]:

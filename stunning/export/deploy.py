@@ -71,7 +71,7 @@ def export_deployment(
     signature = capture_at(fam, pipe, resolution=resolution, batch=config.batch, guidance_scale=guidance_scale)
     res = resolution or fam.resolution(pipe)
     sized = at_resolution(fam, res)
-    parts = components(fam, pipe, signature, batch=config.batch)
+    parts = components(fam, pipe, signature, batch=config.batch) if "coreml" in targets else []  # Core ML and Swift
     seconds: dict[str, float] = {"load_and_capture": round(time.perf_counter() - t0, 3)}
     report: dict[str, Any] = {
         "format": FORMAT, "model_dir": str(model_dir), "family": fam.name, "resolution": res,

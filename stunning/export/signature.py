@@ -49,9 +49,6 @@ class TensorSpec:
     dtype: str  # "float32", "int64", ...
     batched: bool
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "batched": self.batched}
-
 
 @dataclass
 class DenoiserSignature:
@@ -64,7 +61,6 @@ class DenoiserSignature:
     batch: int
     output_shape: tuple[int, ...]
     example: dict[str, torch.Tensor] = field(repr=False)
-    parameters: list[str] = field(default_factory=list)  # the denoiser's forward parameter names
 
     @property
     def input_names(self) -> list[str]:
@@ -183,7 +179,7 @@ def capture(family: Any, pipe: Any, *, batch: int = 1, guidance_scale: float = 4
         out = module(**{**bound, "return_dict": False})[0]
     return DenoiserSignature(
         component=family.lora_component, inputs=specs, constants=constants, batch=n,
-        output_shape=tuple(out.shape), example=example, parameters=list(inspect.signature(type(module).forward).parameters)[1:],
+        output_shape=tuple(out.shape), example=example,
     )
 
 

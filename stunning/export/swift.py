@@ -181,12 +181,10 @@ def missing_resources(swift_dir: Path) -> list[str]:
 
 def package_io(path: Path) -> dict[str, list[tuple[str, list[int]]]]:
     """(name, shape) of the inputs and outputs of a .mlpackage, from its spec (works off macOS)."""
-    from stunning.export.coreml import _coremltools
+    from stunning.export.coreml import _coremltools, spec_io
 
-    ct = _coremltools()
-    spec = ct.utils.load_spec(str(path))
-    return {k: [(f.name, [int(d) for d in f.type.multiArrayType.shape]) for f in feats]
-            for k, feats in (("inputs", spec.description.input), ("outputs", spec.description.output))}
+    io = spec_io(_coremltools().utils.load_spec(str(path)))
+    return {k: [(i["name"], i["shape"]) for i in items] for k, items in io.items()}
 
 
 def mirror_sample(pipe: Any, parts: dict[str, Any], manifest: dict[str, Any], prompt: str, noise):

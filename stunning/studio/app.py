@@ -268,7 +268,7 @@ class Studio:
         for target in targets:
             try:
                 found = default_negative(self.root, **target)
-            except (NegativesInputError, ValueError) as exc:
+            except NegativesInputError as exc:
                 log.warning("default negative prompt not readable: %s", exc)
                 break
             if found is not None:
@@ -304,6 +304,7 @@ class Studio:
         as a PNG with its parameters). A newer render on `channel` cancels this one: the
         iterator then simply ends. StudioError for a request the model cannot answer."""
         from stunning.studio.generate import sampler_label
+        from stunning.studio.preview import until_it_fails
         from stunning.style_model import UnknownAdapterError
 
         loaded = self.loaded
@@ -314,22 +315,9 @@ class Studio:
             model.check(req)
         except UnknownAdapterError as exc:
             raise StudioError(str(exc)) from None
-        failed = False
-
-        def preview(latents: Any) -> Any:
-            nonlocal failed
-            if failed:
-                return None
-            try:
-                return model.preview(latents)
-            except Exception:  # a preview is a nicety: never fail the drawing for it
-                failed = True
-                log.warning("latent preview failed; drawing without previews", exc_info=True)
-                return None
-
         t0 = time.perf_counter()
         try:
-            job = self.jobs.submit(req, channel=channel, draw=model.generate_images, preview=preview)
+            job = self.jobs.submit(req, channel=channel, draw=model.generate_images, preview=until_it_fails(model.preview))
         except QueueFull as exc:
             raise StudioError(f"{exc} (the studio is busy)") from None
         first: float | None = None

@@ -734,13 +734,16 @@ def _plain(obj: Any) -> Any:
 def default_negative(
     root: str | Path, style: str | None = None, blend: str | None = None, weights: Mapping[str, float] | None = None,
 ) -> str | None:
-    """The saved default negative prompt of a style/blend, or None (nothing saved; or no target).
+    """The saved default negative prompt of a style/blend, or None (nothing saved; or not exactly
+    one target: the base model, or a request the model refuses for naming several).
 
-    A request's explicit ``negative_prompt`` (``""`` included) takes precedence over this.
+    Empty names count as absent, as the model reads them. A request's explicit
+    ``negative_prompt`` (``""`` included) takes precedence over this.
     """
-    if style is None and blend is None and weights is None:
+    given = {k: v for k, v in (("style", style), ("blend", blend), ("weights", weights)) if v}
+    if len(given) != 1:
         return None
-    entry = _read_store(root).get(target_key(style, blend, weights))
+    entry = _read_store(root).get(target_key(**given))
     if isinstance(entry, Mapping) and isinstance(entry.get("negative_prompt"), str):
         return entry["negative_prompt"]
     return None

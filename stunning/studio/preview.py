@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LatentPreviewer", "fit_previewer", "synthetic_images", "PREVIEW_PX"]
+__all__ = ["LatentPreviewer", "fit_previewer", "synthetic_images", "until_it_fails", "PREVIEW_PX"]
 
 PREVIEW_PX = 128  # a preview's height is about this (the latent grid upscaled by a whole factor)
 FIT_IMAGES = 32
@@ -175,3 +176,25 @@ def fit_previewer(pipe: Any, family: Any, n_images: int = FIT_IMAGES, seed: int 
     log.info("latent previewer fitted in %.3f s (%d images at %d px, %d channels, rmse %.3f)",
              prev.fit_s, n_images, size, c, rmse)
     return prev
+
+
+T = TypeVar("T")
+
+
+def until_it_fails(preview: Callable[[Any], T]) -> Callable[[Any], T | None]:
+    """`preview` that gives None from its first exception on (logged once): a preview is a
+    nicety, never a reason to fail the drawing it shows."""
+    failed = False
+
+    def guarded(latents: Any) -> T | None:
+        nonlocal failed
+        if failed:
+            return None
+        try:
+            return preview(latents)
+        except Exception:
+            failed = True
+            log.warning("latent preview failed; drawing without previews", exc_info=True)
+            return None
+
+    return guarded

@@ -54,7 +54,7 @@ from stunning.training.encoding import check_bucket_sizes, encode_buckets
 from stunning.training.evaluation import evaluate_buckets
 from stunning.training.memory import free_memory, is_oom_error
 from stunning.training.precision import calibrate_cpu, cpu_threads_for
-from stunning.training.quantized import FROM_MIXED_PRECISION, BasePrecision, quantize_denoiser
+from stunning.training.quantized import BasePrecision, quantize_frozen_denoiser
 from stunning.training.rng import load_trainable_state, rng_state, set_rng_state, trainable_state
 from stunning.training.samples import log_intermediate_samples
 from stunning.training.thermal import ThermalGuard, ThermalProbe, describe
@@ -80,7 +80,7 @@ class TrainJob:
     style: str
     cfg: TrainConfig
     dev: torch.device
-    mixed_precision: str
+    base: BasePrecision  # the frozen base's precision and the run's mixed precision (train.base_precision resolved)
     store: CheckpointStore | None
     tracker: Tracker
     on_step: StepCallback | None = None  # called after every optimizer step
@@ -88,13 +88,10 @@ class TrainJob:
     cache_dir: Path | None = None  # the on-disk encoding cache (None: encode in memory)
     thermal_probe: ThermalProbe | None = None
     class_dir: Path | None = None  # where DreamBooth's class images are kept
-    # The frozen base's precision (train.base_precision resolved); None: mixed_precision's weight type.
-    base: BasePrecision | None = None
 
-    def __post_init__(self) -> None:
-        if self.base is None:
-            precision = FROM_MIXED_PRECISION[self.mixed_precision]
-            self.base = BasePrecision(precision, precision, "train.mixed_precision", self.mixed_precision)
+    @property
+    def mixed_precision(self) -> str:
+        return self.base.mixed_precision
 
 
 @dataclass
@@ -212,7 +209,7 @@ def load_model(job: TrainJob) -> Model:
     load_dev = torch.device("cpu") if base.quantized and dev.type != "cpu" else dev
     pipe = fam.load_pipeline(job.base_path, load_dev, base.load_dtype)
     if base.quantized:
-        stats = quantize_denoiser(fam.denoiser(pipe), base.precision)
+        stats = quantize_frozen_denoiser(fam.denoiser(pipe), base.precision)
         job.tracker.log_params({"base_quantized_modules": stats["quantized_modules"],
                                 "base_denoiser_mb": round(stats["bytes_after"] / 2**20, 3)})
         if load_dev != dev:

@@ -39,12 +39,14 @@ from typing import Any
 import torch
 
 from stunning.config import ConfigError, TrainConfig
+from stunning.training.precision import weight_dtype
 
 log = logging.getLogger(__name__)
 
 # quanto's weight types of the quantized precisions.
 QUANTO_QTYPES = {"int8": "qint8", "int4": "qint4"}
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF = ("bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")  # train.base_precision's values besides auto
 # What `auto` means without a research plan: the weight type `train.mixed_precision` loads.
 FROM_MIXED_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 BACKEND = "optimum-quanto"
@@ -59,7 +61,7 @@ def trainable_precisions(device_type: str, bf16_supported: bool = True) -> list[
     the chip and macOS: the trainer's `mixed_precision: auto` picks it, the plan does not).
     """
     if device_type == "cuda":
-        return [p for p in ("fp32", "bf16", "fp16", "int8", "int4") if p != "bf16" or bf16_supported]
+        return [p for p in PRECISIONS if p != "bf16" or bf16_supported]
     if device_type == "mps":
         return ["fp32", "fp16", "int8", "int4"]
     return ["fp32", "bf16", "int8", "int4"]
@@ -81,11 +83,7 @@ class BasePrecision:
     @property
     def load_dtype(self) -> torch.dtype:
         """dtype the pipeline is loaded in: the half type of a half base, else the compute type."""
-        if self.precision in HALF_DTYPES:
-            return HALF_DTYPES[self.precision]
-        if self.precision == "fp32":
-            return torch.float32
-        return HALF_DTYPES.get(self.mixed_precision, torch.float32)
+        return weight_dtype(self.mixed_precision if self.quantized else self.precision)
 
     def as_dict(self) -> dict[str, str]:
         return {
@@ -108,7 +106,7 @@ def plan_precision(report: Mapping[str, Any], where: str = "the research report"
             f"({plan.get('reason', 'no reason given')}). Set train.base_precision explicitly "
             "(int4 is the smallest) to try anyway, or choose a smaller base model."
         )
-    known = ("fp32", "bf16", "fp16", "int8", "int4")
+    known = PRECISIONS
     if precision not in known:
         raise ConfigError(f"{where}: plan.precision {precision!r} is not one of {list(known)}.")
     return str(precision), str(plan.get("device", "cpu"))
@@ -144,7 +142,7 @@ def resolve_base_precision(
             f"train.base_precision {precision!r} (from {source}) cannot train on {device.type}: "
             f"use one of {allowed}."
         )
-    if precision in HALF_DTYPES:
+    if precision in HALF:
         if cfg.mixed_precision == "auto":
             mixed = precision  # half weights are trained under their own autocast
         elif mixed != precision:
@@ -155,7 +153,7 @@ def resolve_base_precision(
     return BasePrecision(precision, requested, source, mixed)
 
 
-def quantize_denoiser(denoiser: torch.nn.Module, precision: str) -> dict[str, int]:
+def quantize_frozen_denoiser(denoiser: torch.nn.Module, precision: str) -> dict[str, int]:
     """Quantize (and freeze) every Linear/Conv2d weight of `denoiser` in place with quanto.
 
     Call before the LoRA adapter is added: PEFT then wraps the quantized layers. Returns the

@@ -142,13 +142,12 @@ def train_style(
             }
         )
         job = TrainJob(
-            fam, base_path, train_set, val_set, style, cfg, dev, mixed_precision, store, tracker,
+            fam, base_path, train_set, val_set, style, cfg, dev, base, store, tracker,
             on_step=on_step,
             progress=progress,
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             thermal_probe=thermal_probe,
             class_dir=class_images_dir(class_dir, cache_dir, checkpoint_dir),
-            base=base,
         )
         with PeakMemory(dev) as pm:
             result = run_training(job)
@@ -215,18 +214,16 @@ def train_style(
 
 
 def _fingerprint(
-    fam, base_path: Path, curated_dir: Path, style: str, cfg: TrainConfig, base: BasePrecision | None = None
+    fam, base_path: Path, curated_dir: Path, style: str, cfg: TrainConfig, base: BasePrecision
 ) -> str:
     """The checkpoint fingerprint: what changes the trained weights (numeric config with
     `base_precision: auto` resolved, base model, the style's curated rows and images, family,
     style and this package's code)."""
     # max_batch_size only matters when the batch size is probed.
     exclude = set(NON_NUMERIC_KEYS) | ({"max_batch_size"} if cfg.batch_size != "auto" else set())
-    numeric = cfg.model_dump(exclude=exclude)
-    if base is not None:
-        numeric["base_precision"] = base.precision  # auto resolved: a new plan never resumes a stale run
+    # base_precision with auto resolved: a new plan never resumes a stale run.
     return fingerprint(
-        numeric,
+        {**cfg.model_dump(exclude=exclude), "base_precision": base.precision},
         base_path,
         style_rows(curated_dir, style),
         curated_dir,

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from flows.dvc_runner import default_remote, transfer
 from flows.pipeline import share_outputs
+from stunning.mlflow_server import free_port
 from tests.factories import run_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -38,12 +38,6 @@ def digest(root: Path, rel: str) -> dict[str, str]:
     base = root / rel
     files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ the test, also when it fails."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import pytest
 import yaml
 
 from flows.deploy import DeployConfigError, read_config
+from stunning.mlflow_server import free_port
 from tests.factories import REPO, project_env, run_in
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- prefect.yaml, no server

@@ -69,14 +69,14 @@ def promoted_report(root: Path, promoted: bool = True, version: int = 4) -> Path
     return path
 
 
-def _handoff(root: Path, adapters, blends, card, report: Path, out: Path):
+def _handoff(root: Path, adapters, blends, card, report: Path, out: Path, *extra: str):
     from stages import handoff
 
     params_file = root / "params.yaml"
     if not params_file.is_file():
         params_file.write_text("{}\n")
     handoff.main(["--params", str(params_file), "--adapters", str(adapters), "--blends", str(blends),
-                  "--model-card", str(card), "--registry-report", str(report), "--out", str(out)])
+                  "--model-card", str(card), "--registry-report", str(report), "--out", str(out), *extra])
 
 
 def test_a_promoted_candidate_is_handed_off_with_its_registered_time(tmp_path):
@@ -116,9 +116,13 @@ def test_a_blocked_candidate_hands_off_the_champion_instead(tmp_path, tiny_base,
     blocked, blends, card = make_release_inputs(tmp_path / "candidate")
     monkeypatch.chdir(root)
     out = tmp_path / "release"
-    _handoff(root, blocked, blends, card, promoted_report(root, promoted=False, version=registered["version"] + 1), out)
+    _handoff(root, blocked, blends, card, promoted_report(root, promoted=False, version=registered["version"] + 1), out,
+             "--export", str(_export_folder(tmp_path)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == "champion" and manifest["model"]["version"] == registered["version"]
+    # build/export holds the blocked candidate's exports: the champion's bundle does not carry them
+    assert manifest["exports"] is False and not (out / "export").exists()
+    assert "unpromoted candidate" in manifest["model"]["exports_omitted"]
     assert manifest["created"] == registered["created"]
     shipped = (out / "adapters" / "noir" / "pytorch_lora_weights.safetensors").read_bytes()
     assert shipped == (champion["adapters"] / "noir" / "pytorch_lora_weights.safetensors").read_bytes()

@@ -110,6 +110,9 @@ def test_merge_stage_outputs(project):
     with Image.open(project / "reports" / "quantize_grid.png") as grid:
         assert grid.height > (1 + sum(e["runs"] for e in q["levels"])) * 96
     assert not list(project.glob(".merged*"))  # no temporary folders left behind
+    # recorded source paths (e.g. each level's quantized.json "source") name the published folder
+    texts = [p for p in merged.rglob("*") if p.suffix in (".json", ".yaml") and p.stat().st_size < 1 << 20]
+    assert texts and not [p for p in texts if f"{project}/.merged." in p.read_text()]
 
 
 def test_validate_stage_writes_reports_grid_and_a_passing_gate(project, tiny_base, monkeypatch, capsys):

@@ -89,3 +89,13 @@ def test_cli_export_onnx_names_the_folder_and_the_fix(tmp_path):
     result = CliRunner().invoke(app, ["export", "onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "nope is not a folder" in result.output and "dvc repro merge" in result.output
+
+
+def test_cli_export_refuses_an_unknown_family_before_loading_the_model(tiny_base, tmp_path):
+    from stunning.cli import app
+
+    result = CliRunner().invoke(app, ["export", "onnx", "--model", str(tiny_base), "--out", str(tmp_path / "o"),
+                                      "--family", "sd9"])
+    assert result.exit_code == 2
+    assert "--family: unknown model family 'sd9'" in result.output
+    assert not (tmp_path / "o").exists()

@@ -80,6 +80,11 @@ def test_latency_and_memory_over_budget_name_the_worst_variant(good):
 def test_quantization_budgets_and_missing_merge_report(good):
     rep = evaluate(good, {**MERGE, "size_ratio": 0.9, "quantization_mse": 0.2}, BUDGETS)
     assert failed_names(rep) == {"quantized_size_ratio", "quantization_mse"}
+    assert "int8 30 B / fp32 100 B" in rep.check("quantized_size_ratio").detail  # a report from before the ladder
+    ladder = {**MERGE, "quantization": "int4", "quantized_denoiser_bytes": 16, "size_ratio": 0.16}
+    rep = evaluate(good, ladder, BUDGETS)
+    assert "int4 16 B / fp32 100 B" in rep.check("quantized_size_ratio").detail  # the chosen level, not int8
+    assert "pixel MSE int4 vs fp32" in rep.check("quantization_mse").detail
     rep = evaluate(good, None, BUDGETS)
     assert failed_names(rep) == {"quantized_size_ratio", "quantization_mse"}
     assert "merge" in rep.reasons[0]

@@ -120,6 +120,7 @@ def test_without_export_and_quantize_reports_the_ladder_is_omitted_and_exports_s
     reports, grid = write_model_card_reports(tmp_path)
     for name in ("export.json", "quantize.json"):
         (reports / name).unlink(missing_ok=True)
-    text = render_model_card(Params(), {"export": {}, "quantize": {}})
+    build_model_card(Params(), reports, grid, tmp_path / "card")
+    text = (tmp_path / "card" / "README.md").read_text()
     assert "## Quantization ladder" not in text
     assert "## Deployment exports" in text and "Export report not available" in text

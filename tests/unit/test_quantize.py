@@ -17,13 +17,14 @@ from PIL import Image
 from stunning.families import get_family
 from stunning.quantize import (
     LEVELS,
+    LadderInputs,
     LevelUnavailable,
     QuantizationError,
     choose_level,
     image_fidelity,
     load_quantized,
     load_quantized_denoiser,
-    measure,
+    measure_ladder,
     memory_target,
     quantize_denoiser,
     ssim,
@@ -63,15 +64,23 @@ def test_load_quantized_rebuilds_int8_modules(quantized, tiny_sd_unet):
     assert isinstance(pipe.unet.conv_in, QConv2d) and isinstance(pipe.vae, torch.nn.Module)
 
 
-def test_measure_generates_with_both_and_reports_fidelity(quantized, tiny_sd_unet):
-    rep = measure(tiny_sd_unet, quantized, FAMILY, ["a blue hat on a grey background"], [0, 1], 3, 4.0, "cpu")
-    assert rep["int8_denoiser_bytes"] < rep["fp32_denoiser_bytes"]
-    assert rep["size_ratio"] == pytest.approx(rep["int8_denoiser_bytes"] / rep["fp32_denoiser_bytes"], rel=1e-4)
-    assert rep["peak_memory_mb_fp32"] > 0 and rep["peak_memory_mb_int8"] > 0
-    assert rep["latency_s_int8"] > 0 and rep["fidelity_images"] == 2
+def test_measure_ladder_generates_with_both_and_reports_fidelity(tiny_sd_unet, tmp_path):
+    """One level, no adapters: float32 and the int8 model reloaded from disk draw the same pairs."""
+    inputs = LadderInputs(["a blue hat on a grey background"], [0, 1], 3, 4.0)
+    rep = measure_ladder(FAMILY, tiny_sd_unet, tiny_sd_unet, tmp_path / "q", ["int8"], inputs, "fused", "cpu")
+    ref, (level,) = rep["reference"], rep["levels"]
+    assert level["runs"] and level["path"] == str(tmp_path / "q" / "int8")
+    assert (tmp_path / "q" / "int8" / "quantization_map.json").is_file()
+    assert not (tmp_path / "q" / "int8" / "base").exists()  # no adapter is served on the base
+    assert level["denoiser_bytes"] < ref["denoiser_bytes"]
+    assert level["size_ratio"] == pytest.approx(level["denoiser_bytes"] / ref["denoiser_bytes"], rel=1e-4)
+    assert set(level["variants"]) == {"fused"}
+    v = level["variants"]["fused"]
+    assert ref["peak_memory_mb"] > 0 and v["peak_memory_mb"] > 0
+    assert v["latency_s"] > 0 and [len(rep["images"][k][0]) for k in ("float32", "int8")] == [2, 2]
     # int8 weights perturb the output a little, never wildly (a broken requantize would)
-    assert 0 <= rep["quantization_mse"] < 1e-3
-    assert 0 <= rep["quantization_max_abs"] <= 0.25
+    assert 0 <= v["mse"] < 1e-3
+    assert 0 <= v["max_abs"] <= 0.25
 
 
 def test_image_fidelity_is_pixel_mse_in_unit_range():

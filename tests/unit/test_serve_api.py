@@ -311,5 +311,8 @@ def test_a_saved_default_negative_is_used_unless_the_request_gives_one(project):
             assert body["negative_prompt"] == "" and np.array_equal(none, plain)
             other, body = draw(style=None)  # the base model: no style, no saved default
             assert body["negative_prompt"] is None
+            # An empty style beside a request-time blend is no second target (the model draws the blend).
+            _, body = draw(style="", styles={"noir": 1.0})
+            assert body["negative_prompt"] is None
         finally:
             store_path(root).unlink()

@@ -99,6 +99,9 @@ def test_a_saved_default_is_read_back_per_target_with_its_evidence(tmp_path):
     assert N.default_negative(tmp_path, blend="half-half") == ""
     assert N.default_negative(tmp_path, style="impressionist") is None
     assert N.default_negative(tmp_path) is None  # the base model: no target, no default
+    # Empty names count as absent, as the model reads them; two targets: the model refuses, no default.
+    assert N.default_negative(tmp_path, style="", weights={"impressionist": 0.5, "noir": 0.5}) == "blurry"
+    assert N.default_negative(tmp_path, style="noir", blend="half-half") is None
     assert not list((tmp_path / "studio").glob(".*tmp"))  # written atomically
 
 

@@ -104,3 +104,20 @@ def test_every_family_previews_its_sampling_steps(family_name, fixture, request)
     family.generate(pipe, ["a red dress"], [0], 3, 4.0, on_step=lambda i, n, lat: frames.append(previewer.image(lat)))
     assert len(frames) == 3 and all(f.size == (128, 128) for f in frames)
     assert len(set(frames[-1].getdata())) > 1  # not a flat colour
+
+
+def test_a_failing_preview_gives_none_from_then_on_without_being_called_again(caplog):
+    from stunning.studio.preview import until_it_fails
+
+    calls = []
+
+    def preview(latents):
+        calls.append(latents)
+        if latents == 2:
+            raise RuntimeError("no previewer")
+        return f"frame {latents}"
+
+    guarded = until_it_fails(preview)
+    assert [guarded(i) for i in (1, 2, 3)] == ["frame 1", None, None]
+    assert calls == [1, 2]  # after the first failure the preview is not tried again
+    assert sum("latent preview failed" in r.getMessage() for r in caplog.records) == 1
