@@ -1,7 +1,11 @@
-"""A team DVC remote, round trip between two clones: clone A (the reproduced tiny DAG) commits
-its run and pushes; clone B (`git clone` of A) pulls and has the same outputs, byte for byte,
-with nothing for `dvc repro` to do but the `champion` stage, which always runs (it reads the
-MLflow registry, which DVC does not carry: the team shares it through the MLflow server).
+"""The team setup on one machine, with real servers: an MLflow tracking server (the team's
+registry), a DVC remote, and two clones. Clone A (the reproduced tiny DAG) switches its registry
+to the server (`registry.tracking_uri: http://...`), reruns what reads or writes the registry
+(champion, validate, register, docs, handoff: the candidate is registered on the server and
+promoted), commits its run and pushes; clone B (`git clone` of A) pulls and has the same
+outputs, byte for byte, with nothing for `dvc repro` to do but the `champion` stage, which
+always runs (it reads the registry, which DVC does not carry) and writes the same record; B
+sees A's @champion on the server and loads it from the server's artifacts.
 
 Two remotes: a shared folder, and an S3-compatible bucket served on 127.0.0.1 by moto."""
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +68,25 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module")
-def clone_a(tiny_dag_project, s3_endpoint, tmp_path_factory) -> Path:
+def team_server(tmp_path_factory):
+    """The team's MLflow server (`mlflow server --serve-artifacts`, SQLite) on 127.0.0.1."""
+    from tests.factories import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("team-mlflow")) as uri:
+        yield uri
+
+
+def use_registry(root: Path, tracking_uri: str) -> None:
+    """Point the clone's `registry.tracking_uri` at `tracking_uri` (the one-line change the
+    README's Team setup asks for)."""
+    params = root / "params.yaml"
+    text, n = re.subn(r"(?m)^(  tracking_uri:) \S+", lambda m: f"{m.group(1)} {tracking_uri}", params.read_text())
+    assert n == 1, "registry.tracking_uri not found in params.yaml"
+    params.write_text(text)
+
+
+@pytest.fixture(scope="module")
+def clone_a(tiny_dag_project, s3_endpoint, team_server, tmp_path_factory) -> Path:
     """A copy of the reproduced tiny DAG with the team's remotes in `.dvc/config` and its run
     committed, as a team member would before pushing (dvc.lock, the DVC config and the small
     uncached reports go to git, the rest to the remote): the default remote `team`, a shared
@@ -82,6 +105,14 @@ def clone_a(tiny_dag_project, s3_endpoint, tmp_path_factory) -> Path:
         conf["remote"]["s3team"] = {"url": "s3://team/stunning", "endpointurl": s3_endpoint}
         conf["core"]["remote"] = "team"
     assert default_remote(a) == "team"
+    # The registry moves to the team's server: every stage with a `registry` param reruns, and
+    # the candidate is registered there (the server is empty, so the gate promotes it).
+    use_registry(a, team_server)
+    out = dvc(a, "repro").stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"champion", "validate", "register", "handoff"} <= ran, out
+    registry = json.loads((a / "reports/registry.json").read_text())
+    assert registry["promoted"] is True and registry["champion_version"] == registry["version"], registry
     for cmd in (["git", "add", "-A"],
                 ["git", "-c", "user.name=a", "-c", "user.email=a@localhost", "commit", "-qm", "run"]):
         run_in(a, *cmd)
@@ -96,7 +127,7 @@ def clone_of(a: Path, dest: Path) -> Path:
     return dest
 
 
-def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_rerun(clone_a, tmp_path):
+def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_rerun(clone_a, team_server, tmp_path):
     assert "pushed" in share_outputs(clone_a)  # what the pipeline flow does at the end of a run
     b = clone_of(clone_a, tmp_path / "b")
     transfer("pull", b)  # the default remote, from the committed .dvc/config
@@ -106,21 +137,23 @@ def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_re
     # Only `champion` (always_changed) is reported; every other stage is up to date.
     assert json.loads(dvc(b, "status", "--json").stdout or "{}") == {"champion": ["always changed"]}
 
-    # With the same registry (the team's MLflow server; here a copy of A's store stands in for
-    # it), B sees A's @champion, and `dvc repro` reruns `champion` only: it writes the same
-    # record, so validate does not rerun.
-    shutil.copytree(clone_a / "mlruns", b / "mlruns", dirs_exist_ok=True)
-    from mlflow import MlflowClient
+    # The same registry (the server): B sees A's @champion, and `dvc repro` reruns `champion`
+    # only: it writes the same record, so validate does not rerun.
+    from stunning.config import load_params
+    from stunning.registry import aliases, resolve
 
-    store = f"sqlite:///{b / 'mlruns' / 'mlflow.db'}"
+    cfg = load_params(b / "params.yaml").registry
+    assert cfg.tracking_uri == team_server  # through git: the params change A committed
     registry = json.loads((b / "reports/registry.json").read_text())  # A's register stage, via git
-    champion = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(
-        registry["model_name"], "champion")
-    assert int(champion.version) == registry["champion_version"]
+    assert aliases(cfg, root=b)["champion"] == registry["champion_version"]
     out = dvc(b, "repro").stdout
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'champion':"], out
     assert (b / "reports/champion.json").read_bytes() == (clone_a / "reports/champion.json").read_bytes()
+    # ...and loads it from the server's artifacts (served: no path on A's disk is involved).
+    version, folder = resolve(cfg, root=b)
+    assert version == registry["champion_version"]
+    assert folder.is_relative_to(b) and any(folder.rglob("*.safetensors")), folder
 
 
 def test_an_s3_remote_round_trips_the_trained_adapters(clone_a, tmp_path):
