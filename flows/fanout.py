@@ -5,28 +5,36 @@ training phase runs on a worker (`make worker` sets `STUNNING_POOL`) and more th
 worker of that pool is online, :func:`fan_out` first starts one `train-styles` deployment
 run per group of styles (:func:`plan_training`: round-robin over at most as many groups as
 there are workers) and waits for them; each trains its styles with the train stage's own
-command (read from `dvc.yaml`) into a scratch folder, writing checkpoints to `checkpoints/`.
-Checkpoints are keyed by style and fingerprint (config, data, base, code), and a run always
-saves its last step, so the `dvc repro train` that follows finds every style finished and
-resumes each at its last step: one DVC stage, one `dvc.lock`, as in a sequential run.
+command (read from `dvc.yaml`) into a scratch folder, writing checkpoints to its clone's
+`checkpoints/`. Checkpoints are keyed by style and fingerprint (config, data, base, code),
+and a run always saves its last step, so the `dvc repro train` that follows finds every
+style finished and resumes each at its last step: one DVC stage, one `dvc.lock`, as in a
+sequential run.
 
-That speed-up needs the workers to see the same `checkpoints/` (workers on one machine in
-one clone, or `checkpoints` on a shared filesystem). Workers on machines that share nothing
-do their part, and the `dvc repro train` that follows trains the remaining styles itself:
-the result is the same, only not faster. With one worker, or outside a worker, or with one
-style, nothing fans out: the training phase is the DVC stage alone (sequential).
+Workers on other machines have their own clones. With the team's MLflow server
+(`registry.tracking_uri: http://...`), each run publishes its styles' final checkpoints as
+artifacts of their training runs, tagged with the fan-out's batch id, and :func:`fan_out`
+downloads them into this clone's `checkpoints/` before the train stage runs
+(:mod:`stunning.shared_checkpoints`). With a local store, only workers that see the same
+`checkpoints/` (one clone, or a shared filesystem) save time; the others' styles are
+trained again by the train stage (same result, not faster). With one worker, or outside a
+worker, or with one style, nothing fans out: the training phase is the DVC stage alone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
@@ -62,9 +70,9 @@ def online_workers(pool: str) -> int:
     return len(workers)
 
 
-def train_command(root: Path, params_file: Path, scratch: Path) -> list[str]:
-    """The `train` stage's command from `dvc.yaml`, with `params_file` and its outputs moved
-    under `scratch` (inputs and `--checkpoints` as wired in dvc.yaml)."""
+def stage_args(root: Path) -> list[str]:
+    """The `train` stage's command from `dvc.yaml`, `${...}` filled from params.yaml and split
+    into arguments."""
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     cmd = stage["cmd"]
@@ -78,12 +86,26 @@ def train_command(root: Path, params_file: Path, scratch: Path) -> list[str]:
         return str(value)
 
     args = shlex.split(re.sub(r"\$\{([^}]+)\}", param, cmd))
-    if args[:3] != ["python", "-m", "stages.train"]:
-        raise DvcError(f"dvc.yaml: the train stage's cmd is not `python -m stages.train ...`: {cmd}")
+    if args[:3] != ["python", "-m", "stages.train"] or len(args) % 2 == 0:
+        raise DvcError(f"dvc.yaml: the train stage's cmd is not `python -m stages.train --flag value ...`: {cmd}")
+    return args
+
+
+def checkpoint_dir(root: Path) -> Path:
+    """The train stage's `--checkpoints` folder, as dvc.yaml wires it."""
+    args = stage_args(root)
+    flags = dict(zip(args[3::2], args[4::2], strict=True))
+    if "--checkpoints" not in flags:
+        raise DvcError("dvc.yaml: the train stage's cmd has no --checkpoints folder to resume from")
+    return root / flags["--checkpoints"]
+
+
+def train_command(root: Path, params_file: Path, scratch: Path) -> list[str]:
+    """The `train` stage's command from `dvc.yaml`, with `params_file` and its outputs moved
+    under `scratch` (inputs and `--checkpoints` as wired in dvc.yaml)."""
+    args = stage_args(root)
     out = [sys.executable, "-m", "stages.train"]
-    it = iter(args[3:])
-    for flag in it:
-        value = next(it)
+    for flag, value in zip(args[3::2], args[4::2], strict=True):
         if flag == "--params":
             value = str(params_file)
         elif flag in SCRATCH_OUTPUTS:
@@ -112,10 +134,15 @@ def group_params(params: dict, styles: list[str]) -> dict:
 
 
 @flow(name="train-styles", log_prints=True)
-def train_styles(styles: list[str]) -> dict:
+def train_styles(styles: list[str], batch: str | None = None) -> dict:
     """Train `styles` only, in this worker's clone: the curated data and the base model first
     (DVC skips them when up to date), then the train stage's command on a params file whose
-    `data.styles` is `styles`; checkpoints land in the clone's `checkpoints/`."""
+    `data.styles` is `styles`; checkpoints land in the clone's `checkpoints/`. Given the
+    fan-out's `batch` id and a team MLflow server, each style's final checkpoint is published
+    there for the machine that fanned out (:func:`stunning.shared_checkpoints.publish`)."""
+    from stunning.config import load_params
+    from stunning.shared_checkpoints import publish
+
     logger = get_run_logger()
     root = project_root()
     ready = repro(["curate", "base_model"], root)
@@ -132,35 +159,68 @@ def train_styles(styles: list[str]) -> dict:
         logger.info(line)
     if proc.returncode != 0:
         raise RuntimeError(f"training {styles} failed (exit {proc.returncode}); see the log above")
-    return {"styles": list(styles), "ran_before": ready.ran, "metrics": str(scratch / "train.json")}
+    published = []
+    if batch:
+        report = json.loads((scratch / "train.json").read_text())
+        registry = load_params(params_file).registry
+        for style in styles:
+            done = publish(registry, root, checkpoint_dir(root), report["styles"][style]["mlflow_run_id"], batch)
+            if done:
+                logger.info("published the checkpoint of %s (step %d) to %s", style, done["step"], registry.tracking_uri)
+                published.append(done)
+    return {"styles": list(styles), "ran_before": ready.ran, "metrics": str(scratch / "train.json"),
+            "published": published}
 
 
-def fan_out(root: Path | None = None) -> list[list[str]]:
-    """Run the fan-out if it applies (see the module docstring); returns the groups that ran
-    as separate flow runs ([] when training stays sequential)."""
+@dataclass
+class FanOut:
+    """What :func:`fan_out` did: the groups that ran as flow runs ([] when training stays
+    sequential), those whose run did not complete, and the checkpoints carried back from the
+    team's MLflow server (:class:`stunning.shared_checkpoints.Carried`, as dicts)."""
+
+    groups: list[list[str]] = field(default_factory=list)
+    failed: list[tuple[list[str], str | None]] = field(default_factory=list)
+    carried: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+
+def fan_out(root: Path | None = None) -> FanOut:
+    """Run the fan-out if it applies (see the module docstring)."""
     pool = os.environ.get(POOL_ENV)
     if not pool:
-        return []
+        return FanOut()
     root = root or project_root()
     styles = list(yaml.safe_load((root / "params.yaml").read_text())["data"]["styles"])
     if len(styles) < 2:
-        return []
+        return FanOut()
     try:
         workers = online_workers(pool)
     except Exception as exc:  # no server reachable: train sequentially, as on one machine
         log.warning("could not count the workers of pool %r (%s); training sequentially", pool, exc)
-        return []
+        return FanOut()
     groups = plan_training(styles, workers)
     if len(groups) < 2:
-        return []
+        return FanOut()
     from prefect.deployments import run_deployment
 
-    log.info("%d workers online in pool %r: training %s as %d flow runs", workers, pool, groups, len(groups))
+    from stunning.config import load_params
+    from stunning.shared_checkpoints import fetch
+
+    batch = uuid.uuid4().hex
+    log.info("%d workers online in pool %r: training %s as %d flow runs (batch %s)", workers, pool, groups,
+             len(groups), batch)
     with ThreadPoolExecutor(len(groups)) as pool_exec:
-        runs = list(pool_exec.map(lambda g: run_deployment(DEPLOYMENT, parameters={"styles": g}, timeout=None), groups))
+        runs = list(pool_exec.map(
+            lambda g: run_deployment(DEPLOYMENT, parameters={"styles": g, "batch": batch}, timeout=None), groups))
     failed = [(g, r.state.name if r.state else None) for g, r in zip(groups, runs, strict=True)
               if not (r.state and r.state.is_completed())]
     if failed:
         # The DVC stage that follows trains whatever is missing; say which part failed.
         log.warning("fanned-out training runs did not complete: %s; the train stage trains those styles", failed)
-    return groups
+    carried = fetch(load_params(root / "params.yaml").registry, root, checkpoint_dir(root), batch)
+    for c in carried:
+        log.info("checkpoint of %s (step %d, fingerprint %s) from MLflow run %s: %s", c.style, c.step,
+                 c.fingerprint, c.run_id, c.outcome)
+    return FanOut(groups, failed, [c.as_dict() for c in carried])

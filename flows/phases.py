@@ -69,10 +69,13 @@ def dataset_curation() -> dict:
 @flow(name="5-training", log_prints=True)
 def training() -> dict:
     # On a worker with other workers online, styles train in parallel flow runs first; the
-    # DVC stage then resumes each from its last checkpoint (flows/fanout.py).
-    groups = fan_out()
-    if groups:
-        print(f"trained in parallel flow runs: {groups}")
+    # DVC stage then resumes each from its last checkpoint, carried back from the team's MLflow
+    # server when the workers are other machines (flows/fanout.py).
+    fanned = fan_out()
+    if fanned:
+        print(f"trained in parallel flow runs: {fanned.groups}")
+        for c in fanned.carried:
+            print(f"checkpoint of {c['style']} (step {c['step']}) from MLflow run {c['run_id']}: {c['outcome']}")
     return _run_phase("training")
 
 

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 # checkpoints are never resumed by code that would continue them differently.
 FORMAT_VERSION = 1
 # Files up to this size are content-hashed for the fingerprint; larger ones (multi-GB base
-# weights) by size and modification time, which is fast and still catches a replaced file.
+# weights) by size and three sampled 4 MiB blocks: fast, machine-independent, and still
+# catches a replaced file.
 HASH_LIMIT_BYTES = 256 * 1024 * 1024
+SAMPLE_BYTES = 4 * 1024 * 1024
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILES = ("lora.safetensors", "optimizer.pt", "rng.safetensors", "state.json")
 
@@ -53,6 +55,19 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sampled_digest(path: Path, size: int) -> str:
+    """A hash of `SAMPLE_BYTES` at the start, middle and end of a large file: fast, and the
+    same on every machine (a modification time is not: a base model pulled or copied to
+    another machine would fingerprint differently there, and a checkpoint carried from a
+    worker, `stunning.shared_checkpoints`, would never resume)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for offset in (0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)):
+            fh.seek(offset)
+            h.update(fh.read(SAMPLE_BYTES))
+    return "sampled:" + h.hexdigest()
+
+
 def _tree_entries(root: Path) -> list[list[str | int]]:
     """(relative path, size, content hash or mtime) for every file under `root`, sorted."""
     entries: list[list[str | int]] = []
@@ -60,7 +75,7 @@ def _tree_entries(root: Path) -> list[list[str | int]]:
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         st = p.stat()
-        ident: str | int = _file_digest(p) if st.st_size <= HASH_LIMIT_BYTES else st.st_mtime_ns
+        ident = _file_digest(p) if st.st_size <= HASH_LIMIT_BYTES else _sampled_digest(p, st.st_size)
         entries.append([p.relative_to(root).as_posix(), st.st_size, ident])
     return entries
 

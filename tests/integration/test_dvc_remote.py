@@ -1,16 +1,27 @@
-"""The team setup on one machine, with real servers: an MLflow tracking server (the team's
-registry), a DVC remote, and two clones. Clone A (the reproduced tiny DAG) switches its registry
-to the server (`registry.tracking_uri: http://...`), reruns what reads or writes the registry
-(champion, validate, register, docs, handoff: the candidate is registered on the server and
-promoted), commits its run and pushes; clone B (`git clone` of A) pulls and has the same
-outputs, byte for byte, with nothing for `dvc repro` to do but the `champion` stage, which
-always runs (it reads the registry, which DVC does not carry) and writes the same record; B
-sees A's @champion on the server and loads it from the server's artifacts.
+"""The team setup on one machine, with real servers: the team's MLflow tracking server (its
+registry and served artifacts), a Prefect server with two workers, a DVC remote, and clones
+standing in for machines.
+
+Clone A and the two worker clones are copies of the reproduced tiny DAG, each with the same
+committed change: a new training seed (so `train` and all after it must run again) and the
+registry on the team server (`registry.tracking_uri: http://...`). A runs the full pipeline
+flow as a worker would (`STUNNING_POOL` set): the training phase sees two workers online and
+fans out one `train-styles` run per style; each worker trains its style in its own clone and
+publishes the final checkpoint to the MLflow server; A downloads both, and its `dvc repro
+train` resumes each at the last step instead of training; every stage after that (merge,
+validate, export, register, docs, handoff) runs against the server, so the candidate is
+registered and promoted there; the flow pushes to A's default DVC remote at the end.
+
+Clone B (`git clone` of A's commit) pulls and has the same outputs, byte for byte, with
+nothing for `dvc repro` to do but the `champion` stage, which always runs (it reads the
+registry, which DVC does not carry) and writes the same record; B sees A's @champion on the
+server and loads it from the server's artifacts.
 
 Two remotes: a shared folder, and an S3-compatible bucket served on 127.0.0.1 by moto."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +38,7 @@ from flows.dvc_runner import default_remote, transfer
 from flows.pipeline import share_outputs
 from stunning.mlflow_server import free_port
 from tests.factories import run_in
+from tests.integration.servers import POOL, run_in_env, started, wait_for_workers, worker_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,56 +80,85 @@ def s3_endpoint():
             server.stop()
 
 
-@pytest.fixture(scope="module")
-def team_server(tmp_path_factory):
-    """The team's MLflow server (`mlflow server --serve-artifacts`, SQLite) on 127.0.0.1."""
-    from tests.factories import mlflow_server
-
-    with mlflow_server(tmp_path_factory.mktemp("team-mlflow")) as uri:
-        yield uri
+def set_param(root: Path, key: str, value: str) -> None:
+    """Set the two-level `key` (section.name) in the clone's params.yaml, as a person would edit
+    it (comments and layout kept)."""
+    section, name = key.split(".")
+    params = root / "params.yaml"
+    text = params.read_text()
+    body = re.search(rf"(?ms)^{section}:\n(.*?)(?=^\S)", text)
+    assert body, f"params.yaml has no section {section}"
+    new_body, n = re.subn(rf"(?m)^(  {name}:) [^#\n]*?(\s*(#.*)?)$", lambda m: f"{m.group(1)} {value}{m.group(2)}",
+                          body.group(1), count=1)
+    assert n == 1, f"params.yaml has no key {key}"
+    params.write_text(text[:body.start(1)] + new_body + text[body.end(1):])
 
 
 def use_registry(root: Path, tracking_uri: str) -> None:
     """Point the clone's `registry.tracking_uri` at `tracking_uri` (the one-line change the
     README's Team setup asks for)."""
-    params = root / "params.yaml"
-    text, n = re.subn(r"(?m)^(  tracking_uri:) \S+", lambda m: f"{m.group(1)} {tracking_uri}", params.read_text())
-    assert n == 1, "registry.tracking_uri not found in params.yaml"
-    params.write_text(text)
+    set_param(root, "registry.tracking_uri", tracking_uri)
+
+
+def team_clone(source: Path, dest: Path, tracking_uri: str) -> Path:
+    """A machine's clone: a copy of `source` with the team's committed change (registry on the
+    team server, a new training seed)."""
+    shutil.copytree(source, dest, symlinks=True)
+    use_registry(dest, tracking_uri)
+    set_param(dest, "train.seed", "1")
+    return dest
+
+
+@dataclass
+class Team:
+    a: Path
+    workers: dict[str, Path]  # worker name -> its clone
+    pipeline_log: str
 
 
 @pytest.fixture(scope="module")
-def clone_a(tiny_dag_project, s3_endpoint, team_server, tmp_path_factory) -> Path:
-    """A copy of the reproduced tiny DAG with the team's remotes in `.dvc/config` and its run
-    committed, as a team member would before pushing (dvc.lock, the DVC config and the small
-    uncached reports go to git, the rest to the remote): the default remote `team`, a shared
-    folder, and `s3team`, the S3 bucket."""
+def team(tiny_dag_project, s3_endpoint, team_server, prefect_server, tmp_path_factory) -> Team:
+    """A's run of the full pipeline, fanned out over two workers (the module docstring), its
+    remotes in `.dvc/config` and its run committed, as a team member would before pushing
+    (dvc.lock, the DVC config and the small uncached reports go to git, the rest to the
+    remote): the default remote `team`, a shared folder, and `s3team`, the S3 bucket."""
     dvc(tiny_dag_project, "repro")  # earlier tests of the clone may leave stages out of date (a no-op otherwise)
-    team = tmp_path_factory.mktemp("team")
-    a = team / "a"
-    shutil.copytree(tiny_dag_project, a, symlinks=True)
+    home = tmp_path_factory.mktemp("team")
+    a = team_clone(tiny_dag_project, home / "a", team_server)
+    workers = {name: team_clone(tiny_dag_project, home / name, team_server) for name in ("w1", "w2")}
     assert default_remote(a) is None  # the shipped project: no remote, `make run` needs none
     from dvc.config import Config
 
     # What `dvc remote add -d team DIR`, `dvc remote add s3team s3://team/stunning` and
     # `dvc remote modify s3team endpointurl URL` write (in-process: three DVC starts fewer).
     with Config(dvc_dir=str(a / ".dvc")).edit("repo") as conf:
-        conf["remote"]["team"] = {"url": str(team / "shared-remote")}
+        conf["remote"]["team"] = {"url": str(home / "shared-remote")}
         conf["remote"]["s3team"] = {"url": "s3://team/stunning", "endpointurl": s3_endpoint}
         conf["core"]["remote"] = "team"
     assert default_remote(a) == "team"
-    # The registry moves to the team's server: every stage with a `registry` param reruns, and
-    # the candidate is registered there (the server is empty, so the gate promotes it).
-    use_registry(a, team_server)
-    out = dvc(a, "repro").stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert {"champion", "validate", "register", "handoff"} <= ran, out
+
+    api = prefect_server["PREFECT_API_URL"]
+    run_in_env(a, prefect_server, sys.executable, "-m", "flows.deploy", "--name", "train-styles")
+    with contextlib.ExitStack() as stack:
+        for name, clone in workers.items():  # `make worker` on each worker machine, in its clone
+            env = dict(prefect_server, STUNNING_ROOT=str(clone), STUNNING_POOL=POOL)
+            stack.enter_context(started(worker_command(name), env, home, home / f"{name}.log"))
+        wait_for_workers(api, set(workers))
+        # A's pipeline, as the full-pipeline deployment runs it on a worker of the pool.
+        env = dict(prefect_server, STUNNING_ROOT=str(a), STUNNING_POOL=POOL)
+        proc = run_in_env(a, env, sys.executable, "-m", "flows.pipeline")
+    log = proc.stdout + proc.stderr
     registry = json.loads((a / "reports/registry.json").read_text())
     assert registry["promoted"] is True and registry["champion_version"] == registry["version"], registry
     for cmd in (["git", "add", "-A"],
                 ["git", "-c", "user.name=a", "-c", "user.email=a@localhost", "commit", "-qm", "run"]):
         run_in(a, *cmd)
-    return a
+    return Team(a, workers, log)
+
+
+@pytest.fixture(scope="module")
+def clone_a(team) -> Path:
+    return team.a
 
 
 def clone_of(a: Path, dest: Path) -> Path:
@@ -127,8 +169,48 @@ def clone_of(a: Path, dest: Path) -> Path:
     return dest
 
 
-def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_rerun(clone_a, team_server, tmp_path):
-    assert "pushed" in share_outputs(clone_a)  # what the pipeline flow does at the end of a run
+def test_two_workers_train_a_style_each_and_a_resumes_both_from_the_servers_checkpoints(team, team_server):
+    """The fan-out across machines: each worker trained one style in its own clone; A trained
+    nothing itself (both styles resumed at their last step from the checkpoints it downloaded
+    from the MLflow server) and its adapters are the workers' bytes."""
+    from mlflow import MlflowClient
+
+    from stunning.shared_checkpoints import BATCH_TAG
+
+    report = json.loads((team.a / "reports/train.json").read_text())["styles"]
+    assert sorted(report) == ["impressionist", "noir"]
+    trained_by = {}
+    for name, clone in team.workers.items():
+        runs = list((clone / "build/fanout").glob("*/train.json"))
+        assert len(runs) == 1, f"worker {name} ran {runs}"
+        ((style, metrics),) = json.loads(runs[0].read_text())["styles"].items()
+        assert metrics["resumed_from_step"] == 0  # trained there, from the first step
+        trained_by[style] = name
+        adapter = f"{style}/pytorch_lora_weights.safetensors"
+        assert (runs[0].parent / "adapters" / adapter).read_bytes() == (team.a / "models/adapters" / adapter).read_bytes()
+    assert sorted(trained_by) == ["impressionist", "noir"], trained_by  # one style each
+    for style, metrics in report.items():
+        assert metrics["resumed_from_step"] == metrics["steps"] == 30, (style, metrics)
+        assert re.search(rf"checkpoint of {style} \(step 30\) from MLflow run \w+: downloaded", team.pipeline_log)
+    # Everything tracked went to the server: the workers' runs (with their checkpoints) and A's.
+    client = MlflowClient(team_server)
+    runs = client.search_runs([client.get_experiment_by_name("stunning-engine").experiment_id],
+                              filter_string="tags.stage = 'train'")
+    published = [r for r in runs if BATCH_TAG in r.data.tags]
+    assert sorted(r.data.tags["style"] for r in published) == ["impressionist", "noir"]
+    # A's train stage logged its (resumed) runs to the server too, with the fingerprint each
+    # worker computed in its own clone: what made the downloaded checkpoints resumable.
+    ours = {s: client.get_run(m["mlflow_run_id"]).data.tags["fingerprint"] for s, m in report.items()}
+    assert {r.data.tags["style"]: r.data.tags["fingerprint"] for r in published} == ours
+    for r in published:
+        files = {f.path for f in client.list_artifacts(r.info.run_id, "checkpoint/step-30")}
+        assert {"checkpoint/step-30/lora.safetensors", "checkpoint/step-30/state.json"} <= files
+
+
+def test_a_folder_remote_gives_a_second_clone_the_same_outputs_and_nothing_to_rerun(team, team_server, tmp_path):
+    clone_a = team.a
+    assert re.search(r"DVC remote 'team': \d+ files? pushed", team.pipeline_log), team.pipeline_log[-3000:]
+    assert "up to date" in share_outputs(clone_a).lower()  # the pipeline flow pushed everything at the end
     b = clone_of(clone_a, tmp_path / "b")
     transfer("pull", b)  # the default remote, from the committed .dvc/config
     for rel in CACHED_OUTS:

@@ -1,28 +1,20 @@
 """Prefect deployments on a real server: `prefect server start` on 127.0.0.1, the deployments
 of `prefect.yaml` registered (`python -m flows.deploy`, which also creates the process work
 pool), a `prefect worker start --pool stunning` subprocess that picks up a run of the nightly
-deployment and runs it in the project clone to completion. Server and worker are stopped by
-the test, also when it fails."""
+deployment and runs it in the project clone to completion. The server (tests/integration/conftest.py) is
+shared with the team walkthrough; the worker is stopped by the test, also when it fails."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from flows.deploy import DeployConfigError, read_config
-from stunning.mlflow_server import free_port
-from tests.factories import REPO, project_env, run_in
-
-PREFECT = str(Path(sys.executable).parent / "prefect")
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
+from tests.factories import REPO, run_in
+from tests.integration.servers import run_in_env, started, wait_for_run, worker_command
 
 # --------------------------------------------------------------------------- prefect.yaml, no server
 
@@ -54,56 +46,6 @@ def test_a_deployment_without_a_work_pool_is_named_in_the_error(tmp_path):
 # --------------------------------------------------------------------------- a real server and worker
 
 
-@contextmanager
-def started(cmd: list[str], env: dict, cwd: Path, log: Path):
-    """A subprocess whose output goes to `log`; interrupted (then killed) on the way out."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture()
-def prefect_server(tmp_path):
-    """`prefect server start` on a free 127.0.0.1 port, its own PREFECT_HOME (database) in tmp."""
-    port = free_port()
-    env = project_env()
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false", DO_NOT_TRACK="1")
-    for key in ("PREFECT_PROFILES_PATH", "PREFECT_API_KEY"):
-        env.pop(key, None)
-    log = tmp_path / "server.log"
-    with started([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path, log) as proc:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield env
-
-
-def wait_for_run(api: str, run_id: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
-        if (run.get("state") or {}).get("type") in TERMINAL:
-            return run
-        time.sleep(1)
-    raise AssertionError(f"flow run {run_id} did not finish in {timeout:.0f} s: {run.get('state')}")
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_worker_runs_the_nightly_deployment_to_completion(tiny_dag_project, prefect_server, tmp_path):
@@ -114,8 +56,7 @@ def test_a_worker_runs_the_nightly_deployment_to_completion(tiny_dag_project, pr
     # at the same time as the deployment is registered, as on a team's machines.
     worker_dir = tmp_path / "worker"
     worker_dir.mkdir()
-    with started([PREFECT, "worker", "start", "--pool", "stunning", "--type", "process", "--limit", "1"], env,
-                 worker_dir, tmp_path / "worker.log"):
+    with started(worker_command("nightly-worker") + ["--limit", "1"], env, worker_dir, tmp_path / "worker.log"):
         deployed = run_in_env(tiny_dag_project, env, sys.executable, "-m", "flows.deploy", "--name", "nightly")
         assert "nightly-retrain/nightly" in deployed.stdout, deployed.stdout + deployed.stderr
         deployment = httpx.get(f"{api}/deployments/name/nightly-retrain/nightly", timeout=10).json()
@@ -130,11 +71,3 @@ def test_a_worker_runs_the_nightly_deployment_to_completion(tiny_dag_project, pr
     assert "set_working_directory" in log
     pools = httpx.post(f"{api}/work_pools/filter", json={}, timeout=10).json()
     assert [(p["name"], p["type"]) for p in pools] == [("stunning", "process")]
-
-
-def run_in_env(root: Path, env: dict, *cmd: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-

@@ -217,3 +217,83 @@ def test_an_experiment_with_a_machine_local_artifact_path_is_refused(server, tmp
     with pytest.raises(TrackingStoreError, match="a path on one machine") as exc:
         configure_mlflow(RegistryConfig(tracking_uri=uri, experiment="srv-local-path"), tmp_path)
     assert "registry.experiment" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- checkpoints between machines
+
+
+def _training_run(uri: str, experiment: str, style: str, fingerprint: str) -> str:
+    """An MLflow run on the server tagged like the train stage's run of `style`."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, tags={"style": style, "stage": "train", "fingerprint": fingerprint})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _checkpoint(folder: Path, style: str, fingerprint: str, step: int):
+    import torch
+
+    from stunning.training.checkpoint import CheckpointStore
+
+    store = CheckpointStore.for_run(folder, style, fingerprint, keep=2)
+    store.save(step, {"unet.lora_A.weight": torch.full((4, 8), 0.5)}, {"state": {}, "param_groups": []},
+               {"loop": torch.tensor([1, 2, 3], dtype=torch.uint8)}, [0.5] * step)
+    return store
+
+
+def test_a_workers_checkpoint_reaches_another_clone_through_the_server(server, tmp_path):
+    from stunning.shared_checkpoints import fetch, publish
+
+    uri, _ = server
+    cfg = RegistryConfig(tracking_uri=uri, experiment="ckpt-carry")
+    worker, here = tmp_path / "worker", tmp_path / "here"
+    _checkpoint(worker / "checkpoints", "noir", "fp0noir", 3)
+    store = _checkpoint(worker / "checkpoints", "noir", "fp0noir", 6)  # the final step is the one carried
+    run_id = _training_run(uri, "ckpt-carry", "noir", "fp0noir")
+    other_run = _training_run(uri, "ckpt-carry", "impressionist", "fp0imp")
+    _checkpoint(worker / "checkpoints", "impressionist", "fp0imp", 6)
+    assert publish(cfg, worker, worker / "checkpoints", run_id, "batch-1")["step"] == 6
+    publish(cfg, worker, worker / "checkpoints", other_run, "batch-0")  # another fan-out's: not fetched
+
+    carried = fetch(cfg, here, here / "checkpoints", "batch-1")
+    assert [(c.style, c.step, c.outcome, c.run_id) for c in carried] == [("noir", 6, "downloaded", run_id)]
+    got = here / "checkpoints/noir/fp0noir/step-6"
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in (store.root / "step-6").iterdir())
+    for f in got.iterdir():
+        assert f.read_bytes() == (store.root / "step-6" / f.name).read_bytes()
+    assert not (here / "checkpoints/impressionist").exists()
+    assert [p.name for p in (here / "checkpoints/noir/fp0noir").iterdir()] == ["step-6"]  # no temporary left
+    # A second fetch (or one in the clone that trained) finds it there.
+    assert [c.outcome for c in fetch(cfg, here, here / "checkpoints", "batch-1")] == ["already here"]
+
+
+def test_a_carried_checkpoint_that_does_not_load_is_refused_and_removed(server, tmp_path):
+    from stunning.shared_checkpoints import CheckpointTransferError, fetch, publish
+
+    uri, _ = server
+    cfg = RegistryConfig(tracking_uri=uri, experiment="ckpt-bad")
+    worker, here = tmp_path / "worker", tmp_path / "here"
+    store = _checkpoint(worker / "checkpoints", "noir", "fp1", 4)
+    state = store.root / "step-4" / "state.json"
+    state.write_text(state.read_text().replace('"fp1"', '"someone-else"'))  # not this run's fingerprint
+    run_id = _training_run(uri, "ckpt-bad", "noir", "fp1")
+    _client(uri).log_artifacts(run_id, str(store.root / "step-4"), "checkpoint/step-4")
+    _client(uri).set_tag(run_id, "checkpoint.step", "4")
+    _client(uri).set_tag(run_id, "fanout.batch", "bad")
+    with pytest.raises(CheckpointTransferError, match=rf"style 'noir' from MLflow run {run_id}.*does not load"):
+        fetch(cfg, here, here / "checkpoints", "bad")
+    assert not (here / "checkpoints/noir/fp1/step-4").exists()
+    # Publishing a run with no checkpoint in the folder names what is missing.
+    with pytest.raises(CheckpointTransferError, match="no valid checkpoint of style 'noir'"):
+        publish(cfg, worker, tmp_path / "empty", run_id, "bad")
+
+
+def test_with_a_local_store_nothing_is_published_or_fetched(tmp_path):
+    from stunning.shared_checkpoints import fetch, publish
+
+    cfg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'never.db'}")
+    assert publish(cfg, tmp_path, tmp_path / "checkpoints", "run-id", "b") is None
+    assert fetch(cfg, tmp_path, tmp_path / "checkpoints", "b") == []
+    assert not (tmp_path / "never.db").exists()  # no store was opened

@@ -7,6 +7,7 @@ handful of 32x32 images and a few optimizer steps.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -225,6 +226,31 @@ def test_fingerprint_tracks_config_base_and_data(tmp_path, tiny_base, curated):
     unet_cfg = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**unet_cfg, "sample_size": 16}))
     assert fp() != changed_data
+
+
+def test_fingerprint_of_a_large_base_file_is_the_same_on_another_machine(tmp_path, monkeypatch, curated):
+    """Files over HASH_LIMIT_BYTES are identified by sampled blocks, not the modification time:
+    a base model copied (or pulled) to another machine fingerprints the same there, so a
+    checkpoint carried from a worker resumes; a changed sampled block still changes it."""
+    from stunning.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "HASH_LIMIT_BYTES", 1024)
+    monkeypatch.setattr(checkpoint, "SAMPLE_BYTES", 256)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "weights.bin").write_bytes(bytes(range(256)) * 40)  # 10 KiB: "large"
+
+    def fp(folder: Path) -> str:
+        return fingerprint({"rank": 4}, folder, style_rows(curated, "noir"), curated)
+
+    ref = fp(base)
+    other = shutil.copytree(base, tmp_path / "elsewhere")  # new modification times
+    os.utime(other / "weights.bin", (1, 1))
+    assert fp(other) == ref
+    data = bytearray((other / "weights.bin").read_bytes())
+    data[-1] ^= 0xFF  # in the last sampled block
+    (other / "weights.bin").write_bytes(bytes(data))
+    assert fp(other) != ref
 
 
 def test_tracker_gets_params_losses_throughput_memory_and_artifacts(tmp_path, monkeypatch, tiny_base, curated):
