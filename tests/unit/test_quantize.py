@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,26 @@ def test_config_ladder_values_and_the_old_value_error():
     params.write_text("merge:\n  quantization: int8-weight\n")
     with pytest.raises(ConfigError, match=r"merge.quantization.*use \[int8\]"):
         load_params(params)
+
+
+@pytest.mark.slow  # a fresh process imports torch + quanto (~10 s)
+def test_the_int4_kernel_is_not_rebuilt_by_a_process_without_the_environment_on_path():
+    """quanto's C++ kernel is built by the first `ninja` on PATH; a system ninja of another
+    version rebuilt what the environment's had built (~40 s each time). Loaded through
+    `load_quanto_kernel`, a process whose PATH lacks `.venv/bin` reuses the build."""
+    from optimum.quanto.library.extensions import get_extension
+
+    from stunning.quantize import load_quanto_kernel
+
+    load_quanto_kernel()  # built (or found) with this environment's ninja
+    build = Path(get_extension("quanto_cpp").build_directory)
+    before = {p.name: p.stat().st_mtime_ns for p in build.iterdir()}
+    env = {k: v for k, v in os.environ.items() if k != "PATH"}
+    env["PATH"] = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                                  if Path(d).resolve() != Path(sys.executable).parent.resolve()) or "/usr/bin:/bin"
+    code = "import os; from stunning.quantize import load_quanto_kernel; p = os.environ['PATH']; load_quanto_kernel(); " \
+           "assert os.environ['PATH'] == p"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    after = {p.name: p.stat().st_mtime_ns for p in build.iterdir()}
+    assert {k: after.get(k) for k in before if k.endswith((".so", ".o"))} == \
+        {k: v for k, v in before.items() if k.endswith((".so", ".o"))}
