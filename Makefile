@@ -40,5 +40,7 @@ pull: setup
 deploy: setup
 	.venv/bin/python -m flows.deploy --pool $(POOL)
 
+# One flow run at a time per worker: a training run takes the whole machine (CPU, GPU or unified
+# memory), and the training fan-out (flows/fanout.py) counts one style group per free worker.
 worker: setup
-	STUNNING_ROOT=$(CURDIR) STUNNING_POOL=$(POOL) .venv/bin/prefect worker start --pool $(POOL)
+	STUNNING_ROOT=$(CURDIR) STUNNING_POOL=$(POOL) .venv/bin/prefect worker start --pool $(POOL) --limit 1

@@ -109,10 +109,11 @@ def transfer(direction: str, root: Path | None = None, remote: str | None = None
     return out.splitlines()[-1] if out else ""
 
 
-def status(root: Path | None = None) -> dict:
-    """`dvc status --json`: {stage: [changes]} for every stage that is not up to date."""
+def status(root: Path | None = None, targets: list[str] | None = None) -> dict:
+    """`dvc status --json [targets]`: {stage: [changes]} for every stage that is not up to date
+    (of `targets` and the stages upstream of them, if given)."""
     root = root or project_root()
-    proc = _dvc(["status", "--json"], root)
+    proc = _dvc(["status", "--json", *(targets or [])], root)
     if proc.returncode != 0:
         raise DvcError(f"dvc status failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     text = proc.stdout.strip()

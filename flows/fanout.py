@@ -2,9 +2,11 @@
 
 The DVC `train` stage trains the styles of `data.styles` one after another. When the
 training phase runs on a worker (`make worker` sets `STUNNING_POOL`) and more than one
-worker of that pool is online, :func:`fan_out` first starts one `train-styles` deployment
+worker of that pool is free (workers run one flow run at a time, `make worker`; the one running
+this flow is busy with it), :func:`fan_out` first starts one `train-styles` deployment
 run per group of styles (:func:`plan_training`: round-robin over at most as many groups as
-there are workers) and waits for them; each trains its styles with the train stage's own
+there are workers) and waits for them, if `dvc status` finds the train stage (or a stage
+upstream of it) out of date; each trains its styles with the train stage's own
 command (read from `dvc.yaml`) into a scratch folder, writing checkpoints to its clone's
 `checkpoints/`. Checkpoints are keyed by style and fingerprint (config, data, base, code),
 and a run always saves its last step, so the `dvc repro train` that follows finds every
@@ -39,7 +41,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
-from flows.dvc_runner import DvcError, project_root, repro
+from flows.dvc_runner import DvcError, project_root, repro, status
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,14 @@ def checkpoint_dir(root: Path) -> Path:
     if "--checkpoints" not in flags:
         raise DvcError("dvc.yaml: the train stage's cmd has no --checkpoints folder to resume from")
     return root / flags["--checkpoints"]
+
+
+def on_a_worker() -> bool:
+    """True inside a deployment's flow run (a worker started this process), False for a flow
+    called directly (`python -m flows.pipeline`)."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
 
 
 def train_command(root: Path, params_file: Path, scratch: Path) -> list[str]:
@@ -200,8 +210,16 @@ def fan_out(root: Path | None = None) -> FanOut:
     except Exception as exc:  # no server reachable: train sequentially, as on one machine
         log.warning("could not count the workers of pool %r (%s); training sequentially", pool, exc)
         return FanOut()
+    # A worker runs one flow run at a time (`make worker`: --limit 1, training takes the whole
+    # machine): the one running this flow is busy until the fan-out is done.
+    if on_a_worker():
+        workers -= 1
     groups = plan_training(styles, workers)
     if len(groups) < 2:
+        return FanOut()
+    stale = {stage: why for stage, why in status(root, ["train"]).items() if why != ["always changed"]}
+    if not stale:  # `dvc repro train` would not train: nothing to fan out
+        log.info("the train stage is up to date: no fan-out")
         return FanOut()
     from prefect.deployments import run_deployment
 

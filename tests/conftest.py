@@ -6,8 +6,9 @@
   repository with `dvc repro` run once, on tiny settings (wiring, reruns, flows) and on the
   shipped defaults (quality: the gate promotes); under `make test` (pytest-xdist) each runs
   on its own worker while the other tests run beside it (`CLONE_GROUPS`).
-- `prefect_harness`: one session-scoped Prefect test harness (its temporary server takes
-  ~10-25 s to start, so it is started once and only by the tests that need it).
+- `prefect_harness` (tests/flows/conftest.py): one Prefect test harness for the flow tests (its
+  temporary server takes ~10-25 s to start, and uses CPU while it runs: started once, stopped
+  after them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 # starts at once on its own worker while the other tests fill in beside them, slow ones first.
 CLONE_GROUPS = {
     "tests/e2e/test_quality.py": "default-dag",
+    "tests/stages/test_export.py": "default-dag",  # reads the default clone's exports
     "tests/e2e/test_dag.py": "tiny-dag",
     "tests/e2e/test_kill_repro.py": "tiny-dag",
     "tests/flows/": "tiny-dag",
@@ -62,7 +64,6 @@ MODULE_UNITS = (
     "tests/unit/test_registry.py",
     "tests/unit/test_mlflow_store.py",
     "tests/unit/test_registry_server.py",
-    "tests/stages/test_export.py",
 )
 
 
@@ -185,14 +186,6 @@ def default_dag_project(tmp_path_factory) -> Path:
     """A temporary clone of the project with the whole DAG reproduced once on the shipped
     `params.yaml`: what `make run` does on a fresh clone (the quality run: the gate must promote)."""
     return _reproduced(copy_project(tmp_path_factory.mktemp("default-dag")))
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -104,21 +104,25 @@ def test_a_new_champion_reruns_validate(in_clone):
     assert record.read_bytes() == before
 
 
-def test_nightly_blocks_a_regressing_candidate_and_keeps_champion(prefect_harness, in_clone):
+def test_nightly_blocks_a_regressing_candidate_and_keeps_champion(prefect_harness, tiny_dag_project, tmp_path,
+                                                                   monkeypatch):
+    """In a copy of the clone: the budget change reruns validate and what follows, and putting
+    it back would rerun them again for the next test of the shared clone."""
+    import shutil
+
     from flows.nightly import nightly_retrain
 
-    before = json.loads((in_clone / "reports/registry.json").read_text())
-    params_path = in_clone / "params.yaml"
-    original = params_path.read_text()
-    try:
-        params = yaml.safe_load(original)
-        params["budgets"]["max_latency_s"] = 1e-6  # no candidate can meet this budget
-        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        outcome = nightly_retrain()
-    finally:
-        params_path.write_text(original)
+    clone = tmp_path / "clone"
+    shutil.copytree(tiny_dag_project, clone, symlinks=True)
+    monkeypatch.setenv("STUNNING_ROOT", str(clone))
+    monkeypatch.chdir(clone)
+    before = json.loads((clone / "reports/registry.json").read_text())
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["budgets"]["max_latency_s"] = 1e-6  # no candidate can meet this budget
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    outcome = nightly_retrain()
     assert outcome["outcome"] == "blocked"
     assert any("latency" in r for r in outcome["reasons"]), outcome
-    after = json.loads((in_clone / "reports/registry.json").read_text())
+    after = json.loads((clone / "reports/registry.json").read_text())
     assert after["promoted"] is False
     assert after["champion_version"] == before["champion_version"]

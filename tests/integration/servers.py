@@ -63,7 +63,8 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
 
 
 def worker_command(name: str) -> list[str]:
-    return [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--name", name]
+    """What `make worker` starts (one flow run at a time), named."""
+    return [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--name", name, "--limit", "1"]
 
 
 def online_workers(api: str) -> list[str]:

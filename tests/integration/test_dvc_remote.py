@@ -141,12 +141,17 @@ def team(tiny_dag_project, s3_endpoint, team_server, prefect_server, tmp_path_fa
     run_in_env(a, prefect_server, sys.executable, "-m", "flows.deploy", "--name", "train-styles")
     with contextlib.ExitStack() as stack:
         for name, clone in workers.items():  # `make worker` on each worker machine, in its clone
-            env = dict(prefect_server, STUNNING_ROOT=str(clone), STUNNING_POOL=POOL)
+            # Workers poll every 2 s (default 10): each takes one run, the other the second.
+            env = dict(prefect_server, STUNNING_ROOT=str(clone), STUNNING_POOL=POOL, PREFECT_WORKER_QUERY_SECONDS="2")
             stack.enter_context(started(worker_command(name), env, home, home / f"{name}.log"))
         wait_for_workers(api, set(workers))
         # A's pipeline, as the full-pipeline deployment runs it on a worker of the pool.
         env = dict(prefect_server, STUNNING_ROOT=str(a), STUNNING_POOL=POOL)
         proc = run_in_env(a, env, sys.executable, "-m", "flows.pipeline")
+        # With everything up to date, the training phase's fan-out starts nothing.
+        again = run_in_env(a, env, sys.executable, "-c",
+                           "from flows.fanout import fan_out; print('groups:', fan_out().groups)")
+    assert "groups: []" in again.stdout, again.stdout + again.stderr
     log = proc.stdout + proc.stderr
     registry = json.loads((a / "reports/registry.json").read_text())
     assert registry["promoted"] is True and registry["champion_version"] == registry["version"], registry

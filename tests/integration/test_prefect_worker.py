@@ -56,7 +56,7 @@ def test_a_worker_runs_the_nightly_deployment_to_completion(tiny_dag_project, pr
     # at the same time as the deployment is registered, as on a team's machines.
     worker_dir = tmp_path / "worker"
     worker_dir.mkdir()
-    with started(worker_command("nightly-worker") + ["--limit", "1"], env, worker_dir, tmp_path / "worker.log"):
+    with started(worker_command("nightly-worker"), env, worker_dir, tmp_path / "worker.log"):
         deployed = run_in_env(tiny_dag_project, env, sys.executable, "-m", "flows.deploy", "--name", "nightly")
         assert "nightly-retrain/nightly" in deployed.stdout, deployed.stdout + deployed.stderr
         deployment = httpx.get(f"{api}/deployments/name/nightly-retrain/nightly", timeout=10).json()
