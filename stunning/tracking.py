@@ -10,12 +10,16 @@ that points MLflow at the project's store (checked and relocated by `stunning.ml
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from stunning.config import RegistryConfig
 
 log = logging.getLogger(__name__)
+
+BATCH_METRICS = 1000  # MLflow's limit on the metrics of one log_batch request
 
 
 class Tracker(Protocol):
@@ -24,6 +28,10 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_metric_steps(self, entries: Sequence[tuple[int, dict[str, float]]]) -> None:
+        """Many steps' metrics at once, e.g. a loss curve: [(step, {name: value}), ...]."""
+        ...
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
@@ -46,6 +54,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_metric_steps(self, entries: Sequence[tuple[int, dict[str, float]]]) -> None:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -141,6 +152,19 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_metric_steps(self, entries: Sequence[tuple[int, dict[str, float]]]) -> None:
+        """One `log_batch` request per BATCH_METRICS values instead of one per step: a run's
+        800-step loss curve took ~800 SQLite transactions (~5-10 ms each) before."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for step, values in entries for k, v in values.items()]
+        if not metrics:
+            return
+        client, run_id = self._mlflow.MlflowClient(), self._mlflow.active_run().info.run_id
+        for i in range(0, len(metrics), BATCH_METRICS):
+            client.log_batch(run_id, metrics=metrics[i:i + BATCH_METRICS])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)

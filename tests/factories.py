@@ -176,6 +176,9 @@ class RecordingTracker:
     def log_metrics(self, metrics, step=None):
         self.metrics.append((dict(metrics), step))
 
+    def log_metric_steps(self, entries):
+        self.metrics.extend((dict(m), step) for step, m in entries)
+
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append((Path(path), artifact_path))
 

@@ -359,8 +359,7 @@ def restore(job: TrainJob, model: Model, opt: Optimization, ckpt: Checkpoint | N
     history = list(ckpt.loss_history)
     start_step = min(ckpt.step, job.cfg.steps)
     log.info("%s: resuming from %s (step %d of %d)", job.style, ckpt.path, ckpt.step, job.cfg.steps)
-    for i, loss in enumerate(history, start=1):
-        job.tracker.log_metrics({"loss": loss}, step=i)
+    job.tracker.log_metric_steps([(i, {"loss": loss}) for i, loss in enumerate(history, start=1)])
     return start_step, history
 
 
@@ -690,8 +689,7 @@ def _snapshot(
 
 
 def _flush(tracker: Tracker, pending: list[tuple[int, dict[str, float]]]) -> None:
-    for step, metrics in pending:
-        tracker.log_metrics(metrics, step=step)
+    tracker.log_metric_steps(pending)
     pending.clear()
 
 

@@ -4,8 +4,9 @@ standing in for machines.
 
 Clone A and the two worker clones are copies of the reproduced tiny DAG, each with the same
 committed change: a new training seed (so `train` and all after it must run again) and the
-registry on the team server (`registry.tracking_uri: http://...`). A runs the full pipeline
-flow as a worker would (`STUNNING_POOL` set): the training phase sees two workers online and
+registry on the team server (`registry.tracking_uri: http://...`). A runs the full-pipeline
+flow from its first out-of-date phase with `STUNNING_POOL` set: the training phase sees two
+free workers and
 fans out one `train-styles` run per style; each worker trains its style in its own clone and
 publishes the final checkpoint to the MLflow server; A downloads both, and its `dvc repro
 train` resumes each at the last step instead of training; every stage after that (merge,
@@ -145,9 +146,12 @@ def team(tiny_dag_project, s3_endpoint, team_server, prefect_server, tmp_path_fa
             env = dict(prefect_server, STUNNING_ROOT=str(clone), STUNNING_POOL=POOL, PREFECT_WORKER_QUERY_SECONDS="2")
             stack.enter_context(started(worker_command(name), env, home, home / f"{name}.log"))
         wait_for_workers(api, set(workers))
-        # A's pipeline, as the full-pipeline deployment runs it on a worker of the pool.
+        # A's pipeline, as the nightly runs it (from the first phase with a stage out of date,
+        # here training: the earlier phases would only find DVC with nothing to do).
         env = dict(prefect_server, STUNNING_ROOT=str(a), STUNNING_POOL=POOL)
-        proc = run_in_env(a, env, sys.executable, "-m", "flows.pipeline")
+        proc = run_in_env(a, env, sys.executable, "-c", "from flows.dvc_runner import status; "
+                          "from flows.pipeline import full_pipeline; full_pipeline(list(status()))")
+        assert "5-training" in proc.stdout + proc.stderr and "1-research" not in proc.stdout + proc.stderr
         # With everything up to date, the training phase's fan-out starts nothing.
         again = run_in_env(a, env, sys.executable, "-c",
                            "from flows.fanout import fan_out; print('groups:', fan_out().groups)")

@@ -316,3 +316,22 @@ def test_registry_server_command_refuses_a_file_store():
 
     result = CliRunner().invoke(app, ["registry", "server", "--backend-store-uri", "./mlruns"])
     assert result.exit_code == 2 and "use a SQL database" in result.output
+
+
+def test_a_loss_curve_is_logged_in_batches_with_every_step(project):
+    """`log_metric_steps`: one request per 1000 values (MLflow's limit), every step kept."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from stunning.tracking import MlflowTracker, configure_mlflow
+
+    configure_mlflow(CFG, project["root"])
+    tracker = MlflowTracker()
+    run_id = tracker.start_run("curve")
+    tracker.log_metric_steps([(step, {"loss": 1.0 / step, "lr": 0.002}) for step in range(1, 1202)])  # 2402 values
+    tracker.log_metric_steps([])
+    tracker.end_run()
+    history = MlflowClient().get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 1202))
+    assert {m.step: m.value for m in history}[4] == pytest.approx(0.25)
+    assert len(MlflowClient().get_metric_history(run_id, "lr")) == 1201 and mlflow.active_run() is None
