@@ -17,8 +17,11 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def team_server(tmp_path_factory):
-    """The team's MLflow server (`mlflow server --serve-artifacts`, SQLite) on 127.0.0.1."""
-    from tests.factories import mlflow_server
+    """The team's MLflow server (`mlflow server --serve-artifacts`) on 127.0.0.1, on PostgreSQL
+    (a throwaway cluster from Debian's `postgresql` package) where it is installed, else on
+    SQLite."""
+    from tests.factories import mlflow_server, postgres_database
 
-    with mlflow_server(tmp_path_factory.mktemp("team-mlflow")) as uri:
+    with postgres_database() as database, mlflow_server(tmp_path_factory.mktemp("team-mlflow"), database) as uri:
+        print(f"team MLflow server {uri} on {'PostgreSQL' if database else 'SQLite'}")
         yield uri
