@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.dvc_runner import ReproResult, repro
+from flows.dvc_runner import ReproResult, project_root, repro
 from flows.fanout import fan_out
 
 # Phase → DVC stages, in DAG order. The names match dvc.yaml.
@@ -76,7 +79,27 @@ def training() -> dict:
         print(f"trained in parallel flow runs: {fanned.groups}")
         for c in fanned.carried:
             print(f"checkpoint of {c['style']} (step {c['step']}) from MLflow run {c['run_id']}: {c['outcome']}")
-    return _run_phase("training")
+    summary = _run_phase("training")
+    if fanned:
+        for line in retrained_here(project_root() / "reports" / "train.json", fanned.groups):
+            print(line)
+    return summary
+
+
+def retrained_here(report: Path, groups: list[list[str]]) -> list[str]:
+    """After a fan-out, the styles the train stage trained again itself (not resumed at their
+    last step from a worker's checkpoint), each with the likely reason."""
+    if not report.is_file():
+        return []
+    styles = json.loads(report.read_text()).get("styles", {})
+    fanned = {s for group in groups for s in group}
+    return [
+        f"WARNING: {style} was trained again here (resumed at step {r.get('resumed_from_step')} of {r.get('steps')}): "
+        f"no checkpoint from its worker matched this clone's fingerprint (another commit, params, base model or "
+        f"curated data on the worker, or no team MLflow server to carry it; README, Training fan-out)"
+        for style, r in styles.items()
+        if style in fanned and r.get("resumed_from_step") != r.get("steps")
+    ]
 
 
 @flow(name="6-merge-quantize", log_prints=True)

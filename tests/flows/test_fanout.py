@@ -57,3 +57,20 @@ def test_a_group_params_file_validates_with_only_its_styles(tmp_path):
     assert params.data.styles == ["noir"] and params.train == load_params(REPO / "params.yaml").train
     with pytest.raises(ValueError, match="must be some of params.yaml data.styles"):
         group_params(shipped, ["cubist"])
+
+
+def test_a_fanned_out_style_the_train_stage_trained_again_is_named(tmp_path):
+    import json
+
+    from flows.phases import retrained_here
+
+    report = tmp_path / "train.json"
+    report.write_text(json.dumps({"styles": {
+        "noir": {"steps": 30, "resumed_from_step": 30},  # resumed from the worker's checkpoint
+        "impressionist": {"steps": 30, "resumed_from_step": 0},  # its checkpoint did not match
+        "cubist": {"steps": 30, "resumed_from_step": 0},  # not fanned out: trained here as planned
+    }}))
+    lines = retrained_here(report, [["noir"], ["impressionist"]])
+    assert len(lines) == 1 and lines[0].startswith("WARNING: impressionist was trained again here")
+    assert "fingerprint" in lines[0]
+    assert retrained_here(tmp_path / "missing.json", [["noir"]]) == []

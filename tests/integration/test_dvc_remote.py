@@ -201,6 +201,7 @@ def test_two_workers_train_a_style_each_and_a_resumes_both_from_the_servers_chec
     for style, metrics in report.items():
         assert metrics["resumed_from_step"] == metrics["steps"] == 30, (style, metrics)
         assert re.search(rf"checkpoint of {style} \(step 30\) from MLflow run \w+: downloaded", team.pipeline_log)
+    assert "was trained again here" not in team.pipeline_log
     # Everything tracked went to the server: the workers' runs (with their checkpoints) and A's.
     client = MlflowClient(team_server)
     runs = client.search_runs([client.get_experiment_by_name("stunning-engine").experiment_id],
