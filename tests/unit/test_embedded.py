@@ -89,6 +89,7 @@ def test_one_pair_overfit_drives_the_loss_near_zero(tiny_base, one_torch_thread)
     assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:5]), (losses[:5], losses[-20:])
 
 
+@pytest.mark.slow  # two short pretraining runs (~7 s)
 def test_pretraining_script_reproduces_itself(tmp_path, one_torch_thread):
     from stunning.pretrain import PretrainConfig, pretrain
 
@@ -104,6 +105,7 @@ def test_pretraining_script_reproduces_itself(tmp_path, one_torch_thread):
     assert not (tmp_path / "a.vae-stage").exists()  # the resumable VAE stage is cleaned up
 
 
+@pytest.mark.slow  # two short pretraining runs (~7 s)
 def test_pretraining_resumes_from_the_vae_stage(tmp_path, one_torch_thread):
     """An interrupted run restarts at the denoiser and ends with the same weights."""
     from stunning import pretrain as pt

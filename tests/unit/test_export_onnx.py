@@ -13,6 +13,8 @@ from stunning.export.onnx import ONNX_FILE, REPORT_FILE, export_onnx, onnx_denoi
 from stunning.export.signature import capture, flat_denoiser
 from stunning.families import ModelNotFoundError, get_family
 
+pytestmark = pytest.mark.slow  # real ONNX exports (~20 s with the module's fixture): `make test`, not test-fast
+
 PROMPTS = ("a red dress on a white background",)
 
 

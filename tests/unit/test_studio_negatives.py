@@ -188,6 +188,7 @@ WORLD_PROMPTS = [
 ]
 
 
+@pytest.mark.slow  # trains an adapter (100 steps) and searches negatives on the micro model (~20 s)
 def test_a_negative_found_on_search_prompts_improves_the_held_out_style_gain(
     noir_world, impressionist_adapter, micro_base, one_torch_thread, tmp_path,
 ):
