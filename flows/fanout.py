@@ -72,25 +72,46 @@ def online_workers(pool: str) -> int:
     return len(workers)
 
 
-def stage_args(root: Path) -> list[str]:
-    """The `train` stage's command from `dvc.yaml`, `${...}` filled from params.yaml and split
-    into arguments."""
-    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    cmd = stage["cmd"]
+def _filled(text: str, params: dict) -> str:
+    """`text` with DVC's `${a.b}` templating filled from params.yaml (parsed)."""
 
-    def param(match: re.Match) -> str:  # DVC's `${a.b}` templating, from params.yaml
+    def param(match: re.Match) -> str:
         value = params
         for key in match.group(1).strip().split("."):
             if not isinstance(value, dict) or key not in value:
-                raise DvcError(f"dvc.yaml: the train stage's cmd uses {match.group(0)}, which params.yaml does not set")
+                raise DvcError(f"dvc.yaml uses {match.group(0)}, which params.yaml does not set")
             value = value[key]
         return str(value)
 
-    args = shlex.split(re.sub(r"\$\{([^}]+)\}", param, cmd))
+    return re.sub(r"\$\{([^}]+)\}", param, text)
+
+
+def _dag(root: Path) -> tuple[dict, dict]:
+    return yaml.safe_load((root / "dvc.yaml").read_text())["stages"], yaml.safe_load((root / "params.yaml").read_text())
+
+
+def stage_args(root: Path) -> list[str]:
+    """The `train` stage's command from `dvc.yaml`, `${...}` filled from params.yaml and split
+    into arguments."""
+    stages, params = _dag(root)
+    cmd = stages["train"]["cmd"]
+    args = shlex.split(_filled(cmd, params))
     if args[:3] != ["python", "-m", "stages.train"] or len(args) % 2 == 0:
         raise DvcError(f"dvc.yaml: the train stage's cmd is not `python -m stages.train --flag value ...`: {cmd}")
     return args
+
+
+def upstream_of_train(root: Path) -> list[str]:
+    """The stages whose outputs the `train` stage reads (curated data, base model, research
+    report), from dvc.yaml: what a worker's clone reproduces (or finds up to date) first."""
+    stages, params = _dag(root)
+
+    def outs(spec: dict) -> list[str]:
+        return [_filled(next(iter(o)) if isinstance(o, dict) else o, params) for o in spec.get("outs", [])]
+
+    producers = {out: name for name, spec in stages.items() for out in outs(spec)}
+    deps = [_filled(d, params) for d in stages["train"].get("deps", [])]
+    return sorted({producers[d] for d in deps if d in producers})
 
 
 def checkpoint_dir(root: Path) -> Path:
@@ -145,8 +166,8 @@ def group_params(params: dict, styles: list[str]) -> dict:
 
 @flow(name="train-styles", log_prints=True)
 def train_styles(styles: list[str], batch: str | None = None) -> dict:
-    """Train `styles` only, in this worker's clone: the curated data and the base model first
-    (DVC skips them when up to date), then the train stage's command on a params file whose
+    """Train `styles` only, in this worker's clone: the stages the train stage reads from first
+    (curated data, base model, research report; DVC skips them when up to date), then the train stage's command on a params file whose
     `data.styles` is `styles`; checkpoints land in the clone's `checkpoints/`. Given the
     fan-out's `batch` id and a team MLflow server, each style's final checkpoint is published
     there for the machine that fanned out (:func:`stunning.shared_checkpoints.publish`)."""
@@ -155,7 +176,7 @@ def train_styles(styles: list[str], batch: str | None = None) -> dict:
 
     logger = get_run_logger()
     root = project_root()
-    ready = repro(["curate", "base_model"], root)
+    ready = repro(upstream_of_train(root), root)
     name = "-".join(styles)
     scratch = root / "build" / "fanout" / name
     scratch.mkdir(parents=True, exist_ok=True)

@@ -74,3 +74,12 @@ def test_a_fanned_out_style_the_train_stage_trained_again_is_named(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("WARNING: impressionist was trained again here")
     assert "fingerprint" in lines[0]
     assert retrained_here(tmp_path / "missing.json", [["noir"]]) == []
+
+
+def test_a_worker_reproduces_every_stage_the_train_stage_reads_from():
+    """A bare clone has no research report, curated data or base model: the fanned-out run
+    reproduces the stages that make them (from dvc.yaml), never the train stage itself."""
+    from flows.fanout import upstream_of_train
+
+    upstream = upstream_of_train(REPO)
+    assert {"research", "curate", "base_model"} <= set(upstream) and "train" not in upstream

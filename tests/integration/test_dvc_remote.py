@@ -2,8 +2,9 @@
 registry and served artifacts), a Prefect server with two workers, a DVC remote, and clones
 standing in for machines.
 
-Clone A and the two worker clones are copies of the reproduced tiny DAG, each with the same
-committed change: a new training seed (so `train` and all after it must run again) and the
+Clone A and worker w1 are copies of the reproduced tiny DAG; worker w2 is a bare `git clone`
+of it (code and params: it reproduces the research report, curated data and base model
+itself). Each has the same change: a new training seed (so `train` and all after it must run again) and the
 registry on the team server (`registry.tracking_uri: http://...`). A runs the full-pipeline
 flow from its first out-of-date phase with `STUNNING_POOL` set: the training phase sees two
 free workers and
@@ -101,10 +102,15 @@ def use_registry(root: Path, tracking_uri: str) -> None:
     set_param(root, "registry.tracking_uri", tracking_uri)
 
 
-def team_clone(source: Path, dest: Path, tracking_uri: str) -> Path:
-    """A machine's clone: a copy of `source` with the team's committed change (registry on the
-    team server, a new training seed)."""
-    shutil.copytree(source, dest, symlinks=True)
+def team_clone(source: Path, dest: Path, tracking_uri: str, fresh: bool = False) -> Path:
+    """A machine's clone with the team's change (registry on the team server, a new training
+    seed): a copy of `source` with its data and outputs, or (`fresh`) a `git clone` of it, which
+    has code and params only and reproduces what training needs itself."""
+    if fresh:
+        run_in(dest.parent, "git", "clone", "-q", str(source), dest.name)
+        assert not (dest / "data/curated").exists() and not (dest / "reports/research.json").exists()
+    else:
+        shutil.copytree(source, dest, symlinks=True)
     use_registry(dest, tracking_uri)
     set_param(dest, "train.seed", "1")
     return dest
@@ -126,7 +132,9 @@ def team(tiny_dag_project, s3_endpoint, team_server, prefect_server, tmp_path_fa
     dvc(tiny_dag_project, "repro")  # earlier tests of the clone may leave stages out of date (a no-op otherwise)
     home = tmp_path_factory.mktemp("team")
     a = team_clone(tiny_dag_project, home / "a", team_server)
-    workers = {name: team_clone(tiny_dag_project, home / name, team_server) for name in ("w1", "w2")}
+    # w1 has the data already (a copy); w2 is a bare `git clone`: its flow run reproduces the
+    # research report, the curated data and the base model before training.
+    workers = {name: team_clone(tiny_dag_project, home / name, team_server, fresh=name == "w2") for name in ("w1", "w2")}
     assert default_remote(a) is None  # the shipped project: no remote, `make run` needs none
     from dvc.config import Config
 
@@ -198,6 +206,7 @@ def test_two_workers_train_a_style_each_and_a_resumes_both_from_the_servers_chec
         adapter = f"{style}/pytorch_lora_weights.safetensors"
         assert (runs[0].parent / "adapters" / adapter).read_bytes() == (team.a / "models/adapters" / adapter).read_bytes()
     assert sorted(trained_by) == ["impressionist", "noir"], trained_by  # one style each
+    assert (team.workers["w2"] / "reports/research.json").is_file()  # the bare clone reproduced it
     for style, metrics in report.items():
         assert metrics["resumed_from_step"] == metrics["steps"] == 30, (style, metrics)
         assert re.search(rf"checkpoint of {style} \(step 30\) from MLflow run \w+: downloaded", team.pipeline_log)
