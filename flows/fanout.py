@@ -1,17 +1,17 @@
 """Training fan-out: with several Prefect workers online, one flow run per group of styles.
 
 The DVC `train` stage trains the styles of `data.styles` one after another. When the
-training phase runs on a worker (`make worker` sets `STUNNING_POOL`) and more than one
-worker of that pool is free (workers run one flow run at a time, `make worker`; the one running
-this flow is busy with it), :func:`fan_out` first starts one `train-styles` deployment
-run per group of styles (:func:`plan_training`: round-robin over at most as many groups as
-there are workers) and waits for them, if `dvc status` finds the train stage (or a stage
-upstream of it) out of date; each trains its styles with the train stage's own
-command (read from `dvc.yaml`) into a scratch folder, writing checkpoints to its clone's
-`checkpoints/`. Checkpoints are keyed by style and fingerprint (config, data, base, code),
-and a run always saves its last step, so the `dvc repro train` that follows finds every
-style finished and resumes each at its last step: one DVC stage, one `dvc.lock`, as in a
-sequential run.
+training phase runs with `STUNNING_POOL` set (`make worker` sets it), the train stage (or a
+stage upstream of it) is out of date, and two or more workers of that pool are free (online,
+minus the one running this flow: a worker runs one flow run at a time), :func:`fan_out` first
+starts one `train-styles` deployment run per group of styles (:func:`plan_training`:
+round-robin over at most one group per free worker) and waits for them. Each reproduces what
+the train stage reads (:func:`upstream_of_train`) and trains its styles with the train
+stage's own command (read from `dvc.yaml`) into a scratch folder, writing checkpoints to its
+clone's `checkpoints/`. Checkpoints are keyed by style and fingerprint (config, data, base,
+code), and a run always saves its last step, so the `dvc repro train` that follows finds
+every style finished and resumes each at its last step: one DVC stage, one `dvc.lock`, as in
+a sequential run.
 
 Workers on other machines have their own clones. With the team's MLflow server
 (`registry.tracking_uri: http://...`), each run publishes its styles' final checkpoints as
