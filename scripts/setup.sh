@@ -45,7 +45,7 @@ fi
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 # optimum-quanto compiles its CPU int4 unpack kernel (C++, ninja) on first use, ~30-80 s: build it
 # now, once per environment, instead of inside the first int4 quantization or QLoRA run.
-.venv/bin/python -c "from stunning.quantize import load_quanto_kernel; load_quanto_kernel()" \
+.venv/bin/python -c "from stunning.training.quantized import load_quanto_kernel; load_quanto_kernel()" \
   || echo "setup: could not build optimum-quanto's C++ kernel; the first int4 quantization will try again" >&2
 
 # DVC needs a git repository; a download of the sources without .git gets one here.

@@ -35,8 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -248,32 +246,6 @@ def _load_nf4(model: Any, state: dict[str, torch.Tensor], qmap: Mapping[str, Any
 # --------------------------------------------------------------------------- quantize / save / load
 
 
-def load_quanto_kernel() -> Any:
-    """Load optimum-quanto's CPU kernel (it unpacks int4 weights) with the `ninja` of this
-    interpreter's environment, building it on first use.
-
-    quanto builds the kernel with torch's JIT extension loader, which runs the first `ninja` on
-    PATH. The project's environment has its own (pip's `ninja`, a quanto dependency); a system
-    ninja of another version records the build commands under other hashes, so the two rebuilt
-    the kernel in turn (~40 s each; 14 rebuilds in one morning here) whenever one process ran with
-    `.venv/bin` on PATH (make, DVC's stages) and the next without (`.venv/bin/python -m pytest`,
-    `.venv/bin/stunning`). Loaded here first, every process uses the same ninja; afterwards
-    quanto reuses the loaded library (returned). A kernel that cannot be built raises (the caller
-    reports the level as not runnable)."""
-    from optimum.quanto.library.extensions import get_extension
-
-    ext = get_extension("quanto_cpp")
-    bindir = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    if not (Path(bindir) / "ninja").is_file() or path.split(os.pathsep)[0] == bindir:
-        return ext.lib
-    os.environ["PATH"] = bindir + os.pathsep + path
-    try:
-        return ext.lib
-    finally:
-        os.environ["PATH"] = path
-
-
 def _quantize_model(model: Any, level: Level) -> tuple[dict[str, Any], list[str]]:
     if level.backend == "bitsandbytes":
         return _quantize_nf4(model)
@@ -281,6 +253,8 @@ def _quantize_model(model: Any, level: Level) -> tuple[dict[str, Any], list[str]
 
     try:
         if level.bits == 4:
+            from stunning.training.quantized import load_quanto_kernel
+
             load_quanto_kernel()
         quanto.quantize(model, weights=getattr(quanto, level.qtype))
         quanto.freeze(model)
@@ -384,6 +358,8 @@ def load_quantized_denoiser(quantized_dir: str | Path, device: torch.device | st
         from optimum.quanto import requantize
 
         if meta.get("level") and level_of(meta["level"]).bits == 4:
+            from stunning.training.quantized import load_quanto_kernel
+
             load_quanto_kernel()
         with torch.device("meta"):
             model = cls.from_config(config)

@@ -32,8 +32,11 @@ quantized weights.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +156,32 @@ def resolve_base_precision(
     return BasePrecision(precision, requested, source, mixed)
 
 
+def load_quanto_kernel() -> Any:
+    """Load optimum-quanto's CPU kernel (it unpacks int4 weights) with the `ninja` of this
+    interpreter's environment, building it on first use.
+
+    quanto builds the kernel with torch's JIT extension loader, which runs the first `ninja` on
+    PATH. The project's environment has its own (pip's `ninja`, a quanto dependency); a system
+    ninja of another version records the build commands under other hashes, so the two rebuilt
+    the kernel in turn (~40 s each; 14 rebuilds in one morning here) whenever one process ran with
+    `.venv/bin` on PATH (make, DVC's stages) and the next without (`.venv/bin/python -m pytest`,
+    `.venv/bin/stunning`). Loaded here first, every process uses the same ninja; afterwards
+    quanto reuses the loaded library (returned). A kernel that cannot be built raises (the caller
+    reports the level as not runnable)."""
+    from optimum.quanto.library.extensions import get_extension
+
+    ext = get_extension("quanto_cpp")
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if not (Path(bindir) / "ninja").is_file() or path.split(os.pathsep)[0] == bindir:
+        return ext.lib
+    os.environ["PATH"] = bindir + os.pathsep + path
+    try:
+        return ext.lib
+    finally:
+        os.environ["PATH"] = path
+
+
 def quantize_frozen_denoiser(denoiser: torch.nn.Module, precision: str) -> dict[str, int]:
     """Quantize (and freeze) every Linear/Conv2d weight of `denoiser` in place with quanto.
 
@@ -163,6 +192,8 @@ def quantize_frozen_denoiser(denoiser: torch.nn.Module, precision: str) -> dict[
 
     if precision not in QUANTO_QTYPES:
         raise ValueError(f"cannot quantize to {precision!r}; one of {list(QUANTO_QTYPES)}")
+    if precision == "int4":
+        load_quanto_kernel()
     before = module_bytes(denoiser)
     denoiser.requires_grad_(False)
     quantize(denoiser, weights=QUANTO_QTYPES[precision])

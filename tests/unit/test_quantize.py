@@ -238,7 +238,7 @@ def test_the_int4_kernel_is_not_rebuilt_by_a_process_without_the_environment_on_
     `load_quanto_kernel`, a process whose PATH lacks `.venv/bin` reuses the build."""
     from optimum.quanto.library.extensions import get_extension
 
-    from stunning.quantize import load_quanto_kernel
+    from stunning.training.quantized import load_quanto_kernel
 
     load_quanto_kernel()  # built (or found) with this environment's ninja
     build = Path(get_extension("quanto_cpp").build_directory)
@@ -246,7 +246,7 @@ def test_the_int4_kernel_is_not_rebuilt_by_a_process_without_the_environment_on_
     env = {k: v for k, v in os.environ.items() if k != "PATH"}
     env["PATH"] = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
                                   if Path(d).resolve() != Path(sys.executable).parent.resolve()) or "/usr/bin:/bin"
-    code = "import os; from stunning.quantize import load_quanto_kernel; p = os.environ['PATH']; load_quanto_kernel(); " \
+    code = "import os; from stunning.training.quantized import load_quanto_kernel; p = os.environ['PATH']; load_quanto_kernel(); " \
            "assert os.environ['PATH'] == p"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
     after = {p.name: p.stat().st_mtime_ns for p in build.iterdir()}
