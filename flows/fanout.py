@@ -114,13 +114,19 @@ def upstream_of_train(root: Path) -> list[str]:
     return sorted({producers[d] for d in deps if d in producers})
 
 
-def checkpoint_dir(root: Path) -> Path:
-    """The train stage's `--checkpoints` folder, as dvc.yaml wires it."""
+def train_path(root: Path, flag: str) -> Path:
+    """A path the train stage's cmd passes with `flag` (e.g. `--checkpoints`, `--metrics`), as
+    dvc.yaml wires it."""
     args = stage_args(root)
     flags = dict(zip(args[3::2], args[4::2], strict=True))
-    if "--checkpoints" not in flags:
-        raise DvcError("dvc.yaml: the train stage's cmd has no --checkpoints folder to resume from")
-    return root / flags["--checkpoints"]
+    if flag not in flags:
+        raise DvcError(f"dvc.yaml: the train stage's cmd has no {flag}")
+    return root / flags[flag]
+
+
+def checkpoint_dir(root: Path) -> Path:
+    """The train stage's `--checkpoints` folder: where carried checkpoints go."""
+    return train_path(root, "--checkpoints")
 
 
 def on_a_worker() -> bool:
@@ -193,9 +199,9 @@ def train_styles(styles: list[str], batch: str | None = None) -> dict:
     published = []
     if batch:
         report = json.loads((scratch / "train.json").read_text())
-        registry = load_params(params_file).registry
+        registry, checkpoints = load_params(params_file).registry, checkpoint_dir(root)
         for style in styles:
-            done = publish(registry, root, checkpoint_dir(root), report["styles"][style]["mlflow_run_id"], batch)
+            done = publish(registry, root, checkpoints, report["styles"][style]["mlflow_run_id"], batch)
             if done:
                 logger.info("published the checkpoint of %s (step %d) to %s", style, done["step"], registry.tracking_uri)
                 published.append(done)

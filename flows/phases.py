@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dvc_runner import ReproResult, project_root, repro
-from flows.fanout import fan_out
+from flows.fanout import fan_out, train_path
 
 # Phase → DVC stages, in DAG order. The names match dvc.yaml.
 PHASES: dict[str, list[str]] = {
@@ -81,7 +81,7 @@ def training() -> dict:
             print(f"checkpoint of {c['style']} (step {c['step']}) from MLflow run {c['run_id']}: {c['outcome']}")
     summary = _run_phase("training")
     if fanned:
-        for line in retrained_here(project_root() / "reports" / "train.json", fanned.groups):
+        for line in retrained_here(train_path(project_root(), "--metrics"), fanned.groups):
             print(line)
     return summary
 

@@ -118,15 +118,7 @@ def fetch(cfg: RegistryConfig, root: Path, checkpoint_dir: Path, batch: str) -> 
         target = store.root / f"step-{step}"
         outcome = "already here" if _loads(store, target) else "downloaded"
         if outcome == "downloaded":
-            _download(client, run.info.run_id, step, target, cfg.tracking_uri)
-            try:
-                store.load(target)
-            except Exception as exc:
-                shutil.rmtree(target, ignore_errors=True)
-                raise CheckpointTransferError(
-                    f"the checkpoint of style {style!r} from MLflow run {run.info.run_id} on {cfg.tracking_uri} "
-                    f"does not load ({exc}); it was removed from {target}. Run the fan-out again, or train "
-                    f"that style here (`dvc repro train`).") from exc
+            _download(client, run.info.run_id, store, target, cfg.tracking_uri)
         log.info("checkpoint of style %s (step %d) from run %s: %s", style, step, run.info.run_id, outcome)
         carried.append(Carried(style, fingerprint, step, run.info.run_id, outcome, str(target)))
     return sorted(carried, key=lambda c: c.style)
@@ -142,14 +134,23 @@ def _loads(store: CheckpointStore, folder: Path) -> bool:
     return True
 
 
-def _download(client, run_id: str, step: int, target: Path, uri: str) -> None:
-    """The run's `checkpoint/step-<step>/` files into `target`, published with one rename."""
+def _download(client, run_id: str, store: CheckpointStore, target: Path, uri: str) -> None:
+    """The run's `checkpoint/step-<n>/` files into `target` (step-<n>), checked by loading them
+    and only then published with one rename: a checkpoint that does not load is never kept."""
+    artifact = f"{ARTIFACT}/{target.name}"
     with atomic_dir(target) as tmp, tempfile.TemporaryDirectory(dir=target.parent, prefix=".download.") as scratch:
-        got = Path(client.download_artifacts(run_id, f"{ARTIFACT}/step-{step}", scratch))
+        got = Path(client.download_artifacts(run_id, artifact, scratch))
         files = [p for p in got.iterdir() if p.is_file()] if got.is_dir() else []
         if not files:  # MLflow returns an empty folder, not an error, when the files are gone
             raise CheckpointTransferError(
-                f"MLflow run {run_id} on {uri} is tagged with a checkpoint at step {step}, but its artifact "
-                f"{ARTIFACT}/step-{step} is empty or missing on the server (its artifact store lost the files?)")
+                f"MLflow run {run_id} on {uri} is tagged with a checkpoint ({target.name}), but its artifact "
+                f"{artifact} is empty or missing on the server (its artifact store lost the files?)")
         for p in files:
             shutil.move(str(p), tmp / p.name)
+        try:
+            store.load(tmp)
+        except Exception as exc:
+            raise CheckpointTransferError(
+                f"the checkpoint of style {target.parent.parent.name!r} from MLflow run {run_id} on {uri} does not "
+                f"load ({exc}); nothing was kept. Run the fan-out again, or train that style here "
+                f"(`dvc repro train`).") from exc
